@@ -1,0 +1,144 @@
+"""Command line: ``python -m runtime "PROMPT" [more prompts] --ckpt tiny -o out.png``.
+
+Writes one PNG per image (``out.png``, or ``out-0.png``, ``out-1.png``, ... when there are several) and prints the
+time of each stage. User mistakes print one ``error:`` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m runtime", description="One-step text-to-image generation with a rectified flow (InstaFlow).")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text prompt(s); several run as one batch")
+    p.add_argument("--ckpt", default="tiny",
+                   help="alias (tiny, instaflow-0.9b, 2rf-sd1.5), hub id or local diffusers folder [tiny]")
+    p.add_argument("--steps", type=int, default=1, help="Euler steps (1 for InstaFlow) [1]")
+    p.add_argument("--guidance", type=float, default=0.0, help="CFG scale, used when > 1 [0]")
+    p.add_argument("--negative", default=None, help="negative prompt (with --guidance > 1)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; image j uses seed + j [0]")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt [1]")
+    p.add_argument("--height", type=int, default=None, help="pixels [the model's default]")
+    p.add_argument("--width", type=int, default=None, help="pixels [the model's default]")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available]")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 [fp16 on cuda, fp32 on cpu]")
+    p.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt | auto [torch]")
+    p.add_argument("--treat-as-flow", action="store_true",
+                   help="load a diffusion-type checkpoint as if it were a flow (random test models)")
+    p.add_argument("-o", "--output", default="out.png", help="output PNG path [out.png]")
+    return p
+
+
+def output_paths(output: str | os.PathLike[str], n: int) -> list[Path]:
+    """``out.png`` for one image; ``out-0.png`` ... ``out-{n-1}.png`` for several."""
+    out = Path(output)
+    if out.is_dir():
+        from .errors import InvalidInputError
+
+        raise InvalidInputError(f"output path is a directory: {out} (give a file name such as {out / 'out.png'})")
+    if out.suffix.lower() != ".png":
+        out = out.with_name(out.name + ".png")
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+def check_writable(paths: Sequence[Path]) -> None:
+    """Fail early (before loading models) when an output file cannot be written: probe its folder for real."""
+    from .errors import InvalidInputError
+
+    for path in paths:
+        parent = path.parent
+        if path.is_dir():
+            raise InvalidInputError(f"output path is a directory: {path}")
+        if not parent.is_dir():
+            raise InvalidInputError(f"output folder does not exist: {parent}")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+            if path.exists() and not os.access(path, os.W_OK):
+                raise PermissionError(path)
+        except OSError:
+            raise InvalidInputError(f"output path is not writable: {path}") from None
+
+
+def save_png(image, path: Path) -> None:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _quiet_loading() -> None:
+    """No per-file progress bars from transformers/diffusers while loading small components."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def run(args: argparse.Namespace) -> int:
+    from .errors import InvalidInputError
+    from .pipeline import Pipeline
+
+    if args.num_images < 1:
+        raise InvalidInputError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.steps < 1:
+        raise InvalidInputError(f"--steps must be >= 1, got {args.steps}")
+    _quiet_loading()
+    paths = output_paths(args.output, len(args.prompts) * args.num_images)
+    check_writable(paths)
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained(args.ckpt, device=args.device, dtype=args.dtype, backend=args.backend,
+                                    treat_as_flow=args.treat_as_flow)
+    load_s = time.perf_counter() - t0
+    pipe.profile = True
+    kwargs = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  height=args.height, width=args.width, num_images_per_prompt=args.num_images, seed=args.seed)
+    out = pipe(args.prompts, **kwargs)
+    for image, path in zip(out.images, paths):
+        save_png(image, path)
+    t = out.timings
+    print(f"{pipe!r} loaded in {load_s:.2f} s")
+    print(f"{len(paths)} image(s) {image.width}x{image.height}, {args.steps} step(s): "
+          f"encode {1e3 * t['encode']:.1f} ms | unet {1e3 * t['unet']:.1f} ms | decode {1e3 * t['decode']:.1f} ms"
+          f" | total {1e3 * t['total']:.1f} ms")
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import InstaFlowError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", UserWarning)
+            return run(args)
+    except InstaFlowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

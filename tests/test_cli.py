@@ -1,0 +1,81 @@
+"""``python -m runtime``: images written, stage times printed, user mistakes as one line and exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cli_writes_one_png_and_prints_stage_times(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert main(["a red circle at the top left", "--ckpt", str(tiny_ckpt), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "encode" in text and "unet" in text and "decode" in text and "total" in text
+    im = Image.open(out)
+    assert im.size == (32, 32) and im.mode == "RGB"
+
+
+def test_cli_numbers_several_images_and_matches_api(tiny_ckpt, tmp_path):
+    from runtime import Pipeline
+
+    out = tmp_path / "batch.png"
+    assert main(["a cat", "a dog", "--ckpt", str(tiny_ckpt), "--num-images", "2", "--seed", "3",
+                 "--steps", "2", "--guidance", "1.5", "--negative", "blurry", "-o", str(out)]) == 0
+    files = sorted(tmp_path.glob("batch-*.png"))
+    assert [f.name for f in files] == [f"batch-{i}.png" for i in range(4)]
+    api = Pipeline.from_pretrained(tiny_ckpt)(["a cat", "a dog"], num_images_per_prompt=2, seed=3,
+                                              num_inference_steps=2, guidance_scale=1.5,
+                                              negative_prompt="blurry").images
+    for f, im in zip(files, api):
+        np.testing.assert_array_equal(np.asarray(Image.open(f)), np.asarray(im))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["x", "--ckpt", "/no/such/ckpt"], "does not exist"),
+    (["x", "--steps", "0"], "--steps must be >= 1"),
+    (["x", "--guidance", "nan"], "guidance_scale must be a finite number"),
+    (["x", "--height", "30"], "multiple of the VAE scale factor"),
+    (["x", "-o", "/no/such/dir/out.png"], "output folder does not exist"),
+    (["x", "--backend", "nope"], "unknown backend"),
+    (["x", "--num-images", "0"], "--num-images must be >= 1"),
+])
+def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys, args, message):
+    if "--ckpt" not in args:
+        args = [*args, "--ckpt", str(tiny_ckpt)]
+    if "-o" not in args:
+        args = [*args, "-o", str(tmp_path / "o.png")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_unwritable_output(tiny_ckpt, tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    assert main(["x", "--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "adir")]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    # /proc refuses new files even for root; a read-only folder does for other users
+    target = Path("/proc/out.png") if os.geteuid() == 0 else tmp_path / "ro" / "out.png"
+    if os.geteuid() != 0:
+        target.parent.mkdir(mode=0o500)
+    assert main(["x", "--ckpt", str(tiny_ckpt), "-o", str(target)]) == 2
+    assert "not writable" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_cli_subprocess_no_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "runtime", "x", "--ckpt", "instaflow-0.9b", "-o",
+                        str(tmp_path / "o.png")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "XCLiu/instaflow_0_9B_from_sd_1_5" in r.stderr and "huggingface-cli download" in r.stderr

@@ -1,0 +1,250 @@
+"""Pipeline: parity with an independent reference loop, seeds, output types, and every bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from runtime import (BackendUnavailableError, InstaFlowError, InvalidInputError, InvalidTypeError,
+                     NonFiniteOutputError, Pipeline)
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def reference_images(folder, prompts, negatives, steps, guidance, noise):
+    """The official InstaFlow sampling loop, written straight from diffusers/transformers components."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    te = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+
+    def encode(texts):
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return te(ids)[0]
+
+    with torch.no_grad():
+        do_cfg = guidance > 1.0
+        emb = encode(prompts)
+        if do_cfg:
+            emb = torch.cat([encode(negatives), emb])
+        latents = noise.clone()
+        timesteps = [(1.0 - i / steps) * 1000.0 for i in range(steps)]
+        dt = 1.0 / steps
+        for t in timesteps:
+            x_in = torch.cat([latents] * 2) if do_cfg else latents
+            vec_t = torch.ones((x_in.shape[0],)) * t
+            v = unet(x_in, vec_t, encoder_hidden_states=emb).sample
+            if do_cfg:
+                v_neg, v_text = v.chunk(2)
+                v = v_neg + guidance * (v_text - v_neg)
+            latents = latents + dt * v
+        image = vae.decode(latents / vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
+def _noise(pipe, n, seed=0):
+    c = pipe.components
+    h, w = c.default_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, c.latent_channels, h // c.vae_scale_factor, w // c.vae_scale_factor), generator=g)
+
+
+@pytest.mark.parametrize("which", ["tiny", "odd"])
+def test_one_step_matches_reference(which, request):
+    pipe = request.getfixturevalue(f"{which}_pipe")
+    folder = request.getfixturevalue(f"{which}_ckpt")
+    prompts = ["a red circle at the top left", "a small blue square"]
+    noise = _noise(pipe, 2)
+    ours = pipe(prompts, latents=noise, output_type="pt").images
+    ref = reference_images(folder, prompts, None, steps=1, guidance=0.0, noise=noise)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["tiny", "odd"])
+def test_four_steps_cfg_negative_matches_reference(which, request):
+    pipe = request.getfixturevalue(f"{which}_pipe")
+    folder = request.getfixturevalue(f"{which}_ckpt")
+    prompts = ["a large green triangle", "a photo of a cat"]
+    negatives = ["blurry", "a dog"]
+    noise = _noise(pipe, 2, seed=3)
+    ours = pipe(prompts, negative_prompt=negatives, num_inference_steps=4, guidance_scale=1.7, latents=noise,
+                output_type="pt").images
+    ref = reference_images(folder, prompts, negatives, steps=4, guidance=1.7, noise=noise)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+    # guidance changes the result (the CFG branch really runs), and w <= 1 means no guidance at all
+    plain = pipe(prompts, num_inference_steps=4, latents=noise, output_type="pt").images
+    assert (plain - ours).abs().max() > 1e-3
+    w1 = pipe(prompts, negative_prompt=negatives, num_inference_steps=4, guidance_scale=1.0, latents=noise,
+              output_type="pt").images
+    torch.testing.assert_close(w1, plain)
+
+
+def test_odd_checkpoint_defaults(odd_pipe):
+    c = odd_pipe.components
+    assert c.default_size == (12, 20)  # sample_size (6, 10) x VAE scale factor 2
+    assert c.max_length == 7 and c.scaling_factor == 0.5 and c.latent_channels == 3
+    img = odd_pipe("a cat", seed=0, output_type="np").images
+    assert img.shape == (1, 12, 20, 3)
+
+
+def test_latent_output_is_the_final_latents(tiny_pipe, tiny_ckpt):
+    noise = _noise(tiny_pipe, 1)
+    lat = tiny_pipe("a fox", latents=noise, output_type="latent").images
+    img = tiny_pipe("a fox", latents=noise, output_type="pt").images
+    dec = tiny_pipe.components.vae.decode(lat / tiny_pipe.components.scaling_factor).sample
+    torch.testing.assert_close((dec / 2 + 0.5).clamp(0, 1), img)
+    assert lat.shape == noise.shape and not torch.equal(lat, noise)
+
+
+def test_output_types_agree(tiny_pipe):
+    kw = dict(prompt=["a red circle", "a blue square"], seed=11)
+    pt = tiny_pipe(**kw, output_type="pt").images
+    npy = tiny_pipe(**kw, output_type="np").images
+    pil = tiny_pipe(**kw, output_type="pil").images
+    assert isinstance(pt, torch.Tensor) and pt.dtype == torch.float32 and pt.shape == (2, 3, 32, 32)
+    assert isinstance(npy, np.ndarray) and npy.dtype == np.float32 and npy.shape == (2, 32, 32, 3)
+    assert 0.0 <= npy.min() and npy.max() <= 1.0
+    np.testing.assert_allclose(npy, pt.permute(0, 2, 3, 1).numpy())
+    assert len(pil) == 2 and all(isinstance(im, Image.Image) and im.size == (32, 32) for im in pil)
+    np.testing.assert_array_equal(np.asarray(pil[1]), (npy[1] * 255).round().astype(np.uint8))
+
+
+def test_seed_reproducible_across_calls_and_batch_sizes(tiny_pipe):
+    a = tiny_pipe(["p0", "p1", "p2"], seed=5, output_type="pt").images
+    again = tiny_pipe(["p0", "p1", "p2"], seed=5, output_type="pt").images
+    assert torch.equal(a, again)
+    alone = tiny_pipe("p2", seed=7, output_type="pt").images  # image 2 of the batch uses seed 5 + 2
+    torch.testing.assert_close(alone[0], a[2], atol=1e-5, rtol=1e-5)
+    other = tiny_pipe(["p0", "p1", "p2"], seed=6, output_type="pt").images
+    assert (other - a).abs().max() > 1e-3
+
+
+def test_num_images_per_prompt_order_and_seeds(tiny_pipe):
+    out = tiny_pipe(["a cat", "a dog"], num_images_per_prompt=2, seed=0, output_type="pt").images
+    assert out.shape[0] == 4
+    # image order is prompt-major: (cat,0) (cat,1) (dog,0) (dog,1); image j uses seed j
+    dog1 = tiny_pipe("a dog", seed=3, output_type="pt").images
+    torch.testing.assert_close(out[3], dog1[0], atol=1e-5, rtol=1e-5)
+    assert (out[0] - out[1]).abs().max() > 1e-3  # different noise per image
+
+
+def test_generators(tiny_pipe):
+    gens = [torch.Generator().manual_seed(s) for s in (4, 9)]
+    out = tiny_pipe(["x", "y"], generator=gens, output_type="pt").images
+    seeded = tiny_pipe(["y"], seed=9, output_type="pt").images
+    torch.testing.assert_close(out[1], seeded[0], atol=1e-5, rtol=1e-5)
+    one = tiny_pipe("x", generator=torch.Generator().manual_seed(1), output_type="pt").images
+    same = tiny_pipe("x", generator=torch.Generator().manual_seed(1), output_type="pt").images
+    assert torch.equal(one, same)
+
+
+def test_long_prompt_truncated_with_warning(tiny_pipe):
+    long = " ".join(["red circle"] * 40)
+    with pytest.warns(UserWarning, match="truncated"):
+        out = tiny_pipe(long, seed=0, output_type="pt").images
+    assert out.shape == (1, 3, 32, 32)
+
+
+def test_timings_cover_the_stages(tiny_pipe):
+    t = tiny_pipe("a cat", seed=0).timings
+    assert set(t) == {"encode", "unet", "decode", "total"}
+    assert all(v >= 0 for v in t.values())
+    assert t["total"] == pytest.approx(t["encode"] + t["unet"] + t["decode"])
+
+
+def test_text_encoder_runs_once_per_distinct_text(tiny_pipe, monkeypatch):
+    calls = []
+    real = tiny_pipe.backend.encode
+
+    def spy(ids, mask=None):
+        calls.append(ids.shape[0])
+        return real(ids, mask)
+
+    monkeypatch.setattr(tiny_pipe.backend, "encode", spy)
+    tiny_pipe(["a cat", "a dog", "a cat"], num_images_per_prompt=3, guidance_scale=2.0, seed=0)
+    assert calls == [3]  # "a cat", "a dog" and the empty negative, in one call
+
+
+def test_unet_batch_equals_images_without_cfg(tiny_pipe, monkeypatch):
+    seen = []
+    real = tiny_pipe.backend.velocity
+
+    def spy(x, t, e):
+        seen.append((x.shape[0], e.shape[0], float(t[0])))
+        return real(x, t, e)
+
+    monkeypatch.setattr(tiny_pipe.backend, "velocity", spy)
+    tiny_pipe(["a", "b"], num_images_per_prompt=2, seed=0)
+    assert seen == [(4, 4, 1000.0)]
+    seen.clear()
+    tiny_pipe(["a"], num_inference_steps=2, guidance_scale=3.0, seed=0)
+    assert seen == [(2, 2, 1000.0), (2, 2, 500.0)]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(prompt=None), InvalidInputError, "prompt is required"),
+    (dict(prompt=[]), InvalidInputError, "empty list"),
+    (dict(prompt=["ok", 3]), InvalidTypeError, r"prompt\[1\] is a int"),
+    (dict(prompt=42), InvalidTypeError, "string or a list"),
+    (dict(prompt="x", num_inference_steps=0), InvalidInputError, "num_inference_steps must be >= 1"),
+    (dict(prompt="x", num_inference_steps=1.5), InvalidTypeError, "num_inference_steps must be an int"),
+    (dict(prompt="x", num_images_per_prompt=0), InvalidInputError, "num_images_per_prompt"),
+    (dict(prompt="x", height=30), InvalidInputError, "height must be a positive multiple of the VAE scale factor 4"),
+    (dict(prompt="x", width=0), InvalidInputError, "width must be a positive multiple"),
+    (dict(prompt="x", height=-8), InvalidInputError, "height must be a positive multiple"),
+    (dict(prompt="x", latents=torch.zeros(1, 4, 4, 4)), InvalidInputError, r"latents must have shape \[1, 4, 8, 8\]"),
+    (dict(prompt=["a", "b"], latents=torch.zeros(1, 4, 8, 8)), InvalidInputError, "latents must have shape"),
+    (dict(prompt=["a", "b"], negative_prompt=["n"], guidance_scale=2.0), InvalidInputError,
+     "negative_prompt has 1 entries but there are 2 prompts"),
+    (dict(prompt="x", output_type="jpeg"), InvalidInputError, "output_type must be one of"),
+    (dict(prompt="x", seed=1, latents=torch.zeros(1, 4, 8, 8)), InvalidInputError, "only one of seed"),
+    (dict(prompt="x", guidance_scale=float("nan")), InvalidInputError, "guidance_scale"),
+    (dict(prompt=["a", "b"], generator=[torch.Generator()]), InvalidInputError, "1 generators for 2 images"),
+])
+def test_bad_input(tiny_pipe, kwargs, error, match):
+    with pytest.raises(error, match=match) as info:
+        tiny_pipe(**kwargs)
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value, InstaFlowError)
+
+
+def test_nan_output_is_reported(tiny_pipe):
+    components = copy.deepcopy(tiny_pipe.components)
+    with torch.no_grad():
+        components.vae.decoder.conv_out.bias.fill_(float("nan"))
+    broken = Pipeline(components, device="cpu")
+    with pytest.raises(NonFiniteOutputError, match="NaN"):
+        broken("a red circle", seed=0)
+
+
+def test_diffusion_checkpoint_refused_unless_treated_as_flow(sd_style_ckpt):
+    with pytest.raises(InvalidInputError, match="diffusion model .*StableDiffusionPipeline.*teacher"):
+        Pipeline.from_pretrained(sd_style_ckpt)
+    pipe = Pipeline.from_pretrained(sd_style_ckpt, treat_as_flow=True)
+    assert len(pipe("x", seed=0).images) == 1
+
+
+def test_backend_and_device_errors(tiny_ckpt):
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'jax'"):
+        Pipeline.from_pretrained(tiny_ckpt, backend="jax")
+    with pytest.raises(InvalidInputError, match="unknown dtype"):
+        Pipeline.from_pretrained(tiny_ckpt, dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="CUDA is not available"):
+            Pipeline.from_pretrained(tiny_ckpt, device="cuda")
+
+
+def test_bundled_tiny_model_loads_and_generates():
+    pipe = Pipeline.from_pretrained("tiny", device="cpu")
+    assert pipe.name == "tiny"
+    out = pipe("a red circle at the top left", seed=0)
+    assert out.images[0].size == pipe.components.default_size[::-1]
