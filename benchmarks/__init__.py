@@ -1,0 +1,1 @@
+"""Latency regression suite (``pytest benchmarks``) and its report (``python -m benchmarks.report``)."""

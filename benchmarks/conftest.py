@@ -1,0 +1,198 @@
+"""pytest-benchmark plumbing: rounds, a session store of medians, the ratio gate and the results file.
+
+Options (all optional):
+  --bench-quick            few rounds (CI: keeps the suites working; numbers are not meaningful)
+  --bench-margin 0.25      fail when a ratio exceeds its stored baseline by more than this fraction
+  --bench-baseline PATH    stored baseline (default benchmarks/baseline.json)
+  --bench-update-baseline  write this run's ratios (and medians) as the new baseline
+  --bench-absolute         also gate absolute medians against the baseline (only on a fixed machine)
+  --bench-out DIR          where the run's results JSON goes (default benchmarks/.results)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = Path(__file__).resolve().parent
+RESULTS: dict[str, dict] = {}  # subject -> {"description", "cases": {case: {median_s, min_s, rounds, peak_mem}}}
+CALLS: dict[str, dict] = {}  # subject -> {case: (callable, rounds, device)} for the interleaved ratio runs
+
+#: ratio name -> (numerator case, denominator case); lower is better for every one
+RATIOS = {
+    "ours/raw_chain": ("ours_1step", "raw_chain"),
+    "ours/diffusers_1step": ("ours_1step", "diffusers_1step"),
+    "ours/sd_25step_cfg": ("ours_1step", "sd_25step_cfg"),
+    "onnxruntime/torch": ("ours_1step_onnxruntime", "ours_1step"),
+}
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("instaflow benchmarks")
+    g.addoption("--bench-quick", action="store_true", default=os.environ.get("BENCH_QUICK") == "1")
+    g.addoption("--bench-margin", type=float, default=0.25)
+    g.addoption("--bench-baseline", default=str(HERE / "baseline.json"))
+    g.addoption("--bench-update-baseline", action="store_true")
+    g.addoption("--bench-absolute", action="store_true")
+    g.addoption("--bench-out", default=os.environ.get("BENCH_OUT", str(HERE / ".results")))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+
+
+@pytest.fixture
+def measure(benchmark, request):
+    """``measure(subject, case, fn, rounds, warmup=1, device=None)``: time ``fn`` with pytest-benchmark, record
+    the median (and the peak memory of one extra call) in the session store."""
+    quick = request.config.getoption("--bench-quick")
+
+    def run(subject, case: str, fn, rounds: int, warmup: int = 1, sync=None):
+        import torch
+
+        device = subject.pipe.device
+
+        def call():
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        r = 2 if quick else rounds
+        benchmark.group = subject.name
+        benchmark.extra_info.update(subject=subject.name, case=case)
+        benchmark.pedantic(call, rounds=r, warmup_rounds=min(warmup, 1) if quick else warmup, iterations=1)
+        from .subjects import peak_memory
+
+        stats = benchmark.stats.stats
+        CALLS.setdefault(subject.name, {})[case] = (call, r)
+        entry = RESULTS.setdefault(subject.name, {"description": subject.description, "cases": {}})
+        entry["cases"][case] = {"median_s": stats.median, "min_s": stats.min, "rounds": r,
+                                "peak_mem_bytes": peak_memory(call, device)}
+        return stats.median
+
+    return run
+
+
+def interleaved_ratios(subject: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Time the cases that form ratios round-robin (rotating the order every round), so that both sides of a
+    ratio see the same machine state, and return (ratios, interleaved medians). Block-wise pytest-benchmark
+    medians drift by 10-30% on a small shared CPU; interleaving cancels most of that."""
+    import statistics
+
+    calls = CALLS.get(subject, {})
+    needed = sorted({c for a, b in RATIOS.values() if a in calls and b in calls for c in (a, b)})
+    times: dict[str, list[float]] = {c: [] for c in needed}
+    rounds = max((calls[c][1] for c in needed), default=0)
+    for r in range(rounds):
+        order = needed[r % len(needed):] + needed[: r % len(needed)]
+        for case in order:
+            fn, case_rounds = calls[case]
+            if len(times[case]) < case_rounds:
+                t0 = time.perf_counter()
+                fn()
+                times[case].append(time.perf_counter() - t0)
+    med = {c: statistics.median(v) for c, v in times.items() if v}
+    ratios = {k: med[a] / med[b] for k, (a, b) in RATIOS.items() if a in med and b in med}
+    return ratios, med
+
+
+@pytest.fixture
+def gate(request):
+    """``gate(subject)``: compare this run's ratios (and optionally medians) with the stored baseline."""
+
+    def check(subject: str) -> dict[str, float]:
+        ratios, medians = interleaved_ratios(subject)
+        if not ratios:
+            pytest.skip(f"no {subject} cases ran in this session")
+        RESULTS[subject]["ratios"] = ratios
+        RESULTS[subject]["interleaved_medians_s"] = medians
+        if request.config.getoption("--bench-quick"):
+            return ratios  # too few rounds to judge; the suites still ran end to end
+        path = Path(request.config.getoption("--bench-baseline"))
+        baseline = json.loads(path.read_text()) if path.is_file() else {}
+        stored = baseline.get(subject, {})
+        margin = request.config.getoption("--bench-margin")
+        failures = [f"{k}: {v:.3f} > {stored['ratios'][k]:.3f} x {1 + margin:.2f}"
+                    for k, v in ratios.items() if k in stored.get("ratios", {})
+                    and v > stored["ratios"][k] * (1 + margin)]
+        if request.config.getoption("--bench-absolute"):
+            for case, res in RESULTS[subject]["cases"].items():
+                ref = stored.get("medians_s", {}).get(case)
+                if ref and res["median_s"] > ref * (1 + margin):
+                    failures.append(f"{case}: {res['median_s'] * 1e3:.1f} ms > {ref * 1e3:.1f} ms x {1 + margin:.2f}")
+        if request.config.getoption("--bench-update-baseline"):
+            baseline[subject] = {"ratios": ratios,
+                                 "medians_s": {k: v["median_s"] for k, v in RESULTS[subject]["cases"].items()},
+                                 "machine": machine_info(), "date": _now()}
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(baseline, indent=2) + "\n")
+            os.replace(tmp, path)
+        assert not failures, f"{subject} latency regression: " + "; ".join(failures)
+        return ratios
+
+    return check
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def machine_info() -> dict[str, str]:
+    import torch
+
+    info = {"cpu": _cpu_name(), "cores": str(os.cpu_count()), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
+    for mod in ("diffusers", "transformers", "onnxruntime"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not RESULTS:
+        return
+    out = Path(session.config.getoption("--bench-out"))
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"date": _now(), "machine": machine_info(), "quick": session.config.getoption("--bench-quick"),
+           "command": " ".join(["pytest", *sys.argv[1:]]) if "pytest" not in sys.argv[0] else
+           " ".join(["pytest", *sys.argv[1:]]), "subjects": RESULTS}
+    name = "gpu.json" if "gpu" in doc["machine"] else "cpu.json"
+    tmp = out / f".{name}.{time.time_ns()}"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, out / name)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One command for a GPU machine, no network, well under 8 minutes: correctness first, then the GPU benchmarks.
+#   bash benchmarks/gpu_run.sh [OUT_DIR]        (default: $BENCH_OUT, else benchmarks/.results)
+# Packages missing there (diffusers, say) can travel as wheels in .whl/ (see the device tool's README); they are
+# installed into /tmp/site first. Then on this machine: python -m benchmarks.report --results OUT_DIR/*.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${BENCH_OUT:-benchmarks/.results}}
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu_info.txt"
+echo "== correctness (gpu-marked tests)"
+timeout 180 python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
+echo "== benchmarks"
+timeout 300 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --bench-out "$out" 2>&1 | tee "$out/gpu_bench.log"
+python3 -m benchmarks.report --results "$out/gpu.json" --out "$out/RESULTS_gpu.md"

@@ -1,0 +1,160 @@
+"""Benchmark subjects (models) and the baselines our pipeline is compared with, built without network.
+
+Latency does not depend on weight values, so randomly initialised SD-shaped models are valid subjects.
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from runtime import Pipeline
+from runtime.models import SD15_SPEC, SMALL_SD_SPEC, Components, build_tiny_components
+
+PROMPT = "a red circle at the top left"
+
+
+@dataclass
+class Subject:
+    name: str
+    pipe: Pipeline
+    description: str
+
+    @property
+    def components(self) -> Components:
+        return self.pipe.components
+
+
+def make_subject(name: str) -> Subject:
+    """``tiny`` (bundled), ``small-sd`` (CPU, 256 px), ``sd15`` (GPU, fp16, 512 px)."""
+    if name == "tiny":
+        pipe = Pipeline.from_pretrained("tiny", device="cpu")
+        return Subject(name, pipe, "bundled tiny model, 32x32, fp32, CPU")
+    if name == "small-sd":
+        comps = build_tiny_components(SMALL_SD_SPEC, seed=0)
+        return Subject(name, Pipeline(comps, device="cpu", name=name),
+                       "SD-shaped UNet (64,128,256) x2 layers, 256x256, random weights, fp32, CPU")
+    if name == "sd15":
+        comps = build_tiny_components(SD15_SPEC, seed=0).to("cuda", torch.float16)
+        return Subject(name, Pipeline(comps, device="cuda", dtype=torch.float16, name=name),
+                       "SD-1.5 shapes, 512x512, random weights, fp16, CUDA")
+    raise ValueError(f"unknown subject {name!r}")
+
+
+def sd_pipeline(components: Components, device: torch.device) -> Any:
+    """diffusers' StableDiffusionPipeline over the same components, with the 25-step DPM-Solver of the paper."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            num_train_timesteps=1000)
+    sd = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
+                                 tokenizer=components.tokenizer, unet=components.unet, scheduler=scheduler,
+                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    return sd.to(device)
+
+
+def diffusers_one_step(sd: Any, prompt: str, height: int, width: int, seed: int = 0) -> list:
+    """The fair baseline: diffusers' own pieces doing InstaFlow's single Euler step eagerly (the official
+    RectifiedFlowPipeline's code path with N = 1, no guidance)."""
+    device = sd._execution_device
+    with torch.no_grad():
+        emb, _ = sd.encode_prompt(prompt, device, 1, False)
+        g = torch.Generator().manual_seed(seed)
+        latents = sd.prepare_latents(1, sd.unet.config.in_channels, height, width, emb.dtype, device, g)
+        t = torch.ones((latents.shape[0],), device=device) * 1000.0
+        v = sd.unet(latents, t, encoder_hidden_states=emb).sample
+        latents = latents + 1.0 * v
+        image = sd.vae.decode(latents / sd.vae.config.scaling_factor, return_dict=False)[0]
+        return sd.image_processor.postprocess(image, output_type="pil")
+
+
+def sd_multistep(sd: Any, prompt: str, height: int, width: int, seed: int = 0, steps: int = 25,
+                 guidance: float = 5.0) -> list:
+    """Multi-step SD that InstaFlow replaces: DPM-Solver, 25 steps, CFG 5.0."""
+    g = torch.Generator().manual_seed(seed)
+    return sd(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+              generator=g).images
+
+
+class RawStages:
+    """The three networks called directly on prepared inputs: the floor the pipeline's overhead is measured on."""
+
+    def __init__(self, pipe: Pipeline, batch: int = 1) -> None:
+        c = pipe.components
+        h, w = c.default_size
+        self.c = c
+        self.ids, _ = pipe.tokenize([PROMPT] * batch)
+        self.latents = torch.randn((batch, c.latent_channels, h // c.vae_scale_factor, w // c.vae_scale_factor),
+                                   device=pipe.device, dtype=pipe.dtype)
+        self.t = torch.full((batch,), 1000.0, device=pipe.device)
+        with torch.no_grad():
+            self.emb = c.text_encoder(self.ids)[0]
+
+    def encode(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.c.text_encoder(self.ids)[0]
+
+    def unet(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.c.unet(self.latents, self.t, encoder_hidden_states=self.emb).sample
+
+    def decode(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.c.vae.decode(self.latents / self.c.scaling_factor).sample
+
+    def chain(self) -> torch.Tensor:
+        """All three in a row (sum of the raw component calls)."""
+        with torch.no_grad():
+            emb = self.c.text_encoder(self.ids)[0]
+            v = self.c.unet(self.latents, self.t, encoder_hidden_states=emb).sample
+            return self.c.vae.decode((self.latents + v) / self.c.scaling_factor).sample
+
+
+class PeakRSS:
+    """Peak resident memory growth (bytes) while the block runs, sampled every millisecond on a thread."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = 0
+
+    def __enter__(self) -> "PeakRSS":
+        self._base = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss - self._base)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss - self._base)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory of one call: CUDA max allocated on a GPU, RSS growth on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated())
+    with PeakRSS() as m:
+        fn()
+    return m.peak
+
+
+def max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,70 @@
+"""Latency of our one-step pipeline vs. the raw networks, diffusers' own single step, and 25-step CFG SD.
+
+Every subject runs all cases in one session, so the ratios (the gate) compare numbers measured side by side.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .subjects import PROMPT, RawStages, diffusers_one_step, make_subject, sd_multistep, sd_pipeline
+
+#: rounds per case: (networks and our pipeline, 25-step SD)
+ROUNDS = {"tiny": (30, 5), "small-sd": (10, 3), "sd15": (30, 5)}
+
+
+@pytest.fixture(scope="module", params=["tiny", "small-sd", pytest.param("sd15", marks=pytest.mark.gpu)])
+def subject(request):
+    return make_subject(request.param)
+
+
+@pytest.fixture(scope="module")
+def raw(subject):
+    return RawStages(subject.pipe)
+
+
+@pytest.fixture(scope="module")
+def sd(subject):
+    return sd_pipeline(subject.components, subject.pipe.device)
+
+
+def _size(subject):
+    return subject.components.default_size
+
+
+@pytest.mark.parametrize("stage", ["encode", "unet", "decode"])
+def test_stage(measure, subject, raw, stage):
+    measure(subject, f"stage_{stage}", getattr(raw, stage), ROUNDS[subject.name][0])
+
+
+def test_raw_chain(measure, subject, raw):
+    measure(subject, "raw_chain", raw.chain, ROUNDS[subject.name][0])
+
+
+def test_ours_1step(measure, subject):
+    out = subject.pipe(PROMPT, seed=0)
+    assert len(out.images) == 1 and out.images[0].size == _size(subject)[::-1]
+    measure(subject, "ours_1step", lambda: subject.pipe(PROMPT, seed=0), ROUNDS[subject.name][0])
+
+
+def test_ours_batch8(measure, subject):
+    prompts = [f"{PROMPT} {i}" for i in range(8)]
+    assert len(subject.pipe(prompts, seed=0).images) == 8
+    measure(subject, "ours_batch8", lambda: subject.pipe(prompts, seed=0), max(3, ROUNDS[subject.name][0] // 4))
+
+
+def test_diffusers_1step(measure, subject, sd):
+    h, w = _size(subject)
+    assert len(diffusers_one_step(sd, PROMPT, h, w)) == 1
+    measure(subject, "diffusers_1step", lambda: diffusers_one_step(sd, PROMPT, h, w), ROUNDS[subject.name][0])
+
+
+def test_sd_25step_cfg(measure, subject, sd):
+    h, w = _size(subject)
+    measure(subject, "sd_25step_cfg", lambda: sd_multistep(sd, PROMPT, h, w), ROUNDS[subject.name][1])
+
+
+def test_gate(gate, subject):
+    """Ratios of this run against the stored baseline (see conftest); runs after the cases of its subject."""
+    ratios = gate(subject.name)
+    assert {"ours/raw_chain", "ours/diffusers_1step", "ours/sd_25step_cfg"} <= set(ratios)
