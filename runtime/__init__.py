@@ -11,6 +11,7 @@ from .checkpoints import ALIASES, FLOW_PIPELINE_CLASS, Checkpoint, resolve
 from .errors import (
     BackendUnavailableError,
     CheckpointError,
+    ExportError,
     InstaFlowError,
     InvalidInputError,
     InvalidTypeError,
@@ -23,6 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALIASES", "FLOW_PIPELINE_CLASS", "BackendUnavailableError", "Checkpoint", "CheckpointError", "Components",
-    "InstaFlowError", "InvalidInputError", "InvalidTypeError", "NonFiniteOutputError", "Pipeline",
+    "ExportError",    "InstaFlowError", "InvalidInputError", "InvalidTypeError", "NonFiniteOutputError", "Pipeline",
     "PipelineOutput", "load_components", "resolve",
 ]

@@ -84,24 +84,16 @@ def save_png(image, path: Path) -> None:
         raise
 
 
-def _quiet_loading() -> None:
-    """No per-file progress bars from transformers/diffusers while loading small components."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
-
-
 def run(args: argparse.Namespace) -> int:
     from .errors import InvalidInputError
+    from .models import quiet_loading
     from .pipeline import Pipeline
 
     if args.num_images < 1:
         raise InvalidInputError(f"--num-images must be >= 1, got {args.num_images}")
     if args.steps < 1:
         raise InvalidInputError(f"--steps must be >= 1, got {args.steps}")
-    _quiet_loading()
+    quiet_loading()
     paths = output_paths(args.output, len(args.prompts) * args.num_images)
     check_writable(paths)
     t0 = time.perf_counter()

@@ -30,3 +30,7 @@ class NonFiniteOutputError(InstaFlowError):
 
 class BackendUnavailableError(InstaFlowError):
     """The requested backend is unknown, or what it needs is not installed."""
+
+
+class ExportError(InstaFlowError):
+    """An export (ONNX graphs, TensorRT engines) cannot be made, reused, verified or used (one-line message)."""

@@ -81,6 +81,15 @@ class Components:
         return self
 
 
+def quiet_loading() -> None:
+    """Turn off transformers'/diffusers' per-file progress bars (for command-line tools)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def token_window(tokenizer: Any, text_encoder: torch.nn.Module) -> int:
     """The tokenizer's ``model_max_length``, or the encoder's position table when the tokenizer does not say."""
     positions = int(text_encoder.config.max_position_embeddings)
@@ -130,12 +139,23 @@ def load_vae(folder: Path) -> torch.nn.Module:
 
 
 def load_components(
-    ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, weights: bool = True
 ) -> Components:
     """Load tokenizer, text encoder, UNet and VAE of a resolved checkpoint, in eval mode on ``device``/``dtype``.
 
+    With ``weights=False`` only the tokenizer and the configs are read (for backends that run exported graphs):
+    the three networks are then stand-ins that carry ``.config`` and nothing else.
     Other sub-folders (``scheduler/``, ``safety_checker/``, ``feature_extractor/``) are ignored on purpose.
     """
+    if not weights:
+        c = Components(
+            tokenizer=load_tokenizer(ckpt.component("tokenizer")),
+            text_encoder=_config_only(ckpt.component("text_encoder"), transformers_config=True),
+            unet=_config_only(ckpt.component("unet")),
+            vae=_config_only(ckpt.component("vae")),
+        )
+        check_compatible(c, ckpt.name)
+        return c
     c = Components(
         tokenizer=load_tokenizer(ckpt.component("tokenizer")),
         text_encoder=load_text_encoder(ckpt.component("text_encoder")),
@@ -144,6 +164,20 @@ def load_components(
     )
     check_compatible(c, ckpt.name)
     return c.to(device=device, dtype=dtype).eval()
+
+
+def _config_only(folder: Path, transformers_config: bool = False) -> Any:
+    """A stand-in for a network: an object whose ``.config`` holds the folder's config.json."""
+    from types import SimpleNamespace
+
+    try:
+        if transformers_config:
+            from transformers import CLIPTextConfig
+
+            return SimpleNamespace(config=CLIPTextConfig.from_pretrained(folder))
+        return SimpleNamespace(config=SimpleNamespace(**json.loads((folder / "config.json").read_text())))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot read the config in {folder}: {_first_line(e)}") from None
 
 
 def check_compatible(c: Components, name: str) -> None:

@@ -82,12 +82,15 @@ class Pipeline:
     """
 
     def __init__(self, components: Components, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str | None = None, backend: str | Backend = "torch", name: str = "") -> None:
+                 dtype: torch.dtype | str | None = None, backend: str | Backend = "torch", name: str = "",
+                 checkpoint: Checkpoint | None = None, export_dir: str | os.PathLike[str] | None = None,
+                 **backend_options: Any) -> None:
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype, self.device)
         self.components = components
         self.name = name
-        self.backend: Backend = (create(backend, components, self.device, self.dtype)
+        self.backend: Backend = (create(backend, components, self.device, self.dtype, checkpoint=checkpoint,
+                                        export_dir=export_dir, **backend_options)
                                  if isinstance(backend, str) else backend)
         #: When True, stages are synchronised on the GPU so that ``timings`` are exact (costs a little speed).
         self.profile = False
@@ -96,20 +99,31 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, ckpt: str | os.PathLike[str] = "tiny", *, device: torch.device | str | None = None,
                         dtype: torch.dtype | str | None = None, backend: str = "torch",
-                        treat_as_flow: bool = False) -> "Pipeline":
+                        treat_as_flow: bool = False, export_dir: str | os.PathLike[str] | None = None,
+                        **backend_options: Any) -> "Pipeline":
         """Load a rectified-flow checkpoint: an alias (``instaflow-0.9b``, ``2rf-sd1.5``, ``tiny``), a hub id
         (from the Hugging Face cache) or a local diffusers folder.
 
         Diffusion checkpoints (e.g. ``sd1.5``, whose ``model_index.json`` names ``StableDiffusionPipeline``) are
         refused, since their UNet predicts noise, not a velocity; pass ``treat_as_flow=True`` to load one anyway
         (useful for randomly initialised test models).
+
+        ``backend``: ``"torch"``, ``"onnxruntime"`` (runs an export from ``python -m export.onnx``, found in
+        ``export_dir`` or the export cache), ``"tensorrt"`` or ``"auto"`` (the fastest one available here).
         """
+        from .backends import BACKENDS, resolve_auto
+
         device_ = parse_device(device)
         dtype_ = parse_dtype(dtype, device_)
+        if backend not in BACKENDS:
+            raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         checkpoint = resolve(ckpt)
         check_is_flow(checkpoint, treat_as_flow)
-        components = load_components(checkpoint, device=device_, dtype=dtype_)
-        return cls(components, device=device_, dtype=dtype_, backend=backend, name=checkpoint.name)
+        if backend == "auto":
+            backend = resolve_auto(device_, checkpoint, export_dir)
+        components = load_components(checkpoint, device=device_, dtype=dtype_, weights=backend == "torch")
+        return cls(components, device=device_, dtype=dtype_, backend=backend, name=checkpoint.name,
+                   checkpoint=checkpoint, export_dir=export_dir, **backend_options)
 
     # ------------------------------------------------------------------------------------------------ call
     @torch.inference_mode()
@@ -174,6 +188,15 @@ class Pipeline:
         else:
             context = cond
         timings["encode"] = self._lap(start)
+
+        # 3+4. the fused one-step graph, where the backend has one: embeddings + noise -> images in [0, 1]
+        if steps == 1 and not cfg and output_type != "latent" and getattr(self.backend, "has_one_step", False):
+            images = self.backend.one_step(context, x)
+            timings["unet"] = self._lap(start) - timings["encode"]
+            images = self.format_images(images, output_type)
+            timings["total"] = self._lap(start)
+            timings["decode"] = timings["total"] - timings["encode"] - timings["unet"]
+            return PipelineOutput(images=images, timings=timings)
 
         # 3. Euler steps along the flow
         def velocity(z: torch.Tensor, t: float) -> torch.Tensor:
@@ -282,15 +305,19 @@ class Pipeline:
 
     def postprocess(self, decoded: torch.Tensor, output_type: str) -> Any:
         """VAE output in [-1, 1] -> the requested image type; NaN/inf (fp16 overflow) raises."""
-        _check_finite(decoded, "image")
-        images = (decoded.float() / 2 + 0.5).clamp_(0, 1)
+        return self.format_images((decoded.float() / 2 + 0.5).clamp_(0, 1), output_type)
+
+    def format_images(self, images: torch.Tensor, output_type: str) -> Any:
+        """Images in [0, 1], NCHW -> ``"pt"`` (float32 tensor), ``"np"`` (NHWC float32) or ``"pil"``."""
+        _check_finite(images, "image")
+        images = images.float()
         if output_type == "pt":
             return images
         if output_type == "np":
             return images.permute(0, 2, 3, 1).cpu().numpy()
         from PIL import Image
 
-        arr = images.mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arr = images.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a if a.shape[-1] != 1 else a[..., 0]) for a in arr]
 
     def _lap(self, start: float) -> float:

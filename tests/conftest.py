@@ -21,12 +21,13 @@ ODD_SPEC = TinySpec(sample_size=(6, 10), latent_channels=3, unet_channels=(16, 3
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    gpu = torch.cuda.is_available()
+    slow = "slow" in (config.getoption("-m") or "")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "slow" in item.keywords and not slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with -m slow"))
 
 
 @pytest.fixture(scope="session")

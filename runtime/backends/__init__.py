@@ -5,7 +5,9 @@ Every backend implements :class:`~runtime.backends.base.Backend`; :func:`create`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,21 +15,57 @@ from ..errors import BackendUnavailableError
 from .base import Backend
 
 if TYPE_CHECKING:
+    from ..checkpoints import Checkpoint
     from ..models import Components
 
 #: Backend names accepted by ``Pipeline.from_pretrained(..., backend=...)``.
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 
 
-def create(name: str, components: "Components", device: torch.device, dtype: torch.dtype) -> Backend:
-    """Instantiate the backend called ``name`` over ``components``."""
+def create(name: str, components: "Components", device: torch.device, dtype: torch.dtype,
+           checkpoint: "Checkpoint | None" = None, export_dir: str | os.PathLike[str] | None = None,
+           **options: Any) -> Backend:
+    """Instantiate the backend called ``name`` (see :data:`BACKENDS`) over ``components``.
+
+    ``onnxruntime`` and ``tensorrt`` run an export of ``checkpoint`` found in ``export_dir`` (default: the export
+    cache, see :func:`runtime.manifest.default_export_dir`). ``auto`` picks, in order: TensorRT engines on a GPU,
+    torch on a GPU, onnxruntime on the CPU when an export exists, else torch.
+    """
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name in ("torch", "auto"):
+    if name == "auto":
+        name = resolve_auto(device, checkpoint, export_dir)
+    if name == "torch":
         from .torch_backend import TorchBackend
 
         return TorchBackend(components, device=device, dtype=dtype)
-    raise BackendUnavailableError(f"the {name!r} backend is not available in this version yet; use backend='torch'")
+    if checkpoint is None:
+        raise BackendUnavailableError(f"the {name} backend runs an export of a checkpoint folder; load the "
+                                      "pipeline with Pipeline.from_pretrained(...)")
+    if name == "onnxruntime":
+        from .onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(checkpoint, export_dir, device=device, dtype=dtype, **options)
+    raise BackendUnavailableError(f"the {name!r} backend is not available in this version yet; use 'torch' or "
+                                  "'onnxruntime'")
 
 
-__all__ = ["BACKENDS", "Backend", "create"]
+def resolve_auto(device: torch.device, checkpoint: "Checkpoint | None",
+                 export_dir: str | os.PathLike[str] | None) -> str:
+    """The backend ``auto`` stands for on this machine, for this checkpoint."""
+    if device.type == "cuda" or checkpoint is None:
+        return "torch"
+    from .. import manifest as mf
+
+    folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint)
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    doc = mf.read(folder) if (folder / mf.MANIFEST).is_file() else None
+    if doc and doc.get("checkpoint", {}).get("fingerprint") == mf.fingerprint(checkpoint):
+        return "onnxruntime"
+    return "torch"
+
+
+__all__ = ["BACKENDS", "Backend", "create", "resolve_auto"]

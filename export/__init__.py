@@ -1,0 +1,1 @@
+"""Exporters: ONNX graphs (``python -m export.onnx``) and TensorRT engines (``python -m export.trt``)."""

@@ -1,0 +1,277 @@
+"""Export text encoder, UNet and VAE decoder (and optionally the fused one-step graph) to ONNX, then verify.
+
+    python -m export.onnx --ckpt CKPT -o DIR [--fp16 [--vae-fp32]] [--opset 17] [--max-batch 4] [--dynamic-hw]
+                          [--fused] [--force]
+
+Graphs are exported with PyTorch's TorchScript-based exporter (``dynamo=False``) and explicit ``dynamic_axes``
+(batch always, height/width on request); every exported shape is then checked by running the graph in
+onnxruntime at two batch sizes (:mod:`export.verify`). Graphs over 2 GB (the fp32 SD UNet is 3.4 GB) are stored
+with their weights in one ``NAME.onnx.data`` file beside them. A ``manifest.json`` records the checkpoint's content
+hash, each file's hash, tensors, opset and tool versions; re-running with the same inputs reuses hash-checked files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from runtime.checkpoints import resolve
+from runtime.errors import InstaFlowError
+from runtime.models import Components, load_components
+
+from runtime import manifest as mf
+from runtime.errors import ExportError
+from .specs import ComponentSpec, component_specs
+
+MIN_OPSET, MAX_OPSET = 14, 20
+DEFAULT_OPSET = 17
+EXPORTER = "torchscript"
+TWO_GB = 2**31
+GRAPHS = ("text_encoder", "unet", "vae_decoder", "onestep")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    fp16: bool = False
+    vae_fp32: bool = False  # with fp16: keep the VAE decoder in fp32 (fp16 overflow gives NaN/black images)
+    opset: int = DEFAULT_OPSET
+    max_batch: int = 4
+    dynamic_hw: bool = False
+    fused: bool = False
+
+    def dtype_of(self, component: str) -> torch.dtype:
+        if not self.fp16 or (self.vae_fp32 and component in ("vae_decoder", "onestep")):
+            return torch.float32
+        return torch.float16
+
+    def check(self) -> None:
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ExportError(f"unsupported opset {self.opset}; choose {MIN_OPSET}..{MAX_OPSET}")
+        if self.max_batch < 1:
+            raise ExportError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.vae_fp32 and not self.fp16:
+            raise ExportError("--vae-fp32 only makes sense with --fp16")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def export_component(spec: ComponentSpec, components: Components, out: Path, settings: ExportSettings,
+                     latent_hw: tuple[int, int]) -> dict[str, Any]:
+    """Export one graph into ``out`` (through a temporary folder, renamed at the end) and return its manifest
+    entry."""
+    import onnx
+
+    dtype = settings.dtype_of(spec.name)
+    module = spec.module(components).eval()
+    inputs = spec.sample_inputs(1, *latent_hw, dtype=torch.float32)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out))
+    try:
+        path = tmp / spec.file
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, tuple(inputs.values()), str(path), input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(settings.dynamic_hw),
+                opset_version=settings.opset, do_constant_folding=True, dynamo=False,
+            )
+        _consolidate(path)
+        if dtype == torch.float16:
+            _to_fp16(path, keep=[t.name for t in spec.inputs if t.dtype == "float32"])
+        _set_output_shapes(path, spec, settings.dynamic_hw)
+        onnx.shape_inference.infer_shapes_path(str(path), str(path))
+        _consolidate(path)
+        for f in mf.graph_files(tmp, spec.file):
+            f.replace(out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "file": spec.file,
+        "sha256": mf.files_hash(out, spec.file),
+        "external_data": (out / (spec.file + ".data")).exists(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "inputs": [_tensor(t, dtype) for t in spec.inputs],
+        "outputs": [_tensor(t, dtype) for t in spec.outputs],
+    }
+
+
+def _tensor(t: Any, dtype: torch.dtype) -> dict[str, Any]:
+    return {"name": t.name, "shape": list(t.shape), "dtype": str(t.torch_dtype(dtype)).replace("torch.", "")}
+
+
+def _set_output_shapes(path: Path, spec: ComponentSpec, dynamic_hw: bool) -> None:
+    """Write the spec's output shapes into the graph (the exporter leaves some static dims symbolic), so that
+    consumers such as TensorRT see e.g. the 77-token axis as fixed. Weights stay where they are."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    axes = spec.dynamic_axes(dynamic_hw)
+    for out, t in zip(model.graph.output, spec.outputs):
+        dims = out.type.tensor_type.shape.dim
+        for i, (d, s) in enumerate(zip(dims, t.shape)):
+            if i in axes.get(t.name, {}):
+                d.dim_param = axes[t.name][i]
+            elif isinstance(s, int):
+                d.dim_value = s
+    onnx.save_model(model, str(path))
+
+
+def _to_fp16(path: Path, keep: list[str]) -> None:
+    """fp32 graph -> fp16 weights and compute (onnxruntime's converter; ops unsafe in fp16 stay fp32 behind
+    casts). Tracing the module in fp16 on the CPU instead gives graphs with mixed types that onnxruntime rejects."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path), load_external_data=True)
+    model = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=model.ByteSize() >= TWO_GB)
+    for p in path.parent.iterdir():
+        p.unlink()
+    big = model.ByteSize() >= TWO_GB
+    onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=path.name + ".data")
+
+
+def _consolidate(path: Path) -> None:
+    """Store a large graph's weights in ONE external file ``NAME.onnx.data`` (the exporter may scatter them)."""
+    import onnx
+
+    folder = path.parent
+    if path.stat().st_size < TWO_GB and not any(p for p in folder.iterdir() if p != path):
+        return
+    model = onnx.load(str(path), load_external_data=True)
+    for p in folder.iterdir():
+        p.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, force: bool = False,
+           verify: bool = True, only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Export (or reuse) the graphs of ``ckpt`` into ``out`` (all, or those named in ``only``), verify them, and
+    return the manifest."""
+    settings = settings or ExportSettings()
+    settings.check()
+    unknown = sorted(set(only or ()) - set(GRAPHS))
+    if unknown:
+        raise ExportError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(GRAPHS)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output path is a file, not a folder: {out}")
+    t0 = time.perf_counter()
+    checkpoint = resolve(ckpt)
+    ckpt_hash = mf.checkpoint_hash(checkpoint)
+    _log(f"[hash] {checkpoint.name}: {ckpt_hash[:12]} ({time.perf_counter() - t0:.1f} s)")
+    out.mkdir(parents=True, exist_ok=True)
+    old = mf.read(out)
+    if old and old["checkpoint"]["sha256"] != ckpt_hash:
+        if not force:
+            raise ExportError(f"{out} holds an export of another checkpoint ({old['checkpoint']['name']}); "
+                              "choose another folder or pass --force to replace it")
+        for entry in old["components"].values():
+            for f in mf.graph_files(out, entry["file"]):
+                f.unlink(missing_ok=True)
+        (out / mf.MANIFEST).unlink()
+        old = None
+    components = load_components(checkpoint, device="cpu", dtype=torch.float32)
+    h, w = components.default_size
+    latent_hw = (h // components.vae_scale_factor, w // components.vae_scale_factor)
+    doc = {
+        "format": mf.FORMAT,
+        "checkpoint": {"name": checkpoint.name, "path": str(checkpoint.path), "sha256": ckpt_hash,
+                       "fingerprint": mf.fingerprint(checkpoint), "class_name": checkpoint.class_name},
+        "settings": asdict(settings),
+        "exporter": {"name": EXPORTER, "opset": settings.opset, **_versions()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "latent": {"channels": components.latent_channels, "height": latent_hw[0], "width": latent_hw[1],
+                   "vae_scale_factor": components.vae_scale_factor},
+        "text": {"max_length": components.max_length,
+                 "hidden_size": int(components.text_encoder.config.hidden_size)},
+        "vae": {"scaling_factor": components.scaling_factor, "shift_factor": components.shift_factor},
+        "components": dict((old or {}).get("components", {})),  # graphs of earlier runs stay listed
+    }
+    specs = component_specs(components, fused=settings.fused)
+    if only:
+        specs = [s for s in component_specs(components, fused=True) if s.name in only]
+    for spec in specs:
+        key = {"dtype": str(settings.dtype_of(spec.name)).replace("torch.", ""), "opset": settings.opset,
+               "dynamic_hw": settings.dynamic_hw, **_versions()}
+        prev = (old or {}).get("components", {}).get(spec.name)
+        if prev and prev.get("key") == key:
+            try:
+                mf.check_files(out, prev)
+                doc["components"][spec.name] = prev
+                _log(f"[export] {spec.name}: cached ({spec.file}, hash ok)")
+                continue
+            except ExportError as e:
+                _log(f"[export] {spec.name}: re-exporting ({e})")
+        t = time.perf_counter()
+        doc["components"][spec.name] = {**export_component(spec, components, out, settings, latent_hw), "key": key}
+        size = sum(f.stat().st_size for f in mf.graph_files(out, spec.file)) / 2**20
+        _log(f"[export] {spec.name}: {spec.file} {size:,.1f} MB in {time.perf_counter() - t:.1f} s")
+        mf.write(out, doc)  # progress survives a crash: finished graphs are reused next time
+    doc["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    mf.write(out, doc)
+    if verify:
+        from .verify import verify_export
+
+        doc["verification"] = verify_export(out, components=components)
+        mf.write(out, doc)
+    _log(f"[done] {out} in {time.perf_counter() - t0:.1f} s")
+    return doc
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+
+    return {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.onnx", description="Export a checkpoint to ONNX.")
+    p.add_argument("--ckpt", required=True, help="alias, hub id or local diffusers folder")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (for GPUs)")
+    p.add_argument("--vae-fp32", action="store_true", help="with --fp16: keep the VAE decoder fp32")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset [{DEFAULT_OPSET}]")
+    p.add_argument("--max-batch", type=int, default=4, help="largest batch the engines will be built for [4]")
+    p.add_argument("--dynamic-hw", action="store_true", help="dynamic height/width (default: static)")
+    p.add_argument("--fused", action="store_true", help="also export onestep.onnx: (embeddings, noise) -> image")
+    p.add_argument("--force", action="store_true", help="replace an export of another checkpoint in the folder")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="export only these graphs (text_encoder, unet, vae_decoder, onestep)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison (not recommended)")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> ExportSettings:
+    return ExportSettings(fp16=args.fp16, vae_fp32=args.vae_fp32, opset=args.opset, max_batch=args.max_batch,
+                          dynamic_hw=args.dynamic_hw, fused=args.fused)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime.models import quiet_loading
+
+    quiet_loading()
+    try:
+        export(args.ckpt, args.output, settings_from_args(args), force=args.force, verify=not args.no_verify,
+               only=args.only)
+    except InstaFlowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Run every exported graph in onnxruntime on fresh random inputs at two batch sizes and compare with PyTorch.
+
+    python -m export.verify DIR [--ckpt CKPT]
+
+fp32 graphs must agree to a max relative error of 1e-4, fp16 graphs to 1e-2 (max |ort - torch| / max |torch|);
+NaN fails. A table is printed; any failure exits with status 1 (one line for unusable input: status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from runtime.checkpoints import resolve
+from runtime.errors import InstaFlowError
+from runtime.models import Components, load_components
+
+from runtime import manifest as mf
+from runtime.errors import ExportError
+from .specs import component_specs
+
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
+
+
+def ort_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def max_rel_error(out: np.ndarray, ref: np.ndarray) -> float:
+    if not np.isfinite(out).all():
+        return float("nan")
+    return float(np.abs(out.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+def verify_export(folder: str | Path, components: Components | None = None, batches: Sequence[int] = (1, 3),
+                  seed: int = 1234) -> dict[str, Any]:
+    """Compare each graph of an export folder with PyTorch; raise :class:`ExportError` on any failure."""
+    folder = Path(folder)
+    doc = mf.read(folder)
+    if doc is None:
+        raise ExportError(f"{folder} has no {mf.MANIFEST}; run `python -m export.onnx` first")
+    if components is None:
+        components = load_components(resolve(doc["checkpoint"]["path"]), device="cpu", dtype=torch.float32)
+    specs = {s.name: s for s in component_specs(components, fused=True)}
+    lat = doc["latent"]
+    shapes = [(b, lat["height"], lat["width"]) for b in batches]
+    if doc["settings"]["dynamic_hw"]:
+        shapes.append((2, lat["height"] + 2, max(2, lat["width"] - 2)))  # another (non-square) size
+    rows, failures = [], []
+    for name, entry in doc["components"].items():
+        mf.check_files(folder, entry)
+        spec = specs[name]
+        dtype = getattr(torch, entry["dtype"])
+        session = ort_session(folder / entry["file"])
+        module = spec.module(components).eval().to(dtype if dtype == torch.float32 else torch.float32)
+        for b, h, w in shapes:
+            inputs = spec.sample_inputs(b, h, w, dtype=dtype, seed=seed + b)
+            t = time.perf_counter()
+            out = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+            ort_s = time.perf_counter() - t
+            with torch.no_grad():  # reference in fp32 from the same (possibly fp16-rounded) inputs
+                ref = module(*[v.float() if v.is_floating_point() else v for v in inputs.values()]).numpy()
+            expected = spec.outputs[0].concrete(spec.dims(b, h, w))
+            err = max_rel_error(out, ref) if out.shape == ref.shape else float("inf")
+            tol = TOLERANCE[entry["dtype"]]
+            ok = tuple(out.shape) == expected and err <= tol
+            rows.append({"component": name, "shape": f"B={b} {h}x{w}", "max_rel_err": err, "tol": tol,
+                         "ok": ok, "ort_ms": 1e3 * ort_s, "out_shape": list(out.shape)})
+            if not ok:
+                failures.append(f"{name} at B={b} {h}x{w}: error {err:.2e} (tol {tol:.0e}), shape "
+                                f"{list(out.shape)} (expected {list(expected)})")
+    _print_table(rows)
+    if failures:
+        raise ExportError("verification failed: " + "; ".join(failures))
+    return {"passed": True, "rows": rows}
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'component':<14}{'inputs':<16}{'max rel err':>12}{'tol':>8}{'ort ms':>9}  result")
+    for r in rows:
+        print(f"{r['component']:<14}{r['shape']:<16}{r['max_rel_err']:>12.2e}{r['tol']:>8.0e}{r['ort_ms']:>9.1f}  "
+              f"{'ok' if r['ok'] else 'FAIL'}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.verify", description=__doc__.splitlines()[0])
+    p.add_argument("folder", help="export folder (with manifest.json)")
+    p.add_argument("--ckpt", default=None, help="checkpoint to compare with [the one the manifest names]")
+    args = p.parse_args(argv)
+    try:
+        comps = None
+        if args.ckpt:
+            comps = load_components(resolve(args.ckpt), device="cpu", dtype=torch.float32)
+        verify_export(args.folder, components=comps)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if str(e).startswith("verification failed") else 2
+    except InstaFlowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("all graphs verified")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

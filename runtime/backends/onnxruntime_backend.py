@@ -1,0 +1,141 @@
+"""onnxruntime backend: runs the graphs of an ONNX export (``python -m export.onnx``).
+
+CPU execution provider with tuned session options here; on a GPU the CUDA provider (IO binding on torch's
+buffers, so nothing round-trips through the host) or the TensorRT provider. The fused ``onestep`` graph, when
+exported, runs the whole one-step hot path in one call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailableError, ExportError
+
+if TYPE_CHECKING:
+    from ..checkpoints import Checkpoint
+
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailableError("the onnxruntime backend needs onnxruntime: pip install onnxruntime "
+                                      "(onnxruntime-gpu for CUDA)") from None
+    return ort
+
+
+class Graph:
+    """One onnxruntime session plus the tensor names and dtypes the manifest records."""
+
+    def __init__(self, path: Path, entry: dict[str, Any], providers: Sequence[Any], device: torch.device,
+                 factor: int, threads: int | None = None) -> None:
+        ort = _import_ort()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.intra_op_num_threads = threads or 0  # 0: one per physical core
+        # no spin-waiting between calls: several sessions run one after another and would steal each other's cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+            raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+        self.device = device
+        self.inputs = {t["name"]: t["dtype"] for t in entry["inputs"]}
+        self.outputs = [t["name"] for t in entry["outputs"]]
+        self.out_dtype = entry["outputs"][0]["dtype"]
+        self.input_shapes = {t["name"]: t["shape"] for t in entry["inputs"]}
+        self.output_shape = entry["outputs"][0]["shape"]
+        self.factor = factor
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        feeds = {name: t.to(_TORCH[dt]) for (name, dt), t in zip(self.inputs.items(), args)}
+        if self.device.type == "cpu":
+            out = self.session.run(self.outputs, {k: v.contiguous().numpy() for k, v in feeds.items()})[0]
+            return torch.from_numpy(out)
+        return self._run_bound(feeds)
+
+    def _run_bound(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """GPU: bind torch's device buffers for inputs and a freshly allocated output (so calls never alias each
+        other); nothing round-trips through the host."""
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        dims: dict[str, int] = {}
+        for name, t in feeds.items():
+            t = feeds[name] = t.contiguous()
+            dims.update({d: n for d, n in zip(self.input_shapes[name], t.shape) if isinstance(d, str)})
+            binding.bind_input(name, "cuda", index, _NP[self.inputs[name]], list(t.shape), t.data_ptr())
+        if "h" in dims:
+            dims.update(H=dims["h"] * self.factor, W=dims["w"] * self.factor)
+        out = torch.empty([d if isinstance(d, int) else dims[d] for d in self.output_shape],
+                          dtype=_TORCH[self.out_dtype], device=self.device)
+        binding.bind_output(self.outputs[0], "cuda", index, _NP[self.out_dtype], list(out.shape), out.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
+        self.session.run_with_iobinding(binding)
+        return out
+
+
+class OnnxRuntimeBackend:
+    """Runs text encoder, UNet and VAE decoder graphs (and the fused one-step graph if exported)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, checkpoint: "Checkpoint", export_dir: str | os.PathLike[str] | None, device: torch.device,
+                 dtype: torch.dtype, providers: Sequence[Any] | None = None, threads: int | None = None) -> None:
+        from .. import manifest as mf
+
+        folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint)
+        doc = mf.read(folder) if folder.is_dir() else None
+        if doc is None:
+            raise BackendUnavailableError(
+                f"no ONNX export of {checkpoint.name} in {folder}; make one with "
+                f"`python -m export.onnx --ckpt {checkpoint.name} -o {folder} --fused`")
+        mf.check_export_matches(doc, checkpoint, folder)
+        missing = [n for n in ("text_encoder", "unet", "vae_decoder") if n not in doc["components"]]
+        if missing:
+            raise ExportError(f"{folder} lacks the {', '.join(missing)} graph(s); re-run the export")
+        self.folder, self.device = folder, device
+        self.dtype = _TORCH[doc["components"]["unet"]["dtype"]]
+        if providers is None:
+            providers = PROVIDERS["cuda" if device.type == "cuda" else "cpu"]
+        available = set(_import_ort().get_available_providers())
+        wanted = [p if isinstance(p, str) else p[0] for p in providers]
+        if wanted[0] not in available:
+            raise BackendUnavailableError(f"onnxruntime here has no {wanted[0]} (available: "
+                                          f"{', '.join(sorted(available))}); pip install onnxruntime-gpu for CUDA")
+        graphs = {}
+        for name, entry in doc["components"].items():
+            mf.check_files(folder, entry)
+            graphs[name] = Graph(folder / entry["file"], entry, providers, device,
+                                 doc["latent"]["vae_scale_factor"], threads)
+        self.graphs = graphs
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.graphs["text_encoder"](input_ids)
+
+    def velocity(self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.graphs["unet"](latents, t, embeddings)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.graphs["vae_decoder"](latents)
+
+    @property
+    def has_one_step(self) -> bool:
+        return "onestep" in self.graphs
+
+    def one_step(self, embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The fused hot path: (embeddings, noise) -> images in [0, 1]."""
+        return self.graphs["onestep"](embeddings, noise)

@@ -1,0 +1,135 @@
+"""Export manifests (JSON) and content hashes: what was built from which checkpoint, with which tools.
+
+Lives in ``runtime`` (the leaf package) because both the exporters (writing) and the runtime backends (reading,
+refusing mismatches) need it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import Checkpoint, weight_files
+from .errors import ExportError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(ckpt: Checkpoint, components: tuple[str, ...] = ("text_encoder", "tokenizer", "unet", "vae"),
+                blocks: int = 16, block: int = 1 << 16) -> str:
+    """Fast identity of a checkpoint for load-time checks: configs, tokenizer files, and for each weight file its
+    size, safetensors header and ``blocks`` evenly spaced samples of its data (about 1 MB read per file, instead of
+    hashing gigabytes on every load)."""
+    h = hashlib.sha256()
+    h.update((ckpt.path / "model_index.json").read_bytes())
+    for comp in components:
+        folder = ckpt.component(comp)
+        for f in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in {".json", ".txt"}):
+            h.update(f"{comp}/{f.name}:".encode() + f.read_bytes())
+        if comp == "tokenizer":
+            continue
+        for f in weight_files(folder):
+            size = f.stat().st_size
+            h.update(f"{comp}/{f.name}:{size}:".encode())
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(n))
+                start, span = 8 + n, max(size - 8 - n - block, 0)
+                for i in range(blocks):
+                    fh.seek(start + span * i // max(blocks - 1, 1))
+                    h.update(fh.read(block))
+    return h.hexdigest()
+
+
+def checkpoint_hash(ckpt: Checkpoint, components: tuple[str, ...] = ("text_encoder", "tokenizer", "unet", "vae")
+                    ) -> str:
+    """Identity of a checkpoint's content: its model_index, every config and every weight file of ``components``."""
+    h = hashlib.sha256()
+    h.update((ckpt.path / "model_index.json").read_bytes())
+    for comp in components:
+        folder = ckpt.component(comp)
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in {".json", ".txt"})
+        if comp != "tokenizer":
+            files += weight_files(folder)
+        for f in files:
+            h.update(f"{comp}/{f.name}:".encode())
+            h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def graph_files(folder: Path, file: str) -> list[Path]:
+    """The .onnx file and its external-data file, if any."""
+    files = [folder / file]
+    data = folder / (file + ".data")
+    return files + ([data] if data.exists() else [])
+
+
+def files_hash(folder: Path, file: str) -> str:
+    h = hashlib.sha256()
+    for f in graph_files(folder, file):
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def read(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"unreadable {path}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ExportError(f"{path} is not an instaflow-rt export manifest (format {FORMAT})")
+    return doc
+
+
+def write(folder: Path, doc: dict[str, Any]) -> None:
+    """Atomic write: temporary file in the same folder, then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def check_files(folder: Path, entry: dict[str, Any]) -> None:
+    """Raise when a graph's files are missing or differ from the hash the manifest recorded (corruption)."""
+    missing = [p.name for p in graph_files(folder, entry["file"]) if not p.exists()]
+    if missing or not (folder / entry["file"]).exists():
+        raise ExportError(f"{folder}: {entry['file']} is missing; re-run the export")
+    if files_hash(folder, entry["file"]) != entry["sha256"]:
+        raise ExportError(f"{folder / entry['file']} does not match its manifest hash (corrupted or truncated); "
+                          "delete it and re-run the export")
+
+
+def cache_root() -> Path:
+    """Where exports live by default: ``$INSTAFLOW_CACHE`` or ``~/.cache/instaflow-rt``."""
+    return Path(os.environ.get("INSTAFLOW_CACHE") or Path.home() / ".cache" / "instaflow-rt")
+
+
+def default_export_dir(ckpt: Checkpoint, kind: str = "onnx") -> Path:
+    """Default folder of a checkpoint's exports: ``<cache>/<kind>/<name>-<fingerprint[:12]>``."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(ckpt.name).name or "ckpt")
+    return cache_root() / kind / f"{safe}-{fingerprint(ckpt)[:12]}"
+
+
+def check_export_matches(doc: dict[str, Any], ckpt: Checkpoint, folder: Path) -> None:
+    """Refuse an export made from another checkpoint (one line)."""
+    made_from = doc.get("checkpoint", {})
+    if made_from.get("fingerprint") != fingerprint(ckpt):
+        raise ExportError(f"{folder} was exported from another checkpoint ({made_from.get('name')}), not "
+                          f"{ckpt.name}; re-export with `python -m export.onnx --ckpt {ckpt.name} -o {folder} --force`")

@@ -1,0 +1,80 @@
+"""Backends: onnxruntime matches the fp32 torch reference; `auto` selection; backend errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from export.onnx import ExportSettings, export
+from runtime import BackendUnavailableError, ExportError, Pipeline
+from runtime.backends import resolve_auto
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "tiny"
+    export(str(tiny_ckpt), out, ExportSettings(fused=True), verify=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def odd_onnx(odd_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "odd"
+    export(str(odd_ckpt), out, ExportSettings(), verify=False)  # no fused graph: the step runs in the pipeline
+    return out
+
+
+@pytest.mark.parametrize("which", ["tiny", "odd"])
+def test_onnxruntime_matches_torch(which, request):
+    ckpt, folder = request.getfixturevalue(f"{which}_ckpt"), request.getfixturevalue(f"{which}_onnx")
+    ref = request.getfixturevalue(f"{which}_pipe")
+    pipe = Pipeline.from_pretrained(ckpt, backend="onnxruntime", export_dir=folder)
+    assert pipe.backend.name == "onnxruntime"
+    assert pipe.backend.has_one_step == (which == "tiny")
+    prompts = ["a red circle at the top left", "a photo of a cat"]
+    c = ref.components
+    h, w = c.default_size
+    noise = torch.randn(2, c.latent_channels, h // c.vae_scale_factor, w // c.vae_scale_factor,
+                        generator=torch.Generator().manual_seed(1))
+    for kwargs in (dict(), dict(num_inference_steps=4, guidance_scale=1.5, negative_prompt="blurry")):
+        a = ref(prompts, latents=noise, output_type="pt", **kwargs).images
+        b = pipe(prompts, latents=noise, output_type="pt", **kwargs).images
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    pil = pipe(prompts, seed=0).images
+    assert len(pil) == 2 and pil[0].size == (w, h)
+
+
+def test_onnxruntime_loads_no_torch_weights(tiny_ckpt, tiny_onnx):
+    pipe = Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tiny_onnx)
+    assert not isinstance(pipe.components.unet, torch.nn.Module)  # configs only: the graphs do the work
+
+
+def test_auto_picks_onnxruntime_on_cpu_when_an_export_exists(tiny_ckpt, tiny_onnx, tmp_path):
+    ckpt = __import__("runtime").resolve(tiny_ckpt)
+    assert resolve_auto(torch.device("cpu"), ckpt, tiny_onnx) == "onnxruntime"
+    assert resolve_auto(torch.device("cpu"), ckpt, tmp_path / "none") == "torch"
+    assert Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tiny_onnx).backend.name == "onnxruntime"
+    assert Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path).backend.name == "torch"
+
+
+def test_default_export_dir_is_found(tiny_ckpt, tiny_onnx, tmp_path, monkeypatch):
+    from runtime import manifest as mf
+
+    monkeypatch.setenv("INSTAFLOW_CACHE", str(tmp_path))
+    folder = mf.default_export_dir(__import__("runtime").resolve(tiny_ckpt))
+    shutil.copytree(tiny_onnx, folder)
+    assert Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime").backend.folder == folder
+
+
+def test_backend_errors(tiny_ckpt, odd_ckpt, odd_onnx, tmp_path, tiny_pipe):
+    with pytest.raises(BackendUnavailableError, match="no ONNX export of .*python -m export.onnx"):
+        Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path)
+    with pytest.raises(ExportError, match="exported from another checkpoint"):
+        Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=odd_onnx)
+    with pytest.raises(BackendUnavailableError, match="runs an export of a checkpoint folder"):
+        Pipeline(tiny_pipe.components, backend="onnxruntime")
+    with pytest.raises(BackendUnavailableError, match="has no CUDAExecutionProvider"):
+        Pipeline.from_pretrained(odd_ckpt, backend="onnxruntime", export_dir=odd_onnx,
+                                 providers=["CUDAExecutionProvider"])

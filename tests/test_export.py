@@ -1,0 +1,176 @@
+"""ONNX export: verified graphs (fp32, fp16, fused, dynamic sizes, odd shapes), manifest, cache, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime import manifest as mf
+from runtime.errors import ExportError
+from export.onnx import ExportSettings, export, main
+from export.verify import ort_session, verify_export
+from runtime import Pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    doc = export(str(tiny_ckpt), out, ExportSettings(fused=True))
+    return out, doc
+
+
+def test_fp32_fused_export_verified_and_manifest(tiny_export, tiny_ckpt):
+    out, doc = tiny_export
+    assert doc["verification"]["passed"]
+    rows = doc["verification"]["rows"]
+    assert {r["component"] for r in rows} == {"text_encoder", "unet", "vae_decoder", "onestep"}
+    assert {r["shape"].split()[0] for r in rows} == {"B=1", "B=3"}
+    assert all(r["max_rel_err"] <= 1e-4 for r in rows)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["checkpoint"]["sha256"] == mf.checkpoint_hash(__import__("runtime").resolve(tiny_ckpt))
+    assert m["exporter"]["opset"] == 17 and m["exporter"]["name"] == "torchscript" and "torch" in m["exporter"]
+    unet = m["components"]["unet"]
+    assert [t["name"] for t in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
+    assert unet["inputs"][2]["shape"] == ["B", 16, 32] and unet["dtype"] == "float32"
+    assert unet["sha256"] == mf.files_hash(out, "unet.onnx")
+
+
+def test_exported_input_shapes(tiny_export):
+    import onnx
+
+    out, _ = tiny_export
+    model = onnx.load(str(out / "unet.onnx"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims == {"sample": ["batch", 4, 8, 8], "timestep": ["batch"], "encoder_hidden_states": ["batch", 16, 32]}
+    te = onnx.load(str(out / "text_encoder.onnx"))
+    assert [d.dim_param or d.dim_value for d in te.graph.output[0].type.tensor_type.shape.dim] == ["batch", 16, 32]
+
+
+def test_ort_graphs_reproduce_the_pipeline(tiny_export, tiny_pipe):
+    """text encoder -> unet -> Euler step -> decoder in onnxruntime == Pipeline (torch), and so does onestep."""
+    out, _ = tiny_export
+    prompts = ["a red circle at the top left", "a small blue square"]
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = tiny_pipe(prompts, latents=noise, output_type="pt").images.numpy()
+    ids, _ = tiny_pipe.tokenize(prompts)
+    emb = ort_session(out / "text_encoder.onnx").run(None, {"input_ids": ids.numpy()})[0]
+    v = ort_session(out / "unet.onnx").run(None, {"sample": noise.numpy(), "timestep": np.full(2, 1000.0, np.float32),
+                                                  "encoder_hidden_states": emb})[0]
+    sf = tiny_pipe.components.scaling_factor
+    img = ort_session(out / "vae_decoder.onnx").run(None, {"latents": (noise.numpy() + v) / sf})[0]
+    np.testing.assert_allclose(np.clip(img / 2 + 0.5, 0, 1), ref, atol=1e-4)
+    fused = ort_session(out / "onestep.onnx").run(None, {"text_embeddings": emb, "noise": noise.numpy()})[0]
+    np.testing.assert_allclose(fused, ref, atol=1e-4)
+
+
+def test_fp16_dynamic_hw_odd_shapes(odd_ckpt, odd_pipe, tmp_path):
+    doc = export(str(odd_ckpt), tmp_path / "odd", ExportSettings(fp16=True, vae_fp32=True, dynamic_hw=True,
+                                                                 fused=True))
+    rows = doc["verification"]["rows"]
+    assert {r["shape"] for r in rows} == {"B=1 6x10", "B=3 6x10", "B=2 8x8"}
+    comps = doc["components"]
+    assert comps["unet"]["dtype"] == "float16" and comps["vae_decoder"]["dtype"] == "float32"
+    assert comps["unet"]["inputs"][1]["dtype"] == "float32"  # timestep stays fp32
+    assert comps["onestep"]["dtype"] == "float32"  # it holds the VAE decoder, kept fp32 by --vae-fp32
+    # the fused graph gives the pipeline's image for the odd checkpoint
+    noise = torch.randn(1, 3, 6, 10, generator=torch.Generator().manual_seed(3))
+    ref = odd_pipe("a cat", latents=noise, output_type="pt").images.numpy()
+    ids, _ = odd_pipe.tokenize(["a cat"])
+    emb = odd_pipe.backend.encode(ids).numpy()
+    fused = ort_session(tmp_path / "odd" / "onestep.onnx").run(None, {"text_embeddings": emb,
+                                                                       "noise": noise.numpy()})[0]
+    assert fused.shape == (1, 3, 12, 20)
+    np.testing.assert_allclose(fused, ref, atol=1e-4)
+    # fully fp16 (no --vae-fp32): the fused graph takes fp16 inputs
+    doc = export(str(odd_ckpt), tmp_path / "odd16", ExportSettings(fp16=True, fused=True), only=["onestep"])
+    assert doc["components"]["onestep"]["dtype"] == "float16"
+    fused16 = ort_session(tmp_path / "odd16" / "onestep.onnx").run(
+        None, {"text_embeddings": emb.astype(np.float16), "noise": noise.numpy().astype(np.float16)})[0]
+    assert np.abs(fused16.astype(np.float32) - ref).max() < 2e-2
+
+
+def test_cache_reuse_and_corruption(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "e"
+    export(str(tiny_ckpt), out, ExportSettings(), verify=False, only=["unet", "vae_decoder"])
+    stamp = (out / "unet.onnx").stat().st_mtime_ns
+    capsys.readouterr()
+    export(str(tiny_ckpt), out, ExportSettings(), verify=False, only=["unet"])
+    assert "unet: cached" in capsys.readouterr().out
+    assert (out / "unet.onnx").stat().st_mtime_ns == stamp
+    data = (out / "unet.onnx").read_bytes()
+    (out / "unet.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportError, match="does not match its manifest hash"):
+        verify_export(out)
+    doc = export(str(tiny_ckpt), out, ExportSettings(), only=["unet"])  # re-exported, then verified
+    assert "re-exporting" in capsys.readouterr().out
+    assert set(doc["components"]) == {"unet", "vae_decoder"} and doc["verification"]["passed"]
+
+
+def test_export_of_another_checkpoint_refused(tiny_ckpt, odd_ckpt, tmp_path):
+    out = tmp_path / "e"
+    export(str(tiny_ckpt), out, ExportSettings(), verify=False, only=["vae_decoder"])
+    with pytest.raises(ExportError, match="holds an export of another checkpoint"):
+        export(str(odd_ckpt), out, ExportSettings(), verify=False, only=["vae_decoder"])
+    doc = export(str(odd_ckpt), out, ExportSettings(), verify=False, only=["vae_decoder"], force=True)
+    assert doc["checkpoint"]["path"] == str(odd_ckpt)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt", "/no/such/ckpt"], "does not exist"),
+    (["--opset", "9"], "unsupported opset 9"),
+    (["--vae-fp32"], "only makes sense with --fp16"),
+    (["--only", "clip"], "unknown component"),
+])
+def test_cli_errors(tiny_ckpt, tmp_path, capsys, args, message):
+    argv = ["-o", str(tmp_path / "x"), *args]
+    if "--ckpt" not in args:
+        argv += ["--ckpt", str(tiny_ckpt)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_output_dir_is_a_file(tiny_ckpt, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["--ckpt", str(tiny_ckpt), "-o", str(f)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_verify_cli_and_polygraphy(tiny_export, tmp_path):
+    out, _ = tiny_export
+    r = subprocess.run([sys.executable, "-m", "export.verify", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "all graphs verified" in r.stdout
+    exe = shutil.which("polygraphy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    if exe is None:
+        pytest.skip("polygraphy not installed")
+    r = subprocess.run([exe, "run", str(out / "onestep.onnx"), "--onnxrt"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "PASSED" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_sd15_unet_external_data(tmp_path):
+    """SD-1.5-shaped UNet (random weights, fp32 3.4 GB) exports with external data and verifies (minutes)."""
+    import resource
+    import time
+
+    from runtime.models import SD15_SPEC, save_checkpoint, build_tiny_components
+
+    ckpt = save_checkpoint(build_tiny_components(SD15_SPEC), tmp_path / "sd15")
+    t = time.perf_counter()
+    doc = export(str(ckpt), tmp_path / "onnx", ExportSettings(), only=["unet"])
+    elapsed = time.perf_counter() - t
+    entry = doc["components"]["unet"]
+    assert entry["external_data"] and (tmp_path / "onnx" / "unet.onnx.data").stat().st_size > 3e9
+    assert doc["verification"]["passed"]
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\nSD-1.5 UNet export+verify: {elapsed:.0f} s, peak RSS {peak_gb:.1f} GB")
