@@ -19,7 +19,8 @@ TARGETS = {  # ratio -> (limit, what the issue asks)
     "ours/sd_25step_cfg": (1 / 15, ">= 15x faster than 25-step CFG SD (CPU); 25x on GPU"),
     "onnxruntime/torch": (1 / 1.2, "onnxruntime >= 1.2x faster than torch eager"),
 }
-CASE_ORDER = ["stage_encode", "stage_unet", "stage_decode", "raw_chain", "ours_1step", "ours_batch8",
+CASE_ORDER = ["stage_encode", "stage_unet", "stage_decode", "raw_chain", "ours_1step", "ours_1step_onnxruntime",
+              "ours_batch8",
               "diffusers_1step", "sd_25step_cfg"]
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from runtime import Pipeline
+
 from .subjects import PROMPT, RawStages, diffusers_one_step, make_subject, sd_multistep, sd_pipeline
 
 #: rounds per case: (networks and our pipeline, 25-step SD)
@@ -51,6 +53,27 @@ def test_ours_batch8(measure, subject):
     prompts = [f"{PROMPT} {i}" for i in range(8)]
     assert len(subject.pipe(prompts, seed=0).images) == 8
     measure(subject, "ours_batch8", lambda: subject.pipe(prompts, seed=0), max(3, ROUNDS[subject.name][0] // 4))
+
+
+@pytest.fixture(scope="module")
+def ort_pipe(subject, tmp_path_factory):
+    """Our pipeline on the onnxruntime backend (CPU), over a fused fp32 export of the same weights."""
+    if subject.pipe.device.type != "cpu":
+        pytest.skip("onnxruntime is benchmarked on the CPU")
+    from export.onnx import ExportSettings, export
+    from runtime.models import save_checkpoint
+
+    root = tmp_path_factory.mktemp(f"ort-{subject.name}")
+    ckpt = save_checkpoint(subject.components, root / "ckpt")
+    export(str(ckpt), root / "onnx", ExportSettings(fused=True), verify=False)
+    return Pipeline.from_pretrained(ckpt, backend="onnxruntime", export_dir=root / "onnx")
+
+
+def test_ours_1step_onnxruntime(measure, subject, ort_pipe):
+    a = ort_pipe(PROMPT, seed=0, output_type="pt").images
+    b = subject.pipe(PROMPT, seed=0, output_type="pt").images
+    assert (a - b).abs().max() < 1e-3  # same images as the torch backend
+    measure(subject, "ours_1step_onnxruntime", lambda: ort_pipe(PROMPT, seed=0), ROUNDS[subject.name][0])
 
 
 def test_diffusers_1step(measure, subject, sd):

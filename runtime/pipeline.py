@@ -7,8 +7,11 @@ InstaFlow ``RectifiedFlowPipeline`` exactly (see :mod:`runtime.flow` for the con
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
+from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence, Union
 
@@ -84,7 +87,7 @@ class Pipeline:
     def __init__(self, components: Components, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | str | None = None, backend: str | Backend = "torch", name: str = "",
                  checkpoint: Checkpoint | None = None, export_dir: str | os.PathLike[str] | None = None,
-                 **backend_options: Any) -> None:
+                 embedding_cache_size: int = 256, **backend_options: Any) -> None:
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype, self.device)
         self.components = components
@@ -94,6 +97,12 @@ class Pipeline:
                                  if isinstance(backend, str) else backend)
         #: When True, stages are synchronised on the GPU so that ``timings`` are exact (costs a little speed).
         self.profile = False
+        #: Prompt-embedding cache: text -> embedding row; repeated prompts skip the text encoder (0 disables).
+        self.embedding_cache_size = embedding_cache_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        # backends with shared mutable state (CUDA graphs, TensorRT contexts) run one call at a time
+        self._run_lock = nullcontext() if getattr(self.backend, "thread_safe", True) else threading.Lock()
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -191,7 +200,8 @@ class Pipeline:
 
         # 3+4. the fused one-step graph, where the backend has one: embeddings + noise -> images in [0, 1]
         if steps == 1 and not cfg and output_type != "latent" and getattr(self.backend, "has_one_step", False):
-            images = self.backend.one_step(context, x)
+            with self._run_lock:
+                images = self.backend.one_step(context, x)
             timings["unet"] = self._lap(start) - timings["encode"]
             images = self.format_images(images, output_type)
             timings["total"] = self._lap(start)
@@ -202,7 +212,8 @@ class Pipeline:
         def velocity(z: torch.Tensor, t: float) -> torch.Tensor:
             z_in = torch.cat([z, z]) if cfg else z
             t_in = torch.full((z_in.shape[0],), t, device=self.device, dtype=torch.float32)
-            v = self.backend.velocity(z_in, t_in, context).float()
+            with self._run_lock:
+                v = self.backend.velocity(z_in, t_in, context).float()
             if cfg:
                 v_uncond, v_cond = v.chunk(2)
                 v = flow.guided(v_uncond, v_cond, float(guidance_scale))
@@ -216,7 +227,8 @@ class Pipeline:
             images = x
             _check_finite(images, "latents")
         else:
-            decoded = self.backend.decode(x / self.components.scaling_factor + self.components.shift_factor)
+            with self._run_lock:
+                decoded = self.backend.decode(x / self.components.scaling_factor + self.components.shift_factor)
             images = self.postprocess(decoded, output_type)
         timings["total"] = self._lap(start)
         timings["decode"] = timings["total"] - timings["encode"] - timings["unet"]
@@ -257,14 +269,32 @@ class Pipeline:
         return ids.to(self.device), mask.to(self.device)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings ``[len(texts), L, D]``; each distinct text is encoded once."""
-        unique = list(dict.fromkeys(texts))
-        ids, mask = self.tokenize(unique)
-        emb = self.backend.encode(ids, mask)
-        if len(unique) == len(texts):
-            return emb
-        where = {t: i for i, t in enumerate(unique)}
-        return emb[torch.tensor([where[t] for t in texts], device=emb.device)]
+        """Text embeddings ``[len(texts), L, D]``: each distinct text not in the LRU cache is encoded, all in one
+        text-encoder call; cached texts skip the encoder."""
+        with self._cache_lock:
+            found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+            for t in found:
+                self._cache.move_to_end(t)
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        if missing:
+            ids, mask = self.tokenize(missing)
+            with self._run_lock:
+                emb = self.backend.encode(ids, mask)
+            new = dict(zip(missing, emb.unbind(0)))
+            found.update(new)
+            if self.embedding_cache_size > 0:
+                with self._cache_lock:
+                    self._cache.update(new)
+                    while len(self._cache) > self.embedding_cache_size:
+                        self._cache.popitem(last=False)
+            if len(missing) == len(texts):
+                return emb
+        return torch.stack([found[t] for t in texts])
+
+    def clear_cache(self) -> None:
+        """Forget cached prompt embeddings."""
+        with self._cache_lock:
+            self._cache.clear()
 
     def prepare_latents(self, n: int, shape: tuple[int, int, int], *, seed: int | None = None,
                         generator: Generator | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:

@@ -78,3 +78,25 @@ def test_backend_errors(tiny_ckpt, odd_ckpt, odd_onnx, tmp_path, tiny_pipe):
     with pytest.raises(BackendUnavailableError, match="has no CUDAExecutionProvider"):
         Pipeline.from_pretrained(odd_ckpt, backend="onnxruntime", export_dir=odd_onnx,
                                  providers=["CUDAExecutionProvider"])
+
+
+def test_torch_channels_last_matches_eager(tiny_ckpt, tiny_pipe):
+    cl = Pipeline.from_pretrained(tiny_ckpt, channels_last=True)
+    a = tiny_pipe(["a cat", "a dog"], seed=4, output_type="pt").images
+    b = cl(["a cat", "a dog"], seed=4, output_type="pt").images
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_graph_needs_cuda(tiny_ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(BackendUnavailableError, match="cuda_graph=True needs a CUDA device"):
+        Pipeline.from_pretrained(tiny_ckpt, cuda_graph=True)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(tiny_ckpt, tiny_pipe):
+    compiled = Pipeline.from_pretrained(tiny_ckpt, compile=True)
+    a = tiny_pipe("a cat", seed=4, output_type="pt").images
+    b = compiled("a cat", seed=4, output_type="pt").images
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

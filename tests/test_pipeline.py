@@ -169,8 +169,43 @@ def test_text_encoder_runs_once_per_distinct_text(tiny_pipe, monkeypatch):
         return real(ids, mask)
 
     monkeypatch.setattr(tiny_pipe.backend, "encode", spy)
-    tiny_pipe(["a cat", "a dog", "a cat"], num_images_per_prompt=3, guidance_scale=2.0, seed=0)
+    tiny_pipe.clear_cache()
+    first = tiny_pipe(["a cat", "a dog", "a cat"], num_images_per_prompt=3, guidance_scale=2.0, seed=0,
+                      output_type="pt").images
     assert calls == [3]  # "a cat", "a dog" and the empty negative, in one call
+    again = tiny_pipe(["a dog", "a cat", "a dog", "a fox"], guidance_scale=2.0, seed=0, output_type="pt").images
+    assert calls == [3, 1]  # only "a fox" is new: the cache served the rest
+    assert first.shape[0] == 9
+    tiny_pipe.clear_cache()
+    fresh = tiny_pipe(["a dog", "a cat", "a dog", "a fox"], guidance_scale=2.0, seed=0, output_type="pt").images
+    assert torch.equal(again, fresh)  # cached embeddings give the same images as encoding afresh
+
+
+def test_embedding_cache_is_bounded(tiny_pipe, monkeypatch):
+    monkeypatch.setattr(tiny_pipe, "embedding_cache_size", 2)
+    tiny_pipe.clear_cache()
+    for p in ("one", "two", "three"):
+        tiny_pipe(p, seed=0)
+    assert list(tiny_pipe._cache) == ["two", "three"]
+    monkeypatch.setattr(tiny_pipe, "embedding_cache_size", 0)
+    tiny_pipe.clear_cache()
+    tiny_pipe("four", seed=0)
+    assert not tiny_pipe._cache
+
+
+def test_four_threads_match_sequential_calls(tiny_pipe):
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [dict(prompt=[f"a red circle {i}", "a cat"], seed=i, num_inference_steps=1 + i % 3,
+                 guidance_scale=0.0 if i % 2 else 1.5, output_type="pt") for i in range(12)]
+    tiny_pipe.clear_cache()
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda kw: tiny_pipe(**kw).images, jobs))
+    tiny_pipe.clear_cache()
+    sequential = [tiny_pipe(**kw).images for kw in jobs]
+    for a, b in zip(parallel, sequential):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
 
 
 def test_unet_batch_equals_images_without_cfg(tiny_pipe, monkeypatch):

@@ -38,7 +38,7 @@ def create(name: str, components: "Components", device: torch.device, dtype: tor
     if name == "torch":
         from .torch_backend import TorchBackend
 
-        return TorchBackend(components, device=device, dtype=dtype)
+        return TorchBackend(components, device=device, dtype=dtype, **options)
     if checkpoint is None:
         raise BackendUnavailableError(f"the {name} backend runs an export of a checkpoint folder; load the "
                                       "pipeline with Pipeline.from_pretrained(...)")
@@ -46,16 +46,25 @@ def create(name: str, components: "Components", device: torch.device, dtype: tor
         from .onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(checkpoint, export_dir, device=device, dtype=dtype, **options)
-    raise BackendUnavailableError(f"the {name!r} backend is not available in this version yet; use 'torch' or "
-                                  "'onnxruntime'")
+    from .tensorrt_backend import TensorRTBackend
+
+    return TensorRTBackend(checkpoint, export_dir, device=device, dtype=dtype, **options)
 
 
 def resolve_auto(device: torch.device, checkpoint: "Checkpoint | None",
                  export_dir: str | os.PathLike[str] | None) -> str:
     """The backend ``auto`` stands for on this machine, for this checkpoint."""
-    if device.type == "cuda" or checkpoint is None:
+    if checkpoint is None:
         return "torch"
     from .. import manifest as mf
+
+    if device.type == "cuda":
+        trt_dir = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint, "trt")
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "tensorrt" if (trt_dir / "engines.json").is_file() else "torch"
 
     folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint)
     try:

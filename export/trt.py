@@ -1,0 +1,203 @@
+"""Build TensorRT FP16 engines from the ONNX export, per component and for the fused one-step graph.
+
+    python -m export.trt --ckpt instaflow-0.9b -o DIR [--batch 1 | --min-batch 1 --max-batch 4]
+                         [--height 512 --width 512] [--static] [--vae-fp32]
+
+Exports ONNX first (fp32 graphs, cached by hash: :mod:`export.onnx`), then builds one engine per graph with the
+TensorRT 10 Python API: optimisation profiles from the component specs, FP16 (the VAE optionally fp32), a timing
+cache kept in DIR, engine files named by ONNX hash + TensorRT version + GPU, and ``engines.json``, which the
+runtime's TensorRT backend reads. After the build each engine is compared with onnxruntime on random inputs.
+Without TensorRT or a GPU the ONNX export still happens; then one line names what is missing and the exit
+status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from runtime import manifest as mf
+from runtime.errors import BackendUnavailableError, ExportError, InstaFlowError
+
+from .onnx import ExportSettings, export
+
+ENGINES = "engines.json"
+TOLERANCE = 2e-2  # FP16 engines vs fp32 onnxruntime, max relative error
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
+
+
+def require_tensorrt() -> Any:
+    """Import TensorRT and check for a GPU, or raise one line naming what is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendUnavailableError("TensorRT is not installed (pip install 'instaflow-rt[trt]' on a machine "
+                                      "with an NVIDIA GPU); the ONNX export is done") from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("no CUDA GPU on this machine: TensorRT engines are built on the GPU they "
+                                      "will run on; the ONNX export is done")
+    if int(trt.__version__.split(".")[0]) < 10:
+        raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old; instaflow-rt needs TensorRT 10+")
+    return trt
+
+
+def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str, tuple], fp16: bool,
+                 timing_cache: Path, workspace_gb: float = 8.0) -> None:
+    """Parse ``onnx_path``, build with one optimisation profile, write the serialized engine atomically."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # follows external data next to the file
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    opt = builder.create_optimization_profile()
+    for name, (lo, best, hi) in profile.items():
+        opt.set_shape(name, lo, best, hi)
+    config.add_optimization_profile(opt)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
+    _atomic_write(engine_path, bytes(serialized))
+    _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def compare_engine(engine_path: Path, onnx_path: Path, profile: dict[str, tuple], inputs_meta: list[dict],
+                   seed: int = 0) -> float:
+    """Max relative error of the engine vs onnxruntime (CPU, the fp32 graph) at the profile's opt shapes."""
+    import torch
+
+    from runtime.backends.tensorrt_backend import Engine
+
+    from .verify import max_rel_error, ort_session
+
+    g = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for t in inputs_meta:
+        shape = profile[t["name"]][1]
+        if t["dtype"] == "int64":
+            feeds[t["name"]] = torch.randint(0, 100, shape, generator=g)
+        elif t["name"] == "timestep":
+            feeds[t["name"]] = torch.rand(shape, generator=g) * 1000
+        else:
+            feeds[t["name"]] = torch.randn(shape, generator=g)
+    ref = ort_session(onnx_path).run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    engine = Engine(engine_path, device=torch.device("cuda"))
+    out = engine.run({k: v.cuda() for k, v in feeds.items()}, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    return max_rel_error(out.float().cpu().numpy(), ref.astype(np.float64))
+
+
+def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, opt_batch: int | None = None,
+          height: int | None = None, width: int | None = None, static: bool = False, vae_fp32: bool = False,
+          force: bool = False) -> dict[str, Any]:
+    """ONNX export (cached), then TensorRT engines for every graph; returns the engines manifest."""
+    out = Path(out)
+    if not 1 <= min_batch <= max_batch:
+        raise ExportError(f"need 1 <= --min-batch <= --max-batch, got {min_batch} and {max_batch}")
+    doc = export(ckpt, out, ExportSettings(max_batch=max_batch, dynamic_hw=not static, fused=True), force=force)
+    trt = require_tensorrt()
+    import torch
+
+    f = doc["latent"]["vae_scale_factor"]
+    h = (height or doc["latent"]["height"] * f)
+    w = (width or doc["latent"]["width"] * f)
+    if h % f or w % f:
+        raise ExportError(f"--height/--width must be multiples of the VAE scale factor {f}")
+    hw = (h // f, w // f)
+    if static and hw != (doc["latent"]["height"], doc["latent"]["width"]):
+        raise ExportError("--static engines are built at the checkpoint's default size; drop --height/--width")
+    gpu = torch.cuda.get_device_name(0)
+    opt_batch = opt_batch or min_batch
+    timing_cache = out / f"timing.{_slug(trt.__version__)}.{_slug(gpu)}.cache"
+    from runtime.models import load_components
+    from runtime.checkpoints import resolve
+
+    from .specs import component_specs
+
+    specs = {s.name: s for s in component_specs(load_components(resolve(ckpt), weights=False), fused=True)}
+    engines: dict[str, Any] = {"format": 1, "tensorrt": trt.__version__, "gpu": gpu,
+                               "checkpoint": doc["checkpoint"], "latent": doc["latent"], "vae": doc["vae"],
+                               "text": doc["text"], "components": {}}
+    for name, entry in doc["components"].items():
+        unet_like = name == "unet"  # classifier-free guidance doubles the UNet batch
+        b_lo, b_opt, b_hi = (min_batch, opt_batch, max_batch * 2) if unet_like else (min_batch, opt_batch, max_batch)
+        hw_range = None if static else ((max(1, hw[0] // 2), max(1, hw[1] // 2)), (hw[0] * 2, hw[1] * 2))
+        profile = specs[name].profile(b_lo, b_opt, b_hi, hw, hw_range)
+        onnx_hash = entry["sha256"]
+        fp16 = not (vae_fp32 and name in ("vae_decoder", "onestep"))
+        file = f"{name}.{onnx_hash[:12]}.trt{_slug(trt.__version__)}.{_slug(gpu)}.plan"
+        t = time.perf_counter()
+        if (out / file).exists() and not force:
+            print(f"[build] {name}: cached {file}", flush=True)
+        else:
+            build_engine(trt, out / entry["file"], out / file, profile, fp16, timing_cache)
+            print(f"[build] {name}: {file} in {time.perf_counter() - t:.1f} s", flush=True)
+        err = compare_engine(out / file, out / entry["file"], profile, entry["inputs"])
+        ok = bool(np.isfinite(err) and err <= TOLERANCE)
+        print(f"[check] {name}: max rel err vs onnxruntime {err:.2e} ({'ok' if ok else 'FAIL'})", flush=True)
+        engines["components"][name] = {
+            "file": file, "sha256": mf.sha256_file(out / file), "onnx_sha256": onnx_hash, "fp16": fp16,
+            "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+            "inputs": entry["inputs"], "outputs": entry["outputs"], "max_rel_err": err,
+        }
+        if not ok:
+            raise ExportError(f"engine {file} disagrees with onnxruntime (max rel err {err:.2e})")
+    tmp = out / f".{ENGINES}.tmp"
+    tmp.write_text(json.dumps(engines, indent=2) + "\n")
+    os.replace(tmp, out / ENGINES)
+    return engines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.trt", description="Build TensorRT FP16 engines.")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--batch", type=int, default=None, help="build for exactly this batch (min = opt = max)")
+    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--height", type=int, default=None, help="pixels [the checkpoint's default]")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--static", action="store_true", help="static height/width (fastest, one size only)")
+    p.add_argument("--vae-fp32", action="store_true", help="keep the VAE decoder in fp32 (fp16 overflow)")
+    p.add_argument("--force", action="store_true", help="rebuild engines / replace another checkpoint's export")
+    args = p.parse_args(argv)
+    from runtime.models import quiet_loading
+
+    quiet_loading()
+    lo, hi = (args.batch, args.batch) if args.batch else (args.min_batch, args.max_batch)
+    try:
+        build(args.ckpt, args.output, min_batch=lo, max_batch=hi, height=args.height, width=args.width,
+              static=args.static, vae_fp32=args.vae_fp32, force=args.force)
+    except InstaFlowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
