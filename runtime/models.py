@@ -338,8 +338,17 @@ def build_tiny_components(spec: TinySpec | None = None, seed: int = 0, tokenizer
     return Components(tokenizer, text_encoder, unet, vae).eval()
 
 
+#: An SD-1.5-style noise schedule, for tiny diffusion-type teachers.
+SD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
+
 def save_checkpoint(components: Components, folder: str | os.PathLike[str],
-                    class_name: str = FLOW_PIPELINE_CLASS, extra: dict[str, Any] | None = None) -> Path:
+                    class_name: str = FLOW_PIPELINE_CLASS, extra: dict[str, Any] | None = None,
+                    scheduler_config: dict[str, Any] | None = None) -> Path:
     """Write ``components`` as a diffusers folder (safetensors weights) whose ``model_index.json`` names
     ``class_name`` (a rectified flow by default). Written to a temporary sibling, then renamed: a crash never
     leaves a half-written checkpoint behind. An existing folder is replaced."""
@@ -364,6 +373,10 @@ def save_checkpoint(components: Components, folder: str | os.PathLike[str],
             "vae": ["diffusers", type(components.vae).__name__],
             **(extra or {}),
         }
+        if scheduler_config is not None:
+            (tmp / "scheduler").mkdir()
+            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+            index["scheduler"] = ["diffusers", scheduler_config.get("_class_name", "PNDMScheduler")]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
@@ -381,7 +394,9 @@ def save_checkpoint(components: Components, folder: str | os.PathLike[str],
 
 def write_tiny_checkpoint(folder: str | os.PathLike[str], spec: TinySpec | None = None, seed: int = 0,
                           class_name: str = FLOW_PIPELINE_CLASS) -> Path:
-    """Build random tiny components and save them as a diffusers folder (a rectified flow unless told otherwise)."""
+    """Build random tiny components and save them as a diffusers folder (a rectified flow unless told otherwise;
+    diffusion-type folders get an SD-style ``scheduler/``)."""
     with tempfile.TemporaryDirectory() as tok_dir:
         components = build_tiny_components(spec, seed=seed, tokenizer_dir=tok_dir)
-        return save_checkpoint(components, folder, class_name=class_name)
+        sched = None if class_name == FLOW_PIPELINE_CLASS else SD_SCHEDULER_CONFIG
+        return save_checkpoint(components, folder, class_name=class_name, scheduler_config=sched)

@@ -1,0 +1,234 @@
+"""train: pairs (deterministic, resumable, multi-process), reflow/distill (loss decreases, exact resume), metrics,
+bad input, and the whole chain on a tiny SD-style teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime import Pipeline
+from train.common import TrainError, load_prompts
+from train.loop import Trainer, TrainConfig, l2_loss, reflow_loss
+from train.metrics import evaluate, straightness
+from train.pairs import PairSet, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red circle at the top left", "a small blue square", "a large green triangle at the center",
+           "a yellow circle", "a blue triangle at the bottom right"]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    f.write_text("\n".join(PROMPTS) + "\n")
+    return f
+
+
+class one_thread:
+    """Pairs are bit-identical for the same number of intra-op threads per process (CPU kernels split their sums
+    by thread); torchrun runs each rank with one, so the single-process references here use one as well."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+
+
+@pytest.fixture(scope="module")
+def sd_pairs(sd_style_ckpt, prompts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs") / "sd"
+    with one_thread():
+        generate(str(sd_style_ckpt), str(prompts_file), out, num_pairs=20, batch_size=4, shard_size=8, steps=6)
+    return out
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _pairs_cmd(teacher, prompts, out, n=20):
+    return ["-m", "train.pairs", "--teacher", str(teacher), "--prompts", str(prompts), "-o", str(out),
+            "--num-pairs", str(n), "--batch-size", "4", "--shard-size", "8", "--steps", "6"]
+
+
+def _same_shards(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.glob("shard-*.safetensors"))
+    assert names and names == sorted(p.name for p in b.glob("shard-*.safetensors"))
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
+def test_pairs_content_and_manifest(sd_pairs, sd_style_ckpt):
+    ps = PairSet(sd_pairs)
+    assert len(ps) == 20 and ps.x0.shape == (20, 4, 8, 8) and ps.x1.shape == (20, 4, 8, 8)
+    m = json.loads((sd_pairs / "manifest.json").read_text())
+    assert m["complete"] and len(m["shards"]) == 3
+    assert m["settings"]["teacher"]["kind"] == "diffusion" and m["settings"]["teacher"]["steps"] == 6
+    assert m["settings"]["teacher"]["guidance"] == 5.0
+    from train.pairs import pair_noise
+
+    assert torch.equal(ps.x0[13], pair_noise(0, 13, (4, 8, 8)))  # noise of pair i from (seed, i) alone
+    assert set(ps.texts(torch.arange(20))) == set(PROMPTS)  # every prompt used
+    assert not torch.allclose(ps.x0, ps.x1)
+
+
+def test_pairs_identical_with_two_processes(sd_style_ckpt, prompts_file, sd_pairs, tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        *_pairs_cmd(sd_style_ckpt, prompts_file, out)], env=_env(), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _same_shards(sd_pairs, out)
+
+
+def test_pairs_kill_and_resume(sd_style_ckpt, prompts_file, sd_pairs, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *_pairs_cmd(sd_style_ckpt, prompts_file, out)], env=_env(),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*.sha256")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(out.glob("shard-*.safetensors")) or list(out.glob("*.sha256"))
+    assert len(list(out.glob("*.sha256"))) < 3, "the run finished before it was killed"
+    r = subprocess.run([sys.executable, *_pairs_cmd(sd_style_ckpt, prompts_file, out)], env=_env(), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _same_shards(sd_pairs, out)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written files left
+
+
+def test_corrupted_shard_is_regenerated(sd_style_ckpt, prompts_file, sd_pairs, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(sd_pairs, out)
+    shard = out / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TrainError, match="does not match its checksum"):
+        PairSet(out)
+    with one_thread():
+        generate(str(sd_style_ckpt), str(prompts_file), out, num_pairs=20, batch_size=4, shard_size=8, steps=6)
+    assert "(8 new" in capsys.readouterr().out  # only that shard (8 pairs) was made again
+    _same_shards(sd_pairs, out)
+
+
+def test_pairs_bad_input(sd_style_ckpt, prompts_file, sd_pairs, tiny_ckpt, tmp_path):
+    with pytest.raises(TrainError, match="prompt file does not exist"):
+        generate(str(sd_style_ckpt), str(tmp_path / "nope.txt"), tmp_path / "o")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(TrainError, match="holds no prompts"):
+        generate(str(sd_style_ckpt), str(empty), tmp_path / "o")
+    no_sched = tmp_path / "nosched"
+    shutil.copytree(sd_style_ckpt, no_sched)
+    shutil.rmtree(no_sched / "scheduler")
+    with pytest.raises(TrainError, match="without a readable scheduler"):
+        generate(str(no_sched), str(prompts_file), tmp_path / "o")
+    before = (sd_pairs / "manifest.json").read_bytes()
+    with pytest.raises(TrainError, match="other settings .*teacher"):
+        generate(str(tiny_ckpt), str(prompts_file), sd_pairs, num_pairs=20, batch_size=4, shard_size=8, steps=6)
+    assert (sd_pairs / "manifest.json").read_bytes() == before  # nothing written over
+
+
+def test_prompt_file_formats(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps([{"caption": "a cat"}, "a dog"]))
+    (tmp_path / "p.csv").write_text("id,text\n1,a fox\n2,a cow\n")
+    assert load_prompts(tmp_path / "p.json") == ["a cat", "a dog"]
+    assert load_prompts(tmp_path / "p.csv") == ["a fox", "a cow"]
+
+
+def _train(pairs, out, loss, steps, **kw):
+    cfg = TrainConfig(pairs=str(pairs), out=str(out), max_steps=steps, batch_size=8, lr=3e-3, save_every=3,
+                      **kw)
+    trainer = Trainer(cfg, reflow_loss if loss == "reflow" else l2_loss, loss)
+    return trainer, trainer.run()
+
+
+def test_reflow_loss_decreases_and_model_loads(sd_pairs, tmp_path):
+    trainer, model = _train(sd_pairs, tmp_path / "rf", "reflow", 40, text_dropout=0.1)
+    first, last = sum(trainer.losses[:8]) / 8, sum(trainer.losses[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["_class_name"] == "RectifiedFlowPipeline" and index["_instaflow"]["stage"] == "reflow"
+    assert Pipeline.from_pretrained(model)("a red circle", num_inference_steps=2, seed=0).images
+
+
+def test_distill_loss_decreases(sd_pairs, tmp_path):
+    trainer, _ = _train(sd_pairs, tmp_path / "st", "l2", 40, text_dropout=0.0, init=None)
+    assert sum(trainer.losses[-8:]) < 0.8 * sum(trainer.losses[:8])
+
+
+def test_training_resume_reproduces_uninterrupted_run(sd_pairs, tmp_path):
+    _, full = _train(sd_pairs, tmp_path / "full", "reflow", 6, ema=0.9)
+    _train(sd_pairs, tmp_path / "split", "reflow", 3, ema=0.9)  # "interrupted" after step 3 (state saved)
+    _, split = _train(sd_pairs, tmp_path / "split", "reflow", 6, ema=0.9)  # resumes from step 3
+    from safetensors.torch import load_file
+
+    a = load_file(full / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(split / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lpips_weights_missing_is_one_line(tmp_path, monkeypatch):
+    from train.distill import lpips_model
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(TrainError, match=r"put vgg16-397923af.pth into .*checkpoints") as info:
+        lpips_model("vgg")
+    assert "\n" not in str(info.value)
+    assert isinstance(lpips_model("alex", random_backbone=True), torch.nn.Module)
+
+
+def test_straightness_of_straight_and_curved_fields():
+    z0 = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    target = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    # a flow trained to its fixed point on (z0, target) pairs: v = X1 - X0 everywhere along the path
+    assert straightness(lambda z, t: target - z0, z0, steps=10) == pytest.approx(0.0, abs=1e-12)
+    # a curved field (rotation in pairs of channels): S > 0
+    rot = lambda z, t: torch.cat([-z[:, 2:], z[:, :2]], dim=1) * 3.0  # noqa: E731
+    assert straightness(rot, z0, steps=10) > 0.5
+
+
+def test_metrics_on_a_checkpoint(tiny_pipe):
+    m = evaluate(tiny_pipe, PROMPTS, num=4, steps=4)
+    assert m["straightness"] > 0 and m["one_vs_4_step_mse"] > 0
+
+
+def test_whole_chain_smoke(sd_style_ckpt, prompts_file, tmp_path):
+    """pairs (SD-style teacher) -> reflow -> pairs from the 2-RF -> distill -> the runtime loads the student."""
+    start = time.perf_counter()
+    generate(str(sd_style_ckpt), str(prompts_file), tmp_path / "p1", num_pairs=16, batch_size=8, steps=4)
+    rf = Trainer(TrainConfig(pairs=str(tmp_path / "p1"), out=str(tmp_path / "rf"), max_steps=5, batch_size=8,
+                             lr=1e-3), reflow_loss, "reflow").run()
+    generate(str(rf), str(prompts_file), tmp_path / "p2", num_pairs=16, batch_size=8, steps=4)
+    assert json.loads((tmp_path / "p2" / "manifest.json").read_text())["settings"]["teacher"]["kind"] == "flow"
+    student = Trainer(TrainConfig(pairs=str(tmp_path / "p2"), out=str(tmp_path / "st"), max_steps=5, batch_size=8,
+                                  lr=1e-3, text_dropout=0.0), l2_loss, "distill").run()
+    pipe = Pipeline.from_pretrained(student)
+    out = pipe(["a red circle at the top left", "a blue square"], seed=0)
+    assert len(out.images) == 2 and out.images[0].size == (32, 32)
+    assert time.perf_counter() - start < 180
+
+
+def test_reflow_under_torchrun_two_processes(sd_pairs, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                        "train.reflow", "--pairs", str(sd_pairs), "-o", str(tmp_path / "ddp"), "--max-steps", "4",
+                        "--batch-size", "4", "--save-every", "2"], env=_env(), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "ddp" / "model" / "model_index.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "ddp" / "state").glob("*.pt")) == ["step-00000002.pt",
+                                                                                 "step-00000004.pt"]

@@ -1,0 +1,115 @@
+"""Shared helpers: distributed set-up (torch.distributed via torchrun), prompt files, atomic writes, progress."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from runtime.errors import InstaFlowError
+
+
+class TrainError(InstaFlowError):
+    """A training stage cannot run with the given inputs (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun (or ``accelerate launch``) set up through the environment; single
+    process otherwise. gloo on the CPU, NCCL on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+def device_for(d: Dist) -> torch.device:
+    return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """Prompts from a text file (one per line), a JSON list (of strings, or of objects with a ``caption``/``text``/
+    ``prompt`` field) or a CSV with such a column. Blank lines are dropped."""
+    p = Path(path)
+    if not p.is_file():
+        raise TrainError(f"prompt file does not exist: {p}")
+    text = p.read_text(encoding="utf-8")
+    keys = ("caption", "text", "prompt")
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+            items = data if isinstance(data, list) else data.get("prompts", data.get("captions", []))
+            prompts = [x if isinstance(x, str) else next((x[k] for k in keys if k in x), None) for x in items]
+        elif p.suffix.lower() == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+            col = next((k for k in keys if rows and k in rows[0]), None)
+            if col is None:
+                raise TrainError(f"{p}: CSV needs a column named one of {', '.join(keys)}")
+            prompts = [r[col] for r in rows]
+        else:
+            prompts = text.splitlines()
+    except (json.JSONDecodeError, AttributeError, TypeError) as e:
+        raise TrainError(f"unreadable prompt file {p}: {e}") from None
+    prompts = [x.strip() for x in prompts if isinstance(x, str) and x.strip()]
+    if not prompts:
+        raise TrainError(f"prompt file {p} holds no prompts")
+    return prompts
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, doc: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def batches(indices: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(indices), size):
+        yield indices[i:i + size]
+
+
+def progress(total: int, desc: str, enabled: bool, unit: str = "it") -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)

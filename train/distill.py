@@ -1,0 +1,95 @@
+"""``python -m train.distill``: the one-step student X0 + v(X0, 1000 | T) ~ X1 = ODE[v_k](X0) (InstaFlow).
+
+    python -m train.distill --pairs pairs_2rf/ -o runs/student --loss l2 [--max-steps 1000] [...]
+    python -m train.distill --pairs pairs_2rf/ -o runs/student_lpips --loss lpips --init runs/student/model
+
+Initialised from v_k (the flow that made the pairs; ``--init`` to continue from an earlier stage, e.g. LPIPS after
+L2 as in the paper). Losses: ``l2`` or ``pseudo-huber`` in latent space, or ``lpips`` between the VAE decodings of
+prediction and target (the ``lpips`` package; its ImageNet backbone comes from the torch hub cache, and a missing
+file is one error line saying which file to put where). Writes ``OUT/model``, whose default is one step, no CFG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from runtime.errors import InstaFlowError
+
+from .common import TrainError
+from .loop import Batch, Loss, Trainer, TrainConfig, add_common_args, config_from_args, l2_loss, \
+    one_step_prediction, pseudo_huber_loss
+
+#: torchvision backbone files lpips loads (names as in the torch hub cache)
+LPIPS_BACKBONES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
+                   "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+
+
+def lpips_model(net: str = "vgg", random_backbone: bool = False) -> torch.nn.Module:
+    """LPIPS with its ImageNet backbone from the torch hub cache (no download attempted); ``random_backbone`` is
+    for tests only."""
+    try:
+        import lpips
+    except ImportError:
+        raise TrainError("--loss lpips needs the lpips package: pip install 'instaflow-rt[train]'") from None
+    if net not in LPIPS_BACKBONES:
+        raise TrainError(f"unknown LPIPS network {net!r}; choose {', '.join(LPIPS_BACKBONES)}")
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONES[net]
+    if not random_backbone and not weights.is_file():
+        raise TrainError(f"LPIPS needs the {net} ImageNet backbone: put {weights.name} into {weights.parent} "
+                         f"(https://download.pytorch.org/models/{weights.name})")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False)
+    return model.eval().requires_grad_(False)
+
+
+def make_lpips_loss(net: str, random_backbone: bool) -> Loss:
+    model: list[torch.nn.Module] = []
+
+    def loss(b: Batch) -> torch.Tensor:
+        if not model:
+            model.append(lpips_model(net, random_backbone).to(b.x0.device))
+        vae, c = b.components.vae, b.components
+        pred = one_step_prediction(b)
+        image = vae.decode(pred / c.scaling_factor + c.shift_factor, return_dict=False)[0]
+        with torch.no_grad():
+            target = vae.decode(b.x1 / c.scaling_factor + c.shift_factor, return_dict=False)[0]
+        return model[0](image.clamp(-1, 1), target.clamp(-1, 1)).mean()
+
+    return loss
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__.splitlines()[0])
+    add_common_args(p, TrainConfig(pairs="", out="", text_dropout=0.0))
+    p.add_argument("--loss", default="l2", choices=["l2", "pseudo-huber", "lpips"])
+    p.add_argument("--lpips-net", default="vgg", choices=sorted(LPIPS_BACKBONES))
+    p.add_argument("--lpips-random-backbone", action="store_true", help="tests only: untrained LPIPS backbone")
+    a = p.parse_args(argv)
+    from runtime.models import quiet_loading
+
+    quiet_loading()
+    try:
+        if a.loss == "lpips":
+            lpips_model(a.lpips_net, a.lpips_random_backbone)  # fail before any work when weights are missing
+            fn = make_lpips_loss(a.lpips_net, a.lpips_random_backbone)
+        else:
+            fn = l2_loss if a.loss == "l2" else pseudo_huber_loss
+        cfg = config_from_args(a, loss=a.loss, lpips_net=a.lpips_net, lpips_random_backbone=a.lpips_random_backbone,
+                               extra={"default_steps": 1, "default_guidance": 0.0})
+        Trainer(cfg, fn, f"distill-{a.loss}").run()
+    except InstaFlowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

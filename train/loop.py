@@ -1,0 +1,253 @@
+"""The training loop shared by ``train.reflow`` and ``train.distill``: only the loss differs.
+
+DDP through torch.distributed (torchrun), AdamW with warm-up, gradient accumulation, bf16/fp16 autocast on GPUs,
+optional gradient checkpointing and EMA, checkpoints every N steps that resume exactly (model, optimizer, LR
+schedule, EMA, RNG state, step), only rank 0 writes. The result is a diffusers folder (``OUT/model``) whose
+``model_index.json`` says it is a rectified flow.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from runtime import Pipeline, flow
+from runtime.checkpoints import resolve
+from runtime.models import Components, load_components, save_checkpoint
+
+from .common import Dist, TrainError, atomic_write_bytes, device_for, init_distributed, progress
+from .pairs import PairSet
+
+Loss = Callable[["Batch"], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training stage (every field is a command-line flag of ``train.reflow``/``train.distill``)."""
+
+    pairs: str
+    out: str
+    init: str | None = None  # default: the teacher that made the pairs (v_k)
+    max_steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    warmup_steps: int = 0
+    text_dropout: float = 0.1
+    ema: float = 0.0  # 0: off; the paper uses 0.9999
+    grad_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto (bf16 on GPU), no, bf16, fp16
+    save_every: int = 500
+    seed: int = 0
+    loss: str = "reflow"
+    lpips_net: str = "vgg"
+    lpips_random_backbone: bool = False  # tests only: LPIPS with an untrained backbone
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    model: torch.nn.Module
+    x0: torch.Tensor
+    x1: torch.Tensor
+    emb: torch.Tensor
+    gen: torch.Generator
+    components: Components
+
+
+def reflow_loss(b: Batch) -> torch.Tensor:
+    """|| (X1 - X0) - v(Xt, 1000 (1 - t) | T) ||^2 with Xt = t X1 + (1 - t) X0, t ~ U(0, 1)."""
+    t = torch.rand(b.x0.shape[0], generator=b.gen).to(b.x0.device)
+    xt = flow.interpolate(b.x0, b.x1, t)
+    v = b.model(xt, flow.unet_time(t), encoder_hidden_states=b.emb, return_dict=False)[0]
+    return F.mse_loss(v.float(), flow.velocity_target(b.x0, b.x1))
+
+
+def one_step_prediction(b: Batch) -> torch.Tensor:
+    """The student's image latent: X0 + v(X0, 1000 | T) (one Euler step from the noise end)."""
+    t = torch.full((b.x0.shape[0],), flow.unet_time(0.0), device=b.x0.device)
+    v = b.model(b.x0, t, encoder_hidden_states=b.emb, return_dict=False)[0]
+    return flow.euler_step(b.x0, v.float(), 1.0)
+
+
+def l2_loss(b: Batch) -> torch.Tensor:
+    return F.mse_loss(one_step_prediction(b), b.x1)
+
+
+def pseudo_huber_loss(b: Batch) -> torch.Tensor:
+    pred = one_step_prediction(b)
+    c = 0.00054 * math.sqrt(pred[0].numel())
+    return (torch.sqrt((pred - b.x1) ** 2 + c * c) - c).mean()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, loss: Loss, stage: str) -> None:
+        self.cfg, self.loss_fn, self.stage = cfg, loss, stage
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every"):
+            if getattr(cfg, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0.0 <= cfg.text_dropout < 1.0:
+            raise TrainError(f"--text-dropout must be in [0, 1), got {cfg.text_dropout}")
+        d = init_distributed()
+        dev = device_for(d)
+        pairs = PairSet(cfg.pairs)
+        checkpoint = resolve(cfg.init or pairs.settings["teacher"]["name"])
+        comps = load_components(checkpoint, device=dev, dtype=torch.float32)
+        if list(pairs.settings["latent_shape"][:1]) != [comps.latent_channels]:
+            raise TrainError(f"pairs have latents {pairs.settings['latent_shape']} but {checkpoint.name}'s UNet takes "
+                             f"{comps.latent_channels} channels: pairs from another model family")
+        unet = comps.unet.train().requires_grad_(True)
+        if cfg.grad_checkpointing:
+            unet.enable_gradient_checkpointing()
+        encoder = Pipeline(comps, device=dev, dtype=torch.float32, embedding_cache_size=4096)
+        model: torch.nn.Module = unet
+        if d.world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[d.local_rank] if dev.type == "cuda"
+                                                              else None)
+        opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
+        ema = [p.detach().clone() for p in unet.parameters()] if cfg.ema > 0 else None
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)
+        out = Path(cfg.out)
+        state_dir = out / "state"
+        step = self._resume(state_dir, unet, opt, sched, ema, gen)
+        amp = self._autocast(dev)
+        empty = encoder.encode([""])[0]
+        bar = progress(cfg.max_steps, self.stage, enabled=d.main, unit="step")
+        bar.update(step)
+        t0, done0 = time.perf_counter(), step
+        self.losses: list[float] = []
+        while step < cfg.max_steps:
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                idx = torch.randint(len(pairs), (cfg.batch_size,), generator=gen)
+                with torch.no_grad():
+                    emb = encoder.encode(pairs.texts(idx)).clone()
+                drop = torch.rand(cfg.batch_size, generator=gen) < cfg.text_dropout
+                emb[drop.to(dev)] = empty
+                batch = Batch(model, pairs.x0[idx].to(dev), pairs.x1[idx].to(dev), emb, gen, comps)
+                sync = micro == cfg.grad_accum - 1 or d.world == 1
+                ctx = model.no_sync() if not sync else _null()
+                with ctx, amp:
+                    loss = self.loss_fn(batch) / cfg.grad_accum
+                loss.backward()
+                total += float(loss.detach())
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema, unet.parameters()):
+                        e.lerp_(p.detach(), 1.0 - cfg.ema)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", steps_s=f"{(step - done0) / (time.perf_counter() - t0):.2f}")
+            self.losses.append(total)
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                self._save_state(d, state_dir, step, unet, opt, sched, ema, gen)
+        bar.close()
+        self.steps_per_s = (step - done0) / max(time.perf_counter() - t0, 1e-9)
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema, unet.parameters()):
+                    p.copy_(e)
+        model_dir = out / "model"
+        if d.main:
+            unet.eval()
+            info = {"stage": self.stage, "init": checkpoint.name, "pairs": str(cfg.pairs), "steps": step,
+                    "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, **cfg.extra}
+            save_checkpoint(comps, model_dir, extra={"_instaflow": info})
+            print(f"wrote {model_dir} ({step} steps)", flush=True)
+        d.barrier()
+        return model_dir
+
+    # ------------------------------------------------------------------------------------------ state
+    def _autocast(self, dev: torch.device) -> Any:
+        mp = self.cfg.mixed_precision
+        if dev.type != "cuda" or mp == "no":
+            return _null()
+        dtype = torch.float16 if mp == "fp16" else torch.bfloat16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def _save_state(self, d: Dist, folder: Path, step: int, unet: torch.nn.Module, opt: Any, sched: Any,
+                    ema: list[torch.Tensor] | None, gen: torch.Generator) -> None:
+        gens = [gen.get_state()]
+        if d.world > 1:  # every rank's sampling RNG, so that a resumed run draws the same batches
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * d.world
+            dist.all_gather_object(gathered, gen.get_state())
+            gens = gathered
+        if d.main:
+            folder.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            torch.save({"step": step, "unet": unet.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "ema": ema, "generators": gens}, buf)
+            atomic_write_bytes(folder / f"step-{step:08d}.pt", buf.getvalue())
+            for old in sorted(folder.glob("step-*.pt"))[:-2]:  # keep the last two
+                old.unlink()
+        d.barrier()
+
+    def _resume(self, folder: Path, unet: torch.nn.Module, opt: Any, sched: Any, ema: list[torch.Tensor] | None,
+                gen: torch.Generator) -> int:
+        states = sorted(folder.glob("step-*.pt")) if folder.is_dir() else []
+        if not states:
+            return 0
+        # our own files, but loaded the safe way: tensors and plain containers only
+        state = torch.load(states[-1], map_location="cpu", weights_only=True)
+        unet.load_state_dict(state["unet"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if ema is not None and state["ema"] is not None:
+            for e, s in zip(ema, state["ema"]):
+                e.copy_(s)
+        rank = int(__import__("os").environ.get("RANK", "0"))
+        gens = state["generators"]
+        gen.set_state(gens[rank] if rank < len(gens) else gens[0])
+        print(f"resumed {self.stage} from {states[-1].name}", flush=True)
+        return int(state["step"])
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def add_common_args(p: Any, defaults: TrainConfig) -> None:
+    p.add_argument("--pairs", required=True, help="pairs folder from `python -m train.pairs`")
+    p.add_argument("-o", "--output", required=True, help="run folder: OUT/model (diffusers), OUT/state (resume)")
+    p.add_argument("--init", default=None, help="checkpoint to start from [the teacher that made the pairs]")
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    p.add_argument("--text-dropout", type=float, default=defaults.text_dropout)
+    p.add_argument("--ema", type=float, default=defaults.ema, help="EMA decay, 0 = off (paper: 0.9999)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--save-every", type=int, default=defaults.save_every)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def config_from_args(a: Any, **extra: Any) -> TrainConfig:
+    return TrainConfig(pairs=a.pairs, out=a.output, init=a.init, max_steps=a.max_steps, batch_size=a.batch_size,
+                       grad_accum=a.grad_accum, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
+                       text_dropout=a.text_dropout, ema=a.ema, grad_checkpointing=a.grad_checkpointing,
+                       mixed_precision=a.mixed_precision, save_every=a.save_every, seed=a.seed, **extra)
