@@ -182,6 +182,25 @@ def test_training_resume_reproduces_uninterrupted_run(sd_pairs, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_gradient_checkpointing_gives_the_same_step(sd_pairs, tmp_path):
+    _, a = _train(sd_pairs, tmp_path / "a", "reflow", 2)
+    _, b = _train(sd_pairs, tmp_path / "b", "reflow", 2, grad_checkpointing=True)
+    from safetensors.torch import load_file
+
+    wa = load_file(a / "unet" / "diffusion_pytorch_model.safetensors")
+    wb = load_file(b / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_metric_hooks_skip_cleanly_without_weights(capsys):
+    from train.metrics import clip_score_hook, fid_hook
+
+    imgs = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    fid, clip = fid_hook(imgs, imgs), clip_score_hook(imgs, ["a", "b"])
+    err = capsys.readouterr().err
+    assert (fid is None) == ("FID skipped" in err) and (clip is None) == ("CLIP score skipped" in err)
+
+
 def test_lpips_weights_missing_is_one_line(tmp_path, monkeypatch):
     from train.distill import lpips_model
 

@@ -77,6 +77,21 @@ def fid_hook(real: torch.Tensor, fake: torch.Tensor) -> float | None:
     return float(fid.compute())
 
 
+def clip_score_hook(images: torch.Tensor, prompts: Sequence[str],
+                    model: str = "openai/clip-vit-large-patch14") -> float | None:
+    """CLIP score with torchmetrics when installed and the CLIP weights are in the Hugging Face cache, else None
+    (with a message). ``images``: uint8 NCHW."""
+    try:
+        from torchmetrics.multimodal.clip_score import CLIPScore
+
+        metric = CLIPScore(model_name_or_path=model)
+    except Exception as e:  # noqa: BLE001 - missing package or weights
+        print(f"CLIP score skipped: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__} "
+              f"(pip install 'torchmetrics[multimodal]' and cache {model})", file=sys.stderr)
+        return None
+    return float(metric(images, list(prompts)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.metrics", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True)
