@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from runtime.checkpoints import resolve
-from runtime.errors import InstaFlowError
+from runtime.cli import run_cli
 from runtime.models import Components, load_components
 
 from runtime import manifest as mf
@@ -261,16 +261,8 @@ def settings_from_args(args: argparse.Namespace) -> ExportSettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from runtime.models import quiet_loading
-
-    quiet_loading()
-    try:
-        export(args.ckpt, args.output, settings_from_args(args), force=args.force, verify=not args.no_verify,
-               only=args.only)
-    except InstaFlowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: export(args.ckpt, args.output, settings_from_args(args), force=args.force,
+                                  verify=not args.no_verify, only=args.only))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from runtime import manifest as mf
-from runtime.errors import BackendUnavailableError, ExportError, InstaFlowError
+from runtime.cli import run_cli
+from runtime.errors import BackendUnavailableError, ExportError
 
 from .onnx import ExportSettings, export
 
@@ -186,17 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vae-fp32", action="store_true", help="keep the VAE decoder in fp32 (fp16 overflow)")
     p.add_argument("--force", action="store_true", help="rebuild engines / replace another checkpoint's export")
     args = p.parse_args(argv)
-    from runtime.models import quiet_loading
-
-    quiet_loading()
     lo, hi = (args.batch, args.batch) if args.batch else (args.min_batch, args.max_batch)
-    try:
-        build(args.ckpt, args.output, min_batch=lo, max_batch=hi, height=args.height, width=args.width,
-              static=args.static, vae_fp32=args.vae_fp32, force=args.force)
-    except InstaFlowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: build(args.ckpt, args.output, min_batch=lo, max_batch=hi, height=args.height,
+                                 width=args.width, static=args.static, vae_fp32=args.vae_fp32, force=args.force))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m export.verify DIR [--ckpt CKPT]
 
 fp32 graphs must agree to a max relative error of 1e-4, fp16 graphs to 1e-2 (max |ort - torch| / max |torch|);
-NaN fails. A table is printed; any failure exits with status 1 (one line for unusable input: status 2).
+NaN fails. A table is printed; any failure prints one ``error:`` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from runtime.checkpoints import resolve
-from runtime.errors import InstaFlowError
+from runtime.cli import run_cli
 from runtime.models import Components, load_components
 
 from runtime import manifest as mf
@@ -101,19 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("folder", help="export folder (with manifest.json)")
     p.add_argument("--ckpt", default=None, help="checkpoint to compare with [the one the manifest names]")
     args = p.parse_args(argv)
-    try:
-        comps = None
-        if args.ckpt:
-            comps = load_components(resolve(args.ckpt), device="cpu", dtype=torch.float32)
+    def job() -> None:
+        comps = load_components(resolve(args.ckpt), device="cpu", dtype=torch.float32) if args.ckpt else None
         verify_export(args.folder, components=comps)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1 if str(e).startswith("verification failed") else 2
-    except InstaFlowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("all graphs verified")
-    return 0
+        print("all graphs verified")
+
+    return run_cli(job)
 
 
 if __name__ == "__main__":

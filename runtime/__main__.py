@@ -86,14 +86,12 @@ def save_png(image, path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .errors import InvalidInputError
-    from .models import quiet_loading
     from .pipeline import Pipeline
 
     if args.num_images < 1:
         raise InvalidInputError(f"--num-images must be >= 1, got {args.num_images}")
     if args.steps < 1:
         raise InvalidInputError(f"--steps must be >= 1, got {args.steps}")
-    quiet_loading()
     paths = output_paths(args.output, len(args.prompts) * args.num_images)
     check_writable(paths)
     t0 = time.perf_counter()
@@ -118,18 +116,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import InstaFlowError
+    from .cli import run_cli
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default", UserWarning)
-            return run(args)
-    except InstaFlowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", UserWarning)
+        return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

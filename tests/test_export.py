@@ -17,7 +17,6 @@ from runtime import manifest as mf
 from runtime.errors import ExportError
 from export.onnx import ExportSettings, export, main
 from export.verify import ort_session, verify_export
-from runtime import Pipeline
 
 
 @pytest.fixture(scope="module")

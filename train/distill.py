@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from runtime.errors import InstaFlowError
+from runtime.cli import run_cli
 
 from .common import TrainError
 from .loop import Batch, Loss, Trainer, TrainConfig, add_common_args, config_from_args, l2_loss, \
@@ -73,22 +73,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lpips-net", default="vgg", choices=sorted(LPIPS_BACKBONES))
     p.add_argument("--lpips-random-backbone", action="store_true", help="tests only: untrained LPIPS backbone")
     a = p.parse_args(argv)
-    from runtime.models import quiet_loading
+    return run_cli(lambda: _run(a))
 
-    quiet_loading()
-    try:
-        if a.loss == "lpips":
-            lpips_model(a.lpips_net, a.lpips_random_backbone)  # fail before any work when weights are missing
-            fn = make_lpips_loss(a.lpips_net, a.lpips_random_backbone)
-        else:
-            fn = l2_loss if a.loss == "l2" else pseudo_huber_loss
-        cfg = config_from_args(a, loss=a.loss, lpips_net=a.lpips_net, lpips_random_backbone=a.lpips_random_backbone,
-                               extra={"default_steps": 1, "default_guidance": 0.0})
-        Trainer(cfg, fn, f"distill-{a.loss}").run()
-    except InstaFlowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+def _run(a: argparse.Namespace) -> None:
+    if a.loss == "lpips":
+        lpips_model(a.lpips_net, a.lpips_random_backbone)  # fail before any work when weights are missing
+        fn = make_lpips_loss(a.lpips_net, a.lpips_random_backbone)
+    else:
+        fn = l2_loss if a.loss == "l2" else pseudo_huber_loss
+    cfg = config_from_args(a, loss=a.loss, lpips_net=a.lpips_net, lpips_random_backbone=a.lpips_random_backbone,
+                           extra={"default_steps": 1, "default_guidance": 0.0})
+    Trainer(cfg, fn, f"distill-{a.loss}").run()
 
 
 if __name__ == "__main__":

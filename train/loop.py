@@ -50,6 +50,7 @@ class TrainConfig:
     loss: str = "reflow"
     lpips_net: str = "vgg"
     lpips_random_backbone: bool = False  # tests only: LPIPS with an untrained backbone
+    fresh_noise: bool = False  # draw new X0 every step (1-rectified flow from data: independent coupling)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -136,7 +137,9 @@ class Trainer:
                     emb = encoder.encode(pairs.texts(idx)).clone()
                 drop = torch.rand(cfg.batch_size, generator=gen) < cfg.text_dropout
                 emb[drop.to(dev)] = empty
-                batch = Batch(model, pairs.x0[idx].to(dev), pairs.x1[idx].to(dev), emb, gen, comps)
+                x1 = pairs.x1[idx].to(dev)
+                x0 = (torch.randn(x1.shape, generator=gen).to(dev) if cfg.fresh_noise else pairs.x0[idx].to(dev))
+                batch = Batch(model, x0, x1, emb, gen, comps)
                 sync = micro == cfg.grad_accum - 1 or d.world == 1
                 ctx = model.no_sync() if not sync else _null()
                 with ctx, amp:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from runtime import Pipeline, flow
-from runtime.errors import InstaFlowError
+from runtime.cli import run_cli
 
 from .common import load_prompts
 
@@ -101,16 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--treat-as-flow", action="store_true")
     a = p.parse_args(argv)
-    from runtime.models import quiet_loading
 
-    quiet_loading()
-    try:
+    def job() -> None:
         pipe = Pipeline.from_pretrained(a.ckpt, treat_as_flow=a.treat_as_flow)
         print(json.dumps(evaluate(pipe, load_prompts(a.prompts), a.num, a.steps, a.seed), indent=2))
-    except InstaFlowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(job)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from runtime.errors import InstaFlowError
+from runtime.cli import run_cli
 from runtime.pipeline import parse_dtype
 
 from .common import (TrainError, atomic_write_bytes, atomic_write_json, batches, device_for, init_distributed,
@@ -130,6 +130,23 @@ def generate(teacher_ckpt: str, prompts_file: str, out: str | Path, num_pairs: i
     return doc
 
 
+def write_pairs(folder: str | Path, x0: torch.Tensor, x1: torch.Tensor, prompt_index: torch.Tensor,
+                prompts: list[str], settings: dict[str, Any], shard_size: int = 1000) -> None:
+    """Write pairs that come from elsewhere (e.g. data latents for a 1-rectified flow) in the same format."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "prompts.json", prompts)
+    shards = {}
+    for k in range(-(-x0.shape[0] // shard_size)):
+        sl = slice(k * shard_size, (k + 1) * shard_size)
+        data = st_save({"x0": x0[sl].contiguous(), "x1": x1[sl].contiguous(),
+                        "prompt_index": prompt_index[sl].contiguous()})
+        atomic_write_bytes(folder / shard_name(k), data)
+        atomic_write_bytes(folder / (shard_name(k) + ".sha256"), sha256_bytes(data).encode())
+        shards[shard_name(k)] = sha256_bytes(data)
+    atomic_write_json(folder / MANIFEST, {"settings": settings, "complete": True, "shards": shards})
+
+
 class PairSet:
     """A finished pairs folder, checked against its manifest and loaded into memory (fine at small scale)."""
 
@@ -183,16 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from runtime.models import quiet_loading
-
-    quiet_loading()
-    try:
-        generate(a.teacher, a.prompts, a.output, a.num_pairs, a.batch_size, a.seed, a.steps, a.guidance, a.height,
-                 a.width, a.shard_size, a.storage, a.device, a.dtype)
-    except InstaFlowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: generate(a.teacher, a.prompts, a.output, a.num_pairs, a.batch_size, a.seed, a.steps,
+                                    a.guidance, a.height, a.width, a.shard_size, a.storage, a.device, a.dtype))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from runtime.errors import InstaFlowError
+from runtime.cli import run_cli
 
 from .loop import Trainer, TrainConfig, add_common_args, config_from_args, reflow_loss
 
@@ -23,15 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.reflow", description=__doc__.splitlines()[0])
     add_common_args(p, TrainConfig(pairs="", out=""))
     a = p.parse_args(argv)
-    from runtime.models import quiet_loading
-
-    quiet_loading()
-    try:
-        Trainer(config_from_args(a, loss="reflow", extra={"default_steps": 4}), reflow_loss, "reflow").run()
-    except InstaFlowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: Trainer(config_from_args(a, loss="reflow", extra={"default_steps": 4}), reflow_loss,
+                                   "reflow").run())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,24 @@
+"""The one wrapper every command-line entry point uses: quiet model loading, user mistakes as one line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from .errors import InstaFlowError
+
+
+def run_cli(job: Callable[[], object], user_errors: tuple[type[BaseException], ...] = (InstaFlowError,)) -> int:
+    """Run ``job``; an error the user caused prints ``error: <one line>`` to stderr and gives exit status 2."""
+    from .models import quiet_loading
+
+    quiet_loading()
+    try:
+        job()
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
