@@ -378,6 +378,7 @@ def save_checkpoint(components: Components, folder: str | os.PathLike[str],
             (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
             index["scheduler"] = ["diffusers", scheduler_config.get("_class_name", "PNDMScheduler")]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp made it private; a checkpoint folder is an ordinary folder
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)

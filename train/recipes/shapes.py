@@ -334,10 +334,12 @@ def run(out: str | Path, smoke: bool = False, ship: bool = False, publish: bool 
         dest = HERE / "shapes_report"
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(report, dest)
-        shutil.move(str(dest / "SHAPES.md"), HERE / "SHAPES.md")
+        text = (dest / "SHAPES.md").read_text().replace("(grid-", "(shapes_report/grid-")
+        (HERE / "SHAPES.md").write_text(text)
+        (dest / "SHAPES.md").unlink()
     if ship:
         shutil.copyfile(out / "classifier.safetensors", CLASSIFIER)
-        comps = load_components(resolve(student2))
+        comps = load_components(resolve(student2)).to(dtype=torch.float16)  # stored fp16: half the size
         save_checkpoint(comps, BUNDLED["tiny"], extra={"_instaflow": {"stage": "distill", "recipe": "shapes",
                                                                       "default_steps": 1}})
     print(f"recipe done in {time.perf_counter() - t0:.0f} s: {report / 'SHAPES.md'}", flush=True)
