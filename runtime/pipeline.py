@@ -201,12 +201,10 @@ class Pipeline:
         # 3+4. the fused one-step graph, where the backend has one: embeddings + noise -> images in [0, 1]
         if steps == 1 and not cfg and output_type != "latent" and getattr(self.backend, "has_one_step", False):
             with self._run_lock:
-                images = self.backend.one_step(context, x)
+                unit = self.backend.one_step(context, x)
             timings["unet"] = self._lap(start) - timings["encode"]
-            images = self.format_images(images, output_type)
-            timings["total"] = self._lap(start)
-            timings["decode"] = timings["total"] - timings["encode"] - timings["unet"]
-            return PipelineOutput(images=images, timings=timings)
+            images = self.format_images(unit, output_type)
+            return self._finish(images, timings, start)
 
         # 3. Euler steps along the flow
         def velocity(z: torch.Tensor, t: float) -> torch.Tensor:
@@ -230,6 +228,9 @@ class Pipeline:
             with self._run_lock:
                 decoded = self.backend.decode(x / self.components.scaling_factor + self.components.shift_factor)
             images = self.postprocess(decoded, output_type)
+        return self._finish(images, timings, start)
+
+    def _finish(self, images: Any, timings: dict[str, float], start: float) -> PipelineOutput:
         timings["total"] = self._lap(start)
         timings["decode"] = timings["total"] - timings["encode"] - timings["unet"]
         return PipelineOutput(images=images, timings=timings)
