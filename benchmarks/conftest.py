@@ -34,6 +34,7 @@ RATIOS = {
     "ours/diffusers_1step": ("ours_1step", "diffusers_1step"),
     "ours/sd_25step_cfg": ("ours_1step", "sd_25step_cfg"),
     "onnxruntime/torch": ("ours_1step_onnxruntime", "ours_1step"),
+    "ours/ours_eager": ("ours_1step", "ours_1step_eager"),  # GPU: CUDA graphs vs the same pipeline eager
 }
 
 

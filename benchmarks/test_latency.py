@@ -49,6 +49,17 @@ def test_ours_1step(measure, subject):
     measure(subject, "ours_1step", lambda: subject.pipe(PROMPT, seed=0), ROUNDS[subject.name][0])
 
 
+def test_ours_1step_eager(measure, subject):
+    """On a GPU the subject's pipeline replays CUDA graphs; the same pipeline without them, for reference."""
+    if not getattr(subject.pipe.backend, "cuda_graph", False):
+        pytest.skip("ours_1step already runs eagerly")
+    eager = Pipeline(subject.components, device=subject.pipe.device, dtype=subject.pipe.dtype, name=subject.name)
+    a = eager(PROMPT, seed=0, output_type="pt").images
+    b = subject.pipe(PROMPT, seed=0, output_type="pt").images
+    assert (a - b).abs().max() < 1e-2  # the graphed path draws the same image
+    measure(subject, "ours_1step_eager", lambda: eager(PROMPT, seed=0), ROUNDS[subject.name][0])
+
+
 def test_ours_batch8(measure, subject):
     prompts = [f"{PROMPT} {i}" for i in range(8)]
     assert len(subject.pipe(prompts, seed=0).images) == 8

@@ -128,9 +128,8 @@ class Pipeline:
             raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         checkpoint = resolve(ckpt)
         check_is_flow(checkpoint, treat_as_flow)
-        if backend == "auto":
-            backend = resolve_auto(device_, checkpoint, export_dir)
-        components = load_components(checkpoint, device=device_, dtype=dtype_, weights=backend == "torch")
+        resolved = resolve_auto(device_, checkpoint, export_dir) if backend == "auto" else backend
+        components = load_components(checkpoint, device=device_, dtype=dtype_, weights=resolved == "torch")
         return cls(components, device=device_, dtype=dtype_, backend=backend, name=checkpoint.name,
                    checkpoint=checkpoint, export_dir=export_dir, **backend_options)
 

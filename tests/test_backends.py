@@ -87,11 +87,13 @@ def test_torch_channels_last_matches_eager(tiny_ckpt, tiny_pipe):
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
-def test_cuda_graph_needs_cuda(tiny_ckpt):
+def test_cuda_graph_needs_cuda(tiny_ckpt, tiny_onnx):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(BackendUnavailableError, match="cuda_graph=True needs a CUDA device"):
         Pipeline.from_pretrained(tiny_ckpt, cuda_graph=True)
+    with pytest.raises(BackendUnavailableError, match="cuda_graph=True needs a CUDA device"):
+        Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tiny_onnx, cuda_graph=True)
 
 
 @pytest.mark.slow

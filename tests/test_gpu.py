@@ -33,7 +33,7 @@ def test_cuda_graph_matches_eager(tiny_ckpt):
     eager = Pipeline.from_pretrained(tiny_ckpt, device="cuda", dtype=torch.float16)
     graphed = Pipeline.from_pretrained(tiny_ckpt, device="cuda", dtype=torch.float16, cuda_graph=True,
                                        channels_last=True)
-    assert graphed.backend.has_one_step and not graphed.backend.thread_safe
+    assert graphed.backend.has_one_step
     for batch in (1, 3):
         prompts = [f"a red circle {i}" for i in range(batch)]
         a = eager(prompts, seed=1, output_type="pt").images
@@ -41,7 +41,17 @@ def test_cuda_graph_matches_eager(tiny_ckpt):
         c = graphed(prompts, seed=2, output_type="pt").images  # replay with new inputs, no aliasing of b
         torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-3)
         assert (c - b).abs().max() > 1e-3
-    assert len(graphed.backend._graphs) == 2  # one graph per (batch, size)
+    assert len(graphed.backend._one_step_graphs) == 2  # one graph per (batch, size)
+    assert len(graphed.backend._encode_graphs) == 2  # and one text-encoder graph per batch
+    d = graphed("a red circle 0", height=64, width=32, seed=1, output_type="pt").images
+    e = eager("a red circle 0", height=64, width=32, seed=1, output_type="pt").images
+    torch.testing.assert_close(d, e, atol=2e-3, rtol=2e-3)
+
+
+def test_auto_on_gpu_is_torch_with_cuda_graphs(tiny_ckpt, tmp_path):
+    pipe = Pipeline.from_pretrained(tiny_ckpt, device="cuda", backend="auto", export_dir=tmp_path)
+    assert pipe.backend.name == "torch" and pipe.backend.cuda_graph
+    assert pipe("a red circle", seed=0).images[0].size == (32, 32)
 
 
 def test_threads_share_a_cuda_graph_pipeline(tiny_ckpt):
@@ -54,3 +64,27 @@ def test_threads_share_a_cuda_graph_pipeline(tiny_ckpt):
     sequential = [pipe(**kw).images for kw in jobs]
     for a, b in zip(parallel, sequential):
         torch.testing.assert_close(a, b)
+
+
+def _ort_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _ort_cuda(), reason="needs onnxruntime-gpu")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_onnxruntime_cuda_matches_torch(tiny_ckpt, tmp_path, cuda_graph):
+    from export.onnx import ExportSettings, export
+
+    export(str(tiny_ckpt), tmp_path, ExportSettings(fused=True), verify=False)
+    ref = Pipeline.from_pretrained(tiny_ckpt, device="cpu")
+    ort_pipe = Pipeline.from_pretrained(tiny_ckpt, device="cuda", backend="onnxruntime", export_dir=tmp_path,
+                                        cuda_graph=cuda_graph)
+    for kwargs in (dict(), dict(num_inference_steps=3, guidance_scale=1.5)):
+        for seed in (0, 1):  # the second call replays the graph with new inputs
+            a = ref(["a cat", "a dog"], seed=seed, output_type="pt", **kwargs).images
+            b = ort_pipe(["a cat", "a dog"], seed=seed, output_type="pt", **kwargs).images.cpu()
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

@@ -50,14 +50,21 @@ def test_engines_build_and_match_torch(tiny_ckpt, tmp_path):
 
     engines = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=2)
     assert all(e["max_rel_err"] <= 2e-2 for e in engines["components"].values())
-    trt_pipe = Pipeline.from_pretrained(tiny_ckpt, device="cuda", backend="tensorrt", export_dir=tmp_path)
     ref = Pipeline.from_pretrained(tiny_ckpt, device="cpu")
-    for kwargs in (dict(), dict(num_inference_steps=3, guidance_scale=1.5)):
-        a = ref(["a cat", "a dog"], seed=0, output_type="pt", **kwargs).images
-        b = trt_pipe(["a cat", "a dog"], seed=0, output_type="pt", **kwargs).images.cpu()
-        assert (a - b).abs().max() < 3e-2
-    with pytest.raises(InvalidInputError, match="outside what the"):
-        trt_pipe(["a"] * 3, seed=0)
+    from runtime.backends.tensorrt_backend import _have_cuda_python
+
+    graphs = [False] + ([True] if _have_cuda_python() else [])
+    for cuda_graph in graphs:
+        trt_pipe = Pipeline.from_pretrained(tiny_ckpt, device="cuda", backend="tensorrt", export_dir=tmp_path,
+                                            cuda_graph=cuda_graph)
+        assert trt_pipe.backend.cuda_graph == cuda_graph
+        for kwargs in (dict(), dict(num_inference_steps=3, guidance_scale=1.5)):
+            for prompts in (["a cat", "a dog"], ["a bird"], ["a fish", "a cow"]):  # graphs replay new inputs
+                a = ref(prompts, seed=0, output_type="pt", **kwargs).images
+                b = trt_pipe(prompts, seed=0, output_type="pt", **kwargs).images.cpu()
+                assert (a - b).abs().max() < 3e-2, (cuda_graph, kwargs, prompts)
+        with pytest.raises(InvalidInputError, match="outside what the"):
+            trt_pipe(["a"] * 3, seed=0)
     with pytest.raises(Exception, match="built for"):
         doc = json.loads((tmp_path / "engines.json").read_text())
         doc["gpu"] = "another GPU"

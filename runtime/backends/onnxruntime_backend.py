@@ -1,8 +1,9 @@
 """onnxruntime backend: runs the graphs of an ONNX export (``python -m export.onnx``).
 
 CPU execution provider with tuned session options here; on a GPU the CUDA provider (IO binding on torch's
-buffers, so nothing round-trips through the host) or the TensorRT provider. The fused ``onestep`` graph, when
-exported, runs the whole one-step hot path in one call.
+buffers, so nothing round-trips through the host), optionally with onnxruntime's own CUDA graphs
+(``cuda_graph=True``), or the TensorRT provider. The fused ``onestep`` graph, when exported, runs the whole
+one-step hot path in one call.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailableError, ExportError
+from .graphs import Captured, GraphCache
 
 if TYPE_CHECKING:
     from ..checkpoints import Checkpoint
@@ -40,7 +42,7 @@ class Graph:
     """One onnxruntime session plus the tensor names and dtypes the manifest records."""
 
     def __init__(self, path: Path, entry: dict[str, Any], providers: Sequence[Any], device: torch.device,
-                 factor: int, threads: int | None = None) -> None:
+                 factor: int, threads: int | None = None, max_graphs: int | None = None) -> None:
         ort = _import_ort()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -60,22 +62,29 @@ class Graph:
         self.input_shapes = {t["name"]: t["shape"] for t in entry["inputs"]}
         self.output_shape = entry["outputs"][0]["shape"]
         self.factor = factor
+        # onnxruntime's CUDA graphs: one per input shape, told apart by the run option gpu_graph_id (1, 2, ...)
+        self.graphs = GraphCache(self._capture, max_graphs) if max_graphs else None
+        self._graph_ids = 0
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        feeds = {name: t.to(_TORCH[dt]) for (name, dt), t in zip(self.inputs.items(), args)}
+        feeds = {name: t.to(_TORCH[dt]).contiguous() for (name, dt), t in zip(self.inputs.items(), args)}
         if self.device.type == "cpu":
-            out = self.session.run(self.outputs, {k: v.contiguous().numpy() for k, v in feeds.items()})[0]
+            out = self.session.run(self.outputs, {k: v.numpy() for k, v in feeds.items()})[0]
             return torch.from_numpy(out)
-        return self._run_bound(feeds)
+        if self.graphs is not None:
+            return self.graphs(*feeds.values())
+        binding, out = self._bind(list(feeds.values()))
+        torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
+        self.session.run_with_iobinding(binding)
+        return out
 
-    def _run_bound(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        """GPU: bind torch's device buffers for inputs and a freshly allocated output (so calls never alias each
-        other); nothing round-trips through the host."""
+    def _bind(self, inputs: Sequence[torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """GPU: bind torch's device buffers for the inputs and a freshly allocated output (so calls never alias
+        each other); nothing round-trips through the host."""
         binding = self.session.io_binding()
         index = self.device.index or 0
         dims: dict[str, int] = {}
-        for name, t in feeds.items():
-            t = feeds[name] = t.contiguous()
+        for name, t in zip(self.inputs, inputs):
             dims.update({d: n for d, n in zip(self.input_shapes[name], t.shape) if isinstance(d, str)})
             binding.bind_input(name, "cuda", index, _NP[self.inputs[name]], list(t.shape), t.data_ptr())
         if "h" in dims:
@@ -83,9 +92,23 @@ class Graph:
         out = torch.empty([d if isinstance(d, int) else dims[d] for d in self.output_shape],
                           dtype=_TORCH[self.out_dtype], device=self.device)
         binding.bind_output(self.outputs[0], "cuda", index, _NP[self.out_dtype], list(out.shape), out.data_ptr())
-        torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
-        self.session.run_with_iobinding(binding)
-        return out
+        return binding, out
+
+    def _capture(self, statics: Sequence[torch.Tensor]) -> Captured:
+        """For :class:`GraphCache`: the static buffers stay bound; onnxruntime runs the first call normally and
+        captures (then replays) its CUDA graph from the second on, under this shape's ``gpu_graph_id``."""
+        ort = _import_ort()
+        binding, out = self._bind(statics)
+        self._graph_ids += 1
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
+
+        def run() -> None:
+            torch.cuda.current_stream(self.device).synchronize()  # static inputs written by torch are ready
+            self.session.run_with_iobinding(binding, options)
+
+        run()  # warm-up: onnxruntime allocates and picks kernels on a regular run before it captures
+        return Captured(statics, out, run, handle=(binding, options))
 
 
 class OnnxRuntimeBackend:
@@ -94,7 +117,8 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, checkpoint: "Checkpoint", export_dir: str | os.PathLike[str] | None, device: torch.device,
-                 dtype: torch.dtype, providers: Sequence[Any] | None = None, threads: int | None = None) -> None:
+                 dtype: torch.dtype, providers: Sequence[Any] | None = None, threads: int | None = None,
+                 cuda_graph: bool = False, max_graphs: int = 16) -> None:
         from .. import manifest as mf
 
         folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint)
@@ -109,8 +133,12 @@ class OnnxRuntimeBackend:
             raise ExportError(f"{folder} lacks the {', '.join(missing)} graph(s); re-run the export")
         self.folder, self.device = folder, device
         self.dtype = _TORCH[doc["components"]["unet"]["dtype"]]
+        if cuda_graph and device.type != "cuda":
+            raise BackendUnavailableError("cuda_graph=True needs a CUDA device")
         if providers is None:
             providers = PROVIDERS["cuda" if device.type == "cuda" else "cpu"]
+            if cuda_graph:  # every node must run on the CUDA provider for onnxruntime to capture a graph
+                providers = [("CUDAExecutionProvider", {"device_id": device.index or 0, "enable_cuda_graph": "1"})]
         available = set(_import_ort().get_available_providers())
         wanted = [p if isinstance(p, str) else p[0] for p in providers]
         if wanted[0] not in available:
@@ -120,7 +148,7 @@ class OnnxRuntimeBackend:
         for name, entry in doc["components"].items():
             mf.check_files(folder, entry)
             graphs[name] = Graph(folder / entry["file"], entry, providers, device,
-                                 doc["latent"]["vae_scale_factor"], threads)
+                                 doc["latent"]["vae_scale_factor"], threads, max_graphs if cuda_graph else None)
         self.graphs = graphs
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,11 +12,12 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..errors import BackendUnavailableError, ExportError, InvalidInputError
+from .graphs import Captured, GraphCache, StreamGraph, cudart
 
 if TYPE_CHECKING:
     from ..checkpoints import Checkpoint
@@ -34,9 +35,10 @@ def _trt() -> Any:
 
 
 class Engine:
-    """A deserialized engine and its execution context."""
+    """A deserialized engine; its execution contexts run in one activation-memory block (:attr:`memory`) that the
+    backend shares between all engines."""
 
-    def __init__(self, path: Path, device: torch.device, user_memory: bool = False) -> None:
+    def __init__(self, path: Path, device: torch.device) -> None:
         trt = _trt()
         self.path, self.device = path, device
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
@@ -47,36 +49,51 @@ class Engine:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
-        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED if user_memory else \
-            trt.ExecutionContextAllocationStrategy.STATIC
-        self.context = self.engine.create_execution_context(strategy)
+        self.memory: torch.Tensor | None = None
+        self._context: Any = None
 
     @property
     def device_memory_size(self) -> int:
         e = self.engine
         return int(e.device_memory_size_v2 if hasattr(e, "device_memory_size_v2") else e.device_memory_size)
 
-    def use_memory(self, block: torch.Tensor) -> None:
-        if hasattr(self.context, "set_device_memory"):
-            self.context.set_device_memory(block.data_ptr(), block.numel())
+    def new_context(self) -> Any:
+        """An execution context whose activations live in :attr:`memory` (set by the backend before use)."""
+        trt = _trt()
+        assert self.memory is not None, "the backend assigns the shared activation memory first"
+        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
+            context.set_device_memory(self.memory.data_ptr(), self.memory.numel())
         else:
-            self.context.device_memory = block.data_ptr()
+            context.device_memory = self.memory.data_ptr()
+        return context
 
-    def run(self, feeds: dict[str, torch.Tensor], stream: int) -> torch.Tensor:
-        """Enqueue one inference on ``stream``; returns a freshly allocated output tensor."""
-        keep = []
-        for name in self.inputs:
-            t = feeds[name].to(device=self.device, dtype=self.dtypes[name]).contiguous()
-            keep.append(t)
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
+    def cast(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs in the engine's dtypes, contiguous, on its device."""
+        return [t.to(device=self.device, dtype=self.dtypes[n]).contiguous() for n, t in zip(self.inputs, tensors)]
+
+    def bind(self, context: Any, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Set shapes and addresses of ``inputs`` (already cast) on ``context``; returns a fresh output tensor, also
+        bound."""
+        for name, t in zip(self.inputs, inputs):
+            context.set_input_shape(name, tuple(t.shape))
+            context.set_tensor_address(name, t.data_ptr())
         out_name = self.outputs[0]
-        out = torch.empty(tuple(self.context.get_tensor_shape(out_name)), dtype=self.dtypes[out_name],
-                          device=self.device)
-        self.context.set_tensor_address(out_name, out.data_ptr())
-        if not self.context.execute_async_v3(stream):
+        out = torch.empty(tuple(context.get_tensor_shape(out_name)), dtype=self.dtypes[out_name], device=self.device)
+        context.set_tensor_address(out_name, out.data_ptr())
+        return out
+
+    def execute(self, context: Any, stream: int) -> None:
+        if not context.execute_async_v3(stream):
             raise ExportError(f"TensorRT execution failed for {self.path.name}")
-        self._keep = keep  # inputs stay alive until the next call on this (serialised) engine
+
+    def run(self, inputs: Sequence[torch.Tensor], stream: int) -> torch.Tensor:
+        """Enqueue one inference on ``stream`` (a ``cudaStream_t``); returns a freshly allocated output tensor."""
+        if self._context is None:
+            self._context = self.new_context()
+        out = self.bind(self._context, inputs)
+        self.execute(self._context, stream)
+        self._keep = inputs  # inputs stay alive until the next call on this (serialised) engine
         return out
 
 
@@ -86,18 +103,27 @@ def _torch_dtype(trt: Any, dt: Any) -> torch.dtype:
 
 
 class TensorRTBackend:
-    """Runs text encoder, UNet, VAE decoder and fused one-step engines on one stream."""
+    """Runs text encoder, UNet, VAE decoder and fused one-step engines on one stream.
+
+    ``cuda_graph``: replay the text-encoder and fused one-step engines from CUDA graphs captured per input shape
+    with cuda-python (one execution context per captured shape, all in the shared activation block). ``None`` (the
+    default) uses graphs when cuda-python is installed; ``True`` requires it.
+    """
 
     name = "tensorrt"
     thread_safe = False  # execution contexts and the shared activation memory: one call at a time
 
     def __init__(self, checkpoint: "Checkpoint", export_dir: str | os.PathLike[str] | None, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, cuda_graph: bool | None = None, max_graphs: int = 16) -> None:
         from .. import manifest as mf
 
         trt = _trt()
         if device.type != "cuda":
             raise BackendUnavailableError("the tensorrt backend needs a CUDA device")
+        if cuda_graph is None:
+            cuda_graph = _have_cuda_python()
+        elif cuda_graph:
+            cudart()  # one line naming what to install when cuda-python is missing
         folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint, "trt")
         path = folder / ENGINES
         if not path.is_file():
@@ -115,15 +141,19 @@ class TensorRTBackend:
         for name, entry in self.meta.items():
             if mf.sha256_file(folder / entry["file"]) != entry["sha256"]:
                 raise ExportError(f"{folder / entry['file']} does not match its manifest hash (corrupted); rebuild")
-            self.engines[name] = Engine(folder / entry["file"], device, user_memory=True)
+            self.engines[name] = Engine(folder / entry["file"], device)
         size = max(e.device_memory_size for e in self.engines.values())
         self._memory = torch.empty(size, dtype=torch.uint8, device=device)  # shared: engines run in sequence
         for e in self.engines.values():
-            e.use_memory(self._memory)
+            e.memory = self._memory
         self.stream = torch.cuda.Stream(device)
         self._lock = threading.Lock()
+        self.cuda_graph = bool(cuda_graph)
+        self._graphs = {name: GraphCache(self._capture_fn(self.engines[name]), max_graphs)
+                        for name in ("text_encoder", "onestep") if self.cuda_graph and name in self.engines}
 
-    def _check(self, name: str, feeds: dict[str, torch.Tensor]) -> None:
+    def _check(self, name: str, tensors: Sequence[torch.Tensor]) -> None:
+        feeds = dict(zip(self.engines[name].inputs, tensors))
         for tensor_name, (lo, _, hi) in self.meta[name]["profile"].items():
             shape = tuple(feeds[tensor_name].shape)
             if any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
@@ -131,16 +161,38 @@ class TensorRTBackend:
                                         f"built for ({lo} .. {hi}); rebuild with other --max-batch/--height/--width")
 
     def _run(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
-        feeds = dict(zip(self.engines[name].inputs, tensors))
-        self._check(name, feeds)
+        self._check(name, tensors)
+        engine = self.engines[name]
+        if name in self._graphs:
+            return self._graphs[name](*engine.cast(tensors))
         current = torch.cuda.current_stream(self.device)
         with self._lock:
             self.stream.wait_stream(current)  # inputs written on the caller's stream are ready
             with torch.cuda.stream(self.stream):
-                out = self.engines[name].run(feeds, self.stream.cuda_stream)
+                out = engine.run(engine.cast(tensors), self.stream.cuda_stream)
             current.wait_stream(self.stream)
             out.record_stream(current)
         return out
+
+    def _capture_fn(self, engine: Engine):
+        """Capture for :class:`GraphCache`: a context of its own bound to the static buffers, one warm-up
+        ``execute_async_v3`` (TensorRT finishes shape-dependent set-up there), then stream capture of a second one."""
+
+        def launch_after(current: torch.cuda.Stream, fn) -> None:
+            self.stream.wait_stream(current)  # static inputs were written on the caller's stream
+            fn()
+            current.wait_stream(self.stream)  # the caller's clone of the output waits for the engine
+
+        def capture(statics: Sequence[torch.Tensor]) -> Captured:
+            context = engine.new_context()
+            out = engine.bind(context, statics)
+            stream = self.stream.cuda_stream
+            launch_after(torch.cuda.current_stream(self.device), lambda: engine.execute(context, stream))
+            graph = StreamGraph(lambda s: engine.execute(context, s), stream)
+            return Captured(statics, out, lambda: launch_after(torch.cuda.current_stream(self.device), graph.launch),
+                            handle=(context, graph))
+
+        return capture
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self._run("text_encoder", input_ids)
@@ -157,3 +209,11 @@ class TensorRTBackend:
 
     def one_step(self, embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self._run("onestep", embeddings, noise)
+
+
+def _have_cuda_python() -> bool:
+    try:
+        cudart()
+    except BackendUnavailableError:
+        return False
+    return True

@@ -1,0 +1,107 @@
+"""The CUDA-graph bookkeeping every backend shares (runtime/backends/graphs.py), checked on the CPU.
+
+A real capture needs a GPU (tests/test_gpu.py); here a stand-in capture behaves like one where it matters: it
+allocates the output once and computes only when replayed, from whatever the static input buffers hold. So a
+forgotten input copy gives stale images, a forgotten clone gives aliased results, a wrong key mixes shapes.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from runtime import Pipeline
+from runtime.backends.graphs import Captured, GraphCache
+from runtime.backends.torch_backend import TorchBackend
+
+
+def stand_in_capture(fn, log):
+    def capture(statics):
+        log.append(tuple(tuple(t.shape) for t in statics))
+        out = torch.full_like(fn(*statics), float("nan"))  # a captured graph has not run yet
+
+        def replay():
+            out.copy_(fn(*statics))
+
+        return Captured(statics, out, replay)
+
+    return capture
+
+
+def test_graph_cache_replays_fresh_inputs_without_aliasing():
+    log = []
+    cache = GraphCache(stand_in_capture(lambda a, b: a * 2 + b, log))
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    first = cache(a, b)
+    torch.testing.assert_close(first, a * 2 + b)
+    second = cache(b, a)  # same shapes: replayed, not recaptured, with the new values
+    torch.testing.assert_close(second, b * 2 + a)
+    torch.testing.assert_close(first, a * 2 + b)  # the earlier result was not overwritten
+    second.zero_()
+    torch.testing.assert_close(cache(b, a), b * 2 + a)  # nor does mutating a result reach the graph
+    assert log == [((2, 3), (2, 3))] and len(cache) == 1
+    a.add_(1)  # the caller's tensors are not the static buffers
+    torch.testing.assert_close(cache(torch.ones(2, 3), torch.zeros(2, 3)), torch.full((2, 3), 2.0))
+
+
+def test_graph_cache_one_graph_per_shape_and_dtype_lru():
+    log = []
+    cache = GraphCache(stand_in_capture(lambda x: x + 1, log), max_graphs=2)
+    cache(torch.zeros(1, 4))
+    cache(torch.zeros(2, 4))
+    cache(torch.zeros(1, 4))
+    cache(torch.zeros(1, 4, dtype=torch.float64))  # third key: evicts the least recently used, (2, 4)
+    assert len(cache) == 2 and len(log) == 3
+    cache(torch.zeros(1, 4))
+    assert len(log) == 3
+    cache(torch.zeros(2, 4))
+    assert len(log) == 4
+    with pytest.raises(ValueError, match="max_graphs"):
+        GraphCache(stand_in_capture(lambda x: x, []), max_graphs=0)
+
+
+def test_graph_cache_threads_equal_sequential():
+    cache = GraphCache(stand_in_capture(lambda x: x.sin() * x, []))
+    inputs = [torch.randn(3, 5) for _ in range(64)]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(cache, inputs))
+    for x, y in zip(inputs, parallel):
+        torch.testing.assert_close(y, x.sin() * x)
+
+
+@pytest.fixture()
+def graphed_pipe(tiny_pipe):
+    """The torch backend's graph path (encode + fused one step through GraphCache) with stand-in captures."""
+    backend = TorchBackend(tiny_pipe.components, device=torch.device("cpu"), dtype=torch.float32)
+    log = []
+    backend.cuda_graph = True
+    backend._one_step_graphs = GraphCache(stand_in_capture(backend._one_step_eager, log))
+    backend._encode_graphs = GraphCache(stand_in_capture(backend._encode_eager, log))
+    pipe = Pipeline(tiny_pipe.components, backend=backend)
+    pipe.capture_log = log
+    return pipe
+
+
+def test_torch_graph_path_matches_eager(tiny_pipe, graphed_pipe):
+    assert graphed_pipe.backend.has_one_step
+    for batch in (1, 3, 1):
+        prompts = [f"a red circle {i}" for i in range(batch)]
+        for seed in (1, 2):
+            a = tiny_pipe(prompts, seed=seed, output_type="pt").images
+            b = graphed_pipe(prompts, seed=seed, output_type="pt").images
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    # one encoder graph and one one-step graph per batch size; repeated prompts came from the embedding cache
+    assert sorted(len(k) for k in graphed_pipe.capture_log) == [1, 1, 2, 2]
+    out = graphed_pipe("a blue square", height=64, width=32, seed=0, output_type="np").images
+    assert out.shape == (1, 64, 32, 3)  # another image size: another graph
+
+
+def test_torch_graph_path_threads_equal_sequential(graphed_pipe):
+    jobs = [dict(prompt=f"a cat {i % 5}", seed=i, output_type="pt") for i in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda kw: graphed_pipe(**kw).images, jobs))
+    sequential = [graphed_pipe(**kw).images for kw in jobs]
+    for a, b in zip(parallel, sequential):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,55 @@
+"""benchmarks/report.py renders CPU and GPU results (the GPU run happens rarely: its report must not break there)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.report import main, render
+
+
+def _doc(gpu: bool, ours: float, eager: float, diffusers: float, sd: float) -> dict:
+    machine = {"cpu": "Some CPU", "cores": "2", "python": "3.11", "torch": "2.x", "platform": "linux"}
+    if gpu:
+        machine["gpu"] = "NVIDIA H100 80GB HBM3"
+    case = lambda s: {"median_s": s, "min_s": s, "rounds": 3, "peak_mem_bytes": 2**20}  # noqa: E731
+    cases = {"stage_unet": case(ours / 2), "ours_1step": case(ours), "diffusers_1step": case(diffusers),
+             "sd_25step_cfg": case(sd), "ours_batch8": case(ours * 4)}
+    ratios = {"ours/diffusers_1step": ours / diffusers, "ours/sd_25step_cfg": ours / sd}
+    if gpu:
+        cases["ours_1step_eager"] = case(eager)
+        ratios["ours/ours_eager"] = ours / eager
+    return {"date": "2026-11-27 00:00 UTC", "machine": machine, "quick": False, "command": "pytest benchmarks",
+            "subjects": {"sd15" if gpu else "small-sd": {"description": "d", "cases": cases, "ratios": ratios,
+                                                         "interleaved_medians_s": {"ours_1step": ours}}}}
+
+
+def _row(text: str, ratio: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {ratio} |"))
+
+
+def test_gpu_targets_apply_on_gpu_only():
+    cpu = render([_doc(False, ours=0.30, eager=0.0, diffusers=0.33, sd=5.0)], None)
+    assert _row(cpu, "ours/sd_25step_cfg").endswith("| yes |")  # 16.7x: meets the CPU's 15x
+    assert "one step end to end" not in cpu
+    gpu = render([_doc(True, ours=0.020, eager=0.045, diffusers=0.050, sd=0.45)], None)
+    assert "## NVIDIA H100 80GB HBM3" in gpu
+    assert _row(gpu, "ours/sd_25step_cfg").endswith("| no |")  # 22.5x: short of the GPU's 25x
+    assert _row(gpu, "ours/diffusers_1step").endswith("| no |")  # 2.5x: short of 3x
+    assert _row(gpu, "ours/ours_eager").endswith("| yes |")
+    assert "one step end to end: 20.0 ms (target <= 15.0 ms: NOT met)" in gpu
+    fast = render([_doc(True, ours=0.012, eager=0.045, diffusers=0.050, sd=0.45)], None)
+    assert "(target <= 15.0 ms: met)" in fast and _row(fast, "ours/sd_25step_cfg").endswith("| yes |")
+    assert "throughput at batch 8: 166.7 images/s" in fast
+
+
+def test_report_cli_writes_markdown_and_chart(tmp_path):
+    paths = []
+    for gpu in (False, True):
+        p = tmp_path / f"{'gpu' if gpu else 'cpu'}.json"
+        p.write_text(json.dumps(_doc(gpu, ours=0.012, eager=0.045, diffusers=0.050, sd=0.45)))
+        paths.append(str(p))
+    out = tmp_path / "RESULTS.md"
+    assert main(["--results", *paths, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("\n## ") == 2 and (tmp_path / "stages.png").stat().st_size > 1000
+    assert main(["--results", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
