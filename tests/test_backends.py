@@ -87,6 +87,18 @@ def test_torch_channels_last_matches_eager(tiny_ckpt, tiny_pipe):
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
+def test_torch_fused_qkv_matches_eager(tiny_ckpt, tiny_pipe):
+    fused = Pipeline.from_pretrained(tiny_ckpt, fuse_qkv=True)
+    attn = [m for m in fused.components.unet.modules() if type(m).__name__ == "Attention"]
+    assert attn and all(getattr(m, "fused_projections", False) for m in attn)
+    kwargs = dict(seed=4, output_type="pt")
+    a = tiny_pipe(["a cat", "a dog"], **kwargs).images
+    torch.testing.assert_close(fused(["a cat", "a dog"], **kwargs).images, a, atol=1e-5, rtol=1e-5)
+    a = tiny_pipe("a cat", num_inference_steps=3, guidance_scale=1.5, **kwargs).images
+    b = fused("a cat", num_inference_steps=3, guidance_scale=1.5, **kwargs).images
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
 def test_cuda_graph_needs_cuda(tiny_ckpt, tiny_onnx):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

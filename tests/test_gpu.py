@@ -88,3 +88,30 @@ def test_onnxruntime_cuda_matches_torch(tiny_ckpt, tmp_path, cuda_graph):
             a = ref(["a cat", "a dog"], seed=seed, output_type="pt", **kwargs).images
             b = ort_pipe(["a cat", "a dog"], seed=seed, output_type="pt", **kwargs).images.cpu()
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_python_stream_graph_replays_new_inputs():
+    """The cuda-python capture the TensorRT backend uses, checked on torch kernels (no TensorRT needed)."""
+    pytest.importorskip("cuda.bindings")
+    from runtime.backends.graphs import StreamGraph
+
+    stream = torch.cuda.Stream()
+    x = torch.randn(4096, device="cuda")
+    y = torch.empty_like(x)
+
+    def enqueue(raw_stream):
+        assert raw_stream == stream.cuda_stream
+        with torch.cuda.stream(stream):
+            torch.mul(x, 2, out=y)
+            y.add_(1)
+
+    stream.wait_stream(torch.cuda.current_stream())
+    enqueue(stream.cuda_stream)  # warm-up outside the capture
+    graph = StreamGraph(enqueue, stream.cuda_stream)
+    for _ in range(3):
+        x.copy_(torch.randn(4096))
+        y.zero_()
+        stream.wait_stream(torch.cuda.current_stream())
+        graph.launch()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.testing.assert_close(y, x * 2 + 1)

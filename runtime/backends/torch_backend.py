@@ -19,6 +19,8 @@ class TorchBackend:
     Options (each changes speed only; the CUDA-graph path is tested to equal the eager one):
 
     * ``channels_last``: NHWC memory format for the UNet and VAE convolutions (faster on tensor cores).
+    * ``fuse_qkv``: one matrix multiply for the query/key/value projections of every attention layer (diffusers'
+      ``fuse_qkv_projections``; same results up to rounding).
     * ``compile``: ``torch.compile`` the UNet and VAE decoder (minutes of compilation on first use per shape).
     * ``cuda_graph``: replay CUDA graphs captured per input shape (see :mod:`runtime.backends.graphs`): one for the
       whole one-step hot path (UNet -> Euler step -> VAE decode -> [0, 1] image) per (batch, height, width) and one
@@ -31,7 +33,7 @@ class TorchBackend:
 
     def __init__(self, components: "Components", device: torch.device, dtype: torch.dtype,
                  channels_last: bool = False, compile: bool = False, cuda_graph: bool = False,
-                 max_graphs: int = 16) -> None:
+                 fuse_qkv: bool = False, max_graphs: int = 16) -> None:
         if cuda_graph and device.type != "cuda":
             from ..errors import BackendUnavailableError
 
@@ -46,6 +48,9 @@ class TorchBackend:
         if channels_last:
             components.unet.to(memory_format=torch.channels_last)
             components.vae.to(memory_format=torch.channels_last)
+        if fuse_qkv:  # changes the modules in place, like channels_last
+            components.unet.fuse_qkv_projections()
+            components.vae.fuse_qkv_projections()
         if compile:
             self.unet = torch.compile(components.unet, fullgraph=False)
             self.vae_decode = torch.compile(components.vae.decode, fullgraph=False)
