@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from export.onnx import ExportSettings, export
-from runtime import BackendUnavailableError, ExportError, Pipeline
+from runtime import BackendUnavailableError, ExportError, InvalidInputError, Pipeline
 from runtime.backends import resolve_auto
 
 
@@ -78,6 +78,17 @@ def test_backend_errors(tiny_ckpt, odd_ckpt, odd_onnx, tmp_path, tiny_pipe):
     with pytest.raises(BackendUnavailableError, match="has no CUDAExecutionProvider"):
         Pipeline.from_pretrained(odd_ckpt, backend="onnxruntime", export_dir=odd_onnx,
                                  providers=["CUDAExecutionProvider"])
+    with pytest.raises(BackendUnavailableError, match="has no TensorrtExecutionProvider"):
+        Pipeline.from_pretrained(odd_ckpt, backend="onnxruntime", export_dir=odd_onnx, providers="tensorrt")
+    with pytest.raises(BackendUnavailableError, match="unknown providers 'rocm'"):
+        Pipeline.from_pretrained(odd_ckpt, backend="onnxruntime", export_dir=odd_onnx, providers="rocm")
+    with pytest.raises(InvalidInputError, match=r"unknown option\(s\) 'chanels_last' for the torch backend; it "
+                                                r"takes channels_last, compile, cuda_graph"):
+        Pipeline.from_pretrained(tiny_ckpt, chanels_last=True)
+    with pytest.raises(InvalidInputError, match="'channels_last' for the onnxruntime backend"):
+        Pipeline.from_pretrained(odd_ckpt, backend="onnxruntime", export_dir=odd_onnx, channels_last=True)
+    pipe = Pipeline.from_pretrained(odd_ckpt, backend="onnxruntime", export_dir=odd_onnx, providers="cpu")
+    assert pipe("a cat", seed=0, output_type="np").images.shape[0] == 1
 
 
 def test_torch_channels_last_matches_eager(tiny_ckpt, tiny_pipe):

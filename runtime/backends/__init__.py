@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, InvalidInputError
 from .base import Backend
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ def create(name: str, components: "Components", device: torch.device, dtype: tor
     if name == "torch":
         from .torch_backend import TorchBackend
 
+        _check_options(TorchBackend, name, options)
         return TorchBackend(components, device=device, dtype=dtype, **options)
     if checkpoint is None:
         raise BackendUnavailableError(f"the {name} backend runs an export of a checkpoint folder; load the "
@@ -48,10 +49,24 @@ def create(name: str, components: "Components", device: torch.device, dtype: tor
     if name == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeBackend
 
+        _check_options(OnnxRuntimeBackend, name, options)
         return OnnxRuntimeBackend(checkpoint, export_dir, device=device, dtype=dtype, **options)
     from .tensorrt_backend import TensorRTBackend
 
+    _check_options(TensorRTBackend, name, options)
     return TensorRTBackend(checkpoint, export_dir, device=device, dtype=dtype, **options)
+
+
+def _check_options(cls: type, name: str, options: dict[str, Any]) -> None:
+    """Unknown keyword options (a typo, or an option of another backend) -> one line listing the valid ones."""
+    import inspect
+
+    valid = [p for p in inspect.signature(cls.__init__).parameters
+             if p not in ("self", "components", "checkpoint", "export_dir", "device", "dtype")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise InvalidInputError(f"unknown option(s) {', '.join(map(repr, unknown))} for the {name} backend; "
+                                f"it takes {', '.join(valid)}")
 
 
 def resolve_auto(device: torch.device, checkpoint: "Checkpoint | None",

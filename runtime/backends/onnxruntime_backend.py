@@ -112,12 +112,18 @@ class Graph:
 
 
 class OnnxRuntimeBackend:
-    """Runs text encoder, UNet and VAE decoder graphs (and the fused one-step graph if exported)."""
+    """Runs text encoder, UNet and VAE decoder graphs (and the fused one-step graph if exported).
+
+    ``providers``: onnxruntime's provider list, or one of the names in :data:`PROVIDERS` (``"cpu"``, ``"cuda"``,
+    ``"tensorrt"``); default: CUDA on a CUDA device, else CPU. ``cuda_graph=True`` (CUDA only) replays
+    onnxruntime's CUDA graphs, one per input shape. ``threads``: intra-op threads on the CPU (default: one per
+    physical core).
+    """
 
     name = "onnxruntime"
 
     def __init__(self, checkpoint: "Checkpoint", export_dir: str | os.PathLike[str] | None, device: torch.device,
-                 dtype: torch.dtype, providers: Sequence[Any] | None = None, threads: int | None = None,
+                 dtype: torch.dtype, providers: str | Sequence[Any] | None = None, threads: int | None = None,
                  cuda_graph: bool = False, max_graphs: int = 16) -> None:
         from .. import manifest as mf
 
@@ -135,6 +141,11 @@ class OnnxRuntimeBackend:
         self.dtype = _TORCH[doc["components"]["unet"]["dtype"]]
         if cuda_graph and device.type != "cuda":
             raise BackendUnavailableError("cuda_graph=True needs a CUDA device")
+        if isinstance(providers, str):
+            if providers not in PROVIDERS:
+                raise BackendUnavailableError(f"unknown providers {providers!r}; choose one of "
+                                              f"{', '.join(PROVIDERS)} or give onnxruntime's provider list")
+            providers = PROVIDERS[providers]
         if providers is None:
             providers = PROVIDERS["cuda" if device.type == "cuda" else "cpu"]
             if cuda_graph:  # every node must run on the CUDA provider for onnxruntime to capture a graph
