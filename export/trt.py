@@ -108,8 +108,11 @@ def compare_engine(engine_path: Path, onnx_path: Path, profile: dict[str, tuple]
             feeds[t["name"]] = torch.randn(shape, generator=g)
     ref = ort_session(onnx_path).run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     engine = Engine(engine_path, device=torch.device("cuda"))
-    out = engine.run({k: v.cuda() for k, v in feeds.items()}, torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
+    engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()  # TensorRT wants an explicit stream, not the legacy default one
+    with torch.cuda.stream(stream):
+        out = engine.run(engine.cast([feeds[n] for n in engine.inputs]), stream.cuda_stream)
+    stream.synchronize()
     return max_rel_error(out.float().cpu().numpy(), ref.astype(np.float64))
 
 
