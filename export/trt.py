@@ -107,13 +107,20 @@ def compare_engine(engine_path: Path, onnx_path: Path, profile: dict[str, tuple]
         else:
             feeds[t["name"]] = torch.randn(shape, generator=g)
     ref = ort_session(onnx_path).run(None, {k: v.numpy() for k, v in feeds.items()})[0]
-    engine = Engine(engine_path, device=torch.device("cuda"))
-    engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8, device="cuda")
+    device = _engine_device()
+    engine = Engine(engine_path, device=device)
+    engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream()  # TensorRT wants an explicit stream, not the legacy default one
     with torch.cuda.stream(stream):
         out = engine.run(engine.cast([feeds[n] for n in engine.inputs]), stream.cuda_stream)
     stream.synchronize()
     return max_rel_error(out.float().cpu().numpy(), ref.astype(np.float64))
+
+
+def _engine_device() -> Any:
+    import torch
+
+    return torch.device("cuda", 0)
 
 
 def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, opt_batch: int | None = None,

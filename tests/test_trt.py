@@ -1,6 +1,7 @@
 """TensorRT: without TensorRT or a GPU the ONNX export still happens and one line says what is missing; with both,
 engines are built, compared with onnxruntime and used by the runtime (those tests skip only where TensorRT or a
-GPU is absent)."""
+GPU is absent). On the CPU, the engine build, the TensorRT backend and its cuda-python CUDA-graph capture run
+against the stand-ins of tests/fake_tensorrt.py (ONNX graphs run by onnxruntime behind the TensorRT 10 API)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,102 @@ def test_engines_build_and_match_torch(tiny_ckpt, tmp_path):
         doc["gpu"] = "another GPU"
         (tmp_path / "engines.json").write_text(json.dumps(doc))
         Pipeline.from_pretrained(tiny_ckpt, device="cuda", backend="tensorrt", export_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ fake TensorRT (CPU)
+@pytest.fixture()
+def fake_gpu(monkeypatch):
+    """The TensorRT 10 and cuda-python stand-ins of tests/fake_tensorrt.py, plus torch.cuda's stream surface."""
+    import sys
+
+    import fake_tensorrt as fake
+
+    import export.trt as export_trt
+    from runtime.backends import graphs, tensorrt_backend
+
+    if HAVE_TRT:
+        pytest.skip("the real TensorRT is here")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    for module in (graphs, tensorrt_backend):
+        monkeypatch.setattr(module, "cudart", lambda: fake.cudart)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "Stream", fake.FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", fake.fake_stream_context)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fake.DEFAULT_STREAM)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    monkeypatch.setattr(export_trt, "_engine_device", lambda: torch.device("cpu"))
+    fake.LOG.clear()
+    return fake
+
+
+def _fake_backend(ckpt, folder, **options):
+    from runtime import Pipeline, resolve
+    from runtime.backends.tensorrt_backend import TensorRTBackend
+    from runtime.models import load_components
+
+    checkpoint = resolve(ckpt)
+    backend = TensorRTBackend(checkpoint, folder, device=torch.device("cpu"), dtype=torch.float32, **options)
+    return Pipeline(load_components(checkpoint, weights=False), device="cpu", backend=backend)
+
+
+def test_fake_tensorrt_build_then_backend_matches_torch(fake_gpu, tiny_ckpt, tiny_pipe, tmp_path):
+    from export.trt import build
+    from runtime import InvalidInputError
+
+    doc = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=2)
+    assert set(doc["components"]) == {"text_encoder", "unet", "vae_decoder", "onestep"}
+    assert doc["gpu"] == "Fake GPU" and doc["tensorrt"] == fake_gpu.__version__
+    assert all(e["max_rel_err"] <= 1e-4 for e in doc["components"].values())  # fp32 ONNX run by onnxruntime
+    assert doc["components"]["unet"]["profile"]["sample"][2][0] == 4  # guidance doubles the UNet batch
+    assert len(list(tmp_path.glob("timing.*.cache"))) == 1
+    assert json.loads((tmp_path / "engines.json").read_text()) == json.loads(json.dumps(doc))
+    builds = [e for e in fake_gpu.LOG if e[0] == "build"]
+    build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=2)  # cached engines are not rebuilt
+    assert [e for e in fake_gpu.LOG if e[0] == "build"] == builds
+
+    for cuda_graph in (False, True):
+        pipe = _fake_backend(tiny_ckpt, tmp_path, cuda_graph=cuda_graph)
+        assert pipe.backend.cuda_graph is cuda_graph
+        for kwargs in (dict(), dict(num_inference_steps=3, guidance_scale=1.5)):
+            for prompts in (["a red circle", "a blue square"], ["a green star"], ["a cat", "a dog"]):
+                a = tiny_pipe(prompts, seed=3, output_type="pt", **kwargs).images
+                b = pipe(prompts, seed=3, output_type="pt", **kwargs).images
+                torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        with pytest.raises(InvalidInputError, match=r"input_ids shape \[3, 16\] is outside what the text_encoder "
+                                                    r"engine was built for \(\[1, 16\] .. \[2, 16\]\)"):
+            pipe(["a", "b", "c"], seed=0)
+        with pytest.raises(InvalidInputError, match="outside what the onestep engine"):
+            pipe("a", num_images_per_prompt=3, seed=0)  # one prompt encoded, three images
+    # with graphs: one capture per (engine, shape), then launches; batch 1 and 2 for encoder and one-step
+    graphed = pipe.backend._graphs
+    assert {k: len(v) for k, v in graphed.items()} == {"text_encoder": 2, "onestep": 2}
+    assert sum(1 for e in fake_gpu.LOG if e[0] == "launch") >= 6
+
+
+def test_fake_tensorrt_backend_refusals(fake_gpu, tiny_ckpt, odd_ckpt, tmp_path, monkeypatch):
+    from export.trt import build
+    from runtime import BackendUnavailableError, ExportError
+
+    with pytest.raises(BackendUnavailableError, match="no TensorRT engines for .*; build them with `python -m export.trt --ckpt "):
+        _fake_backend(tiny_ckpt, tmp_path)
+    build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=1)
+    with pytest.raises(ExportError, match="another checkpoint"):
+        _fake_backend(odd_ckpt, tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Other GPU")
+    with pytest.raises(ExportError, match="built for Fake GPU .* this is Other GPU"):
+        _fake_backend(tiny_ckpt, tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(fake_gpu, "__version__", "10.100.0")
+    with pytest.raises(ExportError, match="with TensorRT 10.99.0, this is Fake GPU with TensorRT 10.100.0"):
+        _fake_backend(tiny_ckpt, tmp_path)
+    monkeypatch.setattr(fake_gpu, "__version__", "10.99.0")
+    plan = next(tmp_path.glob("unet.*.plan"))
+    plan.write_bytes(plan.read_bytes()[:-3])
+    with pytest.raises(ExportError, match="does not match its manifest hash"):
+        _fake_backend(tiny_ckpt, tmp_path)
+    monkeypatch.setattr(fake_gpu, "__version__", "8.6.1")
+    from export.trt import main
+
+    assert main(["--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "old")]) == 2

@@ -53,6 +53,8 @@ def create(name: str, components: "Components", device: torch.device, dtype: tor
         return OnnxRuntimeBackend(checkpoint, export_dir, device=device, dtype=dtype, **options)
     from .tensorrt_backend import TensorRTBackend
 
+    if device.type != "cuda":
+        raise BackendUnavailableError("the tensorrt backend needs a CUDA device")
     _check_options(TensorRTBackend, name, options)
     return TensorRTBackend(checkpoint, export_dir, device=device, dtype=dtype, **options)
 

@@ -118,8 +118,6 @@ class TensorRTBackend:
         from .. import manifest as mf
 
         trt = _trt()
-        if device.type != "cuda":
-            raise BackendUnavailableError("the tensorrt backend needs a CUDA device")
         if cuda_graph is None:
             cuda_graph = _have_cuda_python()
         elif cuda_graph:

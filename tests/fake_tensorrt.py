@@ -1,0 +1,314 @@
+"""Stand-ins for the parts of the TensorRT 10 Python API and of cuda-python's runtime that instaflow-rt calls, so
+that the engine build, the TensorRT backend and its CUDA-graph capture run on the CPU in tests.
+
+They keep the semantics that matter: an "engine" is the ONNX graph it was built from, run by onnxruntime; tensors
+are bound by raw address and read/written through those addresses when the context executes (as TensorRT does
+with device pointers), so a stale or freed buffer gives wrong results; a context needs its activation memory
+before it runs; and ``execute_async_v3`` on a stream being captured is recorded, not run, and runs at each
+``cudaGraphLaunch`` with whatever the bound buffers hold then. The real API is only on a GPU (tests/test_trt.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import json
+import types
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+__version__ = "10.99.0"
+
+float32, float16, int64, int32, bfloat16 = "float32", "float16", "int64", "int32", "bfloat16"
+_ONNX_TYPES = {"tensor(float)": float32, "tensor(float16)": float16, "tensor(int64)": int64,
+               "tensor(int32)": int32}
+_NP = {float32: np.float32, float16: np.float16, int64: np.int64, int32: np.int32}
+ACTIVATION_BYTES = 4096
+CAPTURING: dict[int, list] = {}  # stream handle -> operations recorded while capturing
+LOG: list[tuple[str, Any]] = []  # (event, detail): what ran, for assertions
+
+
+class Logger:
+    WARNING = 2
+
+    def __init__(self, severity: int = 2) -> None:
+        self.severity = severity
+
+
+class MemoryPoolType:
+    WORKSPACE = "workspace"
+
+
+class BuilderFlag:
+    FP16 = "fp16"
+
+
+class TensorIOMode:
+    INPUT = "INPUT"
+    OUTPUT = "OUTPUT"
+
+
+class ExecutionContextAllocationStrategy:
+    STATIC = "static"
+    USER_MANAGED = "user_managed"
+
+
+# ----------------------------------------------------------------------------------------------------- build
+class _Network:
+    onnx: str | None = None
+
+
+class OnnxParser:
+    def __init__(self, network: _Network, logger: Logger) -> None:
+        self.network, self.num_errors = network, 0
+
+    def parse_from_file(self, path: str) -> bool:
+        self.network.onnx = path
+        return True
+
+    def get_error(self, i: int) -> str:  # pragma: no cover - the fake parser never fails
+        return ""
+
+
+class _Profile:
+    def __init__(self) -> None:
+        self.shapes: dict[str, list] = {}
+
+    def set_shape(self, name: str, lo: Any, opt: Any, hi: Any) -> None:
+        assert all(len(lo) == len(x) for x in (opt, hi)), "min/opt/max of one input have one rank"
+        assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), f"{name}: need min <= opt <= max"
+        self.shapes[name] = [list(lo), list(opt), list(hi)]
+
+
+class _TimingCache:
+    def __init__(self, data: bytes) -> None:
+        self.data = bytes(data) or b"fake-timing-cache"
+
+    def serialize(self) -> memoryview:
+        return memoryview(self.data)
+
+
+class _Config:
+    def __init__(self) -> None:
+        self.flags: set[str] = set()
+        self.profiles: list[_Profile] = []
+        self.pools: dict[str, int] = {}
+        self.cache: _TimingCache | None = None
+
+    def set_memory_pool_limit(self, pool: str, size: int) -> None:
+        self.pools[pool] = int(size)
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.add(flag)
+
+    def add_optimization_profile(self, profile: _Profile) -> int:
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def create_timing_cache(self, data: bytes) -> _TimingCache:
+        return _TimingCache(data)
+
+    def set_timing_cache(self, cache: _TimingCache, ignore_mismatch: bool) -> bool:
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self) -> _TimingCache:
+        assert self.cache is not None
+        return self.cache
+
+
+class Builder:
+    def __init__(self, logger: Logger) -> None:
+        self.logger = logger
+
+    def create_network(self, flags: int = 0) -> _Network:
+        assert flags == 0, "TensorRT 10 networks are explicit-batch; no flags"
+        return _Network()
+
+    def create_builder_config(self) -> _Config:
+        return _Config()
+
+    def create_optimization_profile(self) -> _Profile:
+        return _Profile()
+
+    def build_serialized_network(self, network: _Network, config: _Config) -> bytes:
+        assert network.onnx and len(config.profiles) == 1
+        LOG.append(("build", network.onnx))
+        return json.dumps({"onnx": network.onnx, "profile": config.profiles[0].shapes,
+                           "fp16": BuilderFlag.FP16 in config.flags}).encode()
+
+
+# ------------------------------------------------------------------------------------------------------ run
+class Runtime:
+    def __init__(self, logger: Logger) -> None:
+        self.logger = logger
+
+    def deserialize_cuda_engine(self, data: bytes) -> "_Engine | None":
+        try:
+            doc = json.loads(bytes(data))
+        except ValueError:
+            return None
+        return _Engine(doc)
+
+
+class _Engine:
+    def __init__(self, doc: dict) -> None:
+        import onnxruntime as ort
+
+        self.doc = doc
+        self.session = ort.InferenceSession(doc["onnx"], providers=["CPUExecutionProvider"])
+        self.io = {a.name: (TensorIOMode.INPUT, _ONNX_TYPES[a.type]) for a in self.session.get_inputs()}
+        self.io.update({a.name: (TensorIOMode.OUTPUT, _ONNX_TYPES[a.type]) for a in self.session.get_outputs()})
+        self.names = list(self.io)
+        self.device_memory_size_v2 = ACTIVATION_BYTES
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.names)
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.names[i]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return self.io[name][0]
+
+    def get_tensor_dtype(self, name: str) -> str:
+        return self.io[name][1]
+
+    def create_execution_context(self, strategy: str = ExecutionContextAllocationStrategy.STATIC) -> "_Context":
+        return _Context(self, strategy)
+
+
+def _view(address: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """The array at a raw (CPU) address, as TensorRT sees a device pointer."""
+    n = int(np.prod(shape)) * np.dtype(_NP[dtype]).itemsize
+    raw = (ctypes.c_char * n).from_address(address)
+    return np.frombuffer(raw, dtype=_NP[dtype]).reshape(shape)
+
+
+class _Context:
+    def __init__(self, engine: _Engine, strategy: str) -> None:
+        self.engine, self.strategy = engine, strategy
+        self.memory: int | None = None if strategy == ExecutionContextAllocationStrategy.USER_MANAGED else -1
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+
+    def set_device_memory(self, address: int, size: int) -> None:
+        assert size >= self.engine.device_memory_size_v2, "activation block smaller than the engine needs"
+        self.memory = address
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        lo, _, hi = self.engine.doc["profile"][name]
+        if any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
+            return False
+        self.shapes[name] = tuple(int(s) for s in shape)
+        return True
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        self.addresses[name] = int(address)
+        return True
+
+    def _feeds(self) -> dict[str, np.ndarray]:
+        return {n: _view(self.addresses[n], self.shapes[n], self.engine.io[n][1]).copy()
+                for n, (mode, _) in self.engine.io.items() if mode == TensorIOMode.INPUT}
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        if self.engine.io[name][0] == TensorIOMode.INPUT:
+            return self.shapes[name]
+        zeros = {n: np.zeros(self.shapes[n], _NP[self.engine.io[n][1]]) for n, (mode, _) in self.engine.io.items()
+                 if mode == TensorIOMode.INPUT}
+        return tuple(self.engine.session.run([name], zeros)[0].shape)
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        assert self.memory is not None, "a USER_MANAGED context needs set_device_memory before it runs"
+        assert stream_handle != 0, "use an explicit stream, not the legacy default stream"
+        outputs = [n for n, (mode, _) in self.engine.io.items() if mode == TensorIOMode.OUTPUT]
+
+        def run() -> None:
+            results = self.engine.session.run(outputs, self._feeds())
+            for name, value in zip(outputs, results):
+                out = _view(self.addresses[name], value.shape, self.engine.io[name][1])
+                np.copyto(out, value.astype(out.dtype))
+            LOG.append(("execute", self.engine.doc["onnx"]))
+
+        if stream_handle in CAPTURING:
+            CAPTURING[stream_handle].append(run)
+        else:
+            run()
+        return True
+
+
+# ------------------------------------------------------------------------------------------------ cuda-python
+class _CudaError(enum.Enum):
+    cudaSuccess = 0
+    cudaErrorIllegalState = 401
+
+
+class _CaptureMode(enum.Enum):
+    cudaStreamCaptureModeGlobal = 0
+    cudaStreamCaptureModeThreadLocal = 1
+
+
+def _ok(*values: Any) -> tuple:
+    return (_CudaError.cudaSuccess, *values)
+
+
+def _begin(stream: int, mode: _CaptureMode) -> tuple:
+    if stream in CAPTURING or stream == 0:
+        return (_CudaError.cudaErrorIllegalState,)
+    CAPTURING[stream] = []
+    return _ok()
+
+
+def _end(stream: int) -> tuple:
+    return _ok(types.SimpleNamespace(ops=CAPTURING.pop(stream)))
+
+
+def _launch(graph_exec: Any, stream: int) -> tuple:
+    LOG.append(("launch", len(graph_exec.ops)))
+    for op in graph_exec.ops:
+        op()
+    return _ok()
+
+
+cudart = types.SimpleNamespace(
+    cudaError_t=_CudaError, cudaStreamCaptureMode=_CaptureMode,
+    cudaStreamBeginCapture=_begin, cudaStreamEndCapture=_end,
+    cudaGraphInstantiate=lambda graph, flags: _ok(types.SimpleNamespace(ops=list(graph.ops))),
+    cudaGraphLaunch=_launch, cudaGraphExecDestroy=lambda g: _ok(), cudaGraphDestroy=lambda g: _ok(),
+    cudaGetErrorString=lambda err: _ok(err.name.encode()),
+)
+
+
+# ------------------------------------------------------------------------------------------------ torch.cuda
+class FakeStream:
+    """torch.cuda.Stream's surface as the backends use it; work is synchronous on the CPU."""
+
+    _next = 1
+
+    def __init__(self, device: Any = None, handle: int | None = None) -> None:
+        if handle is None:
+            handle, FakeStream._next = FakeStream._next + 1000, FakeStream._next + 1
+        self.cuda_stream = handle
+
+    def wait_stream(self, other: "FakeStream") -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FakeStream) and other.cuda_stream == self.cuda_stream
+
+    def __hash__(self) -> int:
+        return self.cuda_stream
+
+
+DEFAULT_STREAM = FakeStream(handle=0)
+
+
+@contextmanager
+def fake_stream_context(stream: FakeStream):
+    yield stream
