@@ -46,6 +46,37 @@ def test_onnxruntime_matches_torch(which, request):
     assert len(pil) == 2 and pil[0].size == (w, h)
 
 
+def test_onnxruntime_io_binding_path(odd_ckpt, odd_onnx, tiny_ckpt, tiny_onnx):
+    """The bound path the GPU uses (torch buffers bound in place), run on the CPU, equals the numpy path."""
+    for ckpt, folder in ((tiny_ckpt, tiny_onnx), (odd_ckpt, odd_onnx)):
+        plain = Pipeline.from_pretrained(ckpt, backend="onnxruntime", export_dir=folder)
+        bound = Pipeline.from_pretrained(ckpt, backend="onnxruntime", export_dir=folder, io_binding=True)
+        assert all(g.io_binding for g in bound.backend.graphs.values())
+        for kwargs in (dict(), dict(num_inference_steps=2, guidance_scale=1.5), dict(num_images_per_prompt=3)):
+            a = plain(["a cat", "a dog"], seed=2, output_type="pt", **kwargs).images
+            b = bound(["a cat", "a dog"], seed=2, output_type="pt", **kwargs).images
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+def test_onnxruntime_graph_cache_with_graph_ids(tiny_onnx):
+    """onnxruntime's CUDA-graph bookkeeping (static bound buffers, one gpu_graph_id per shape), on the CPU provider,
+    which ignores the graph id: results must follow the new inputs of every call."""
+    import json
+
+    from runtime.backends.onnxruntime_backend import Graph
+
+    entry = json.loads((tiny_onnx / "manifest.json").read_text())["components"]["unet"]
+    plain = Graph(tiny_onnx / entry["file"], entry, ["CPUExecutionProvider"], torch.device("cpu"), 4)
+    graphed = Graph(tiny_onnx / entry["file"], entry, ["CPUExecutionProvider"], torch.device("cpu"), 4,
+                    max_graphs=4, io_binding=True)
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 2, 1, 2):
+        x, emb = torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 16, 32, generator=g)
+        t = torch.full((batch,), 1000.0)
+        torch.testing.assert_close(graphed(x, t, emb), plain(x, t, emb))
+    assert len(graphed.graphs) == 2 and graphed._graph_ids == 2
+
+
 def test_onnxruntime_loads_no_torch_weights(tiny_ckpt, tiny_onnx):
     pipe = Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tiny_onnx)
     assert not isinstance(pipe.components.unet, torch.nn.Module)  # configs only: the graphs do the work

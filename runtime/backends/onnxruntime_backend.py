@@ -39,10 +39,16 @@ def _import_ort() -> Any:
 
 
 class Graph:
-    """One onnxruntime session plus the tensor names and dtypes the manifest records."""
+    """One onnxruntime session plus the tensor names and dtypes the manifest records.
+
+    On the CPU, inputs and outputs go through numpy (``io_binding=False``, the default there); on a GPU, torch's
+    buffers are bound in place (IO binding), and with ``max_graphs`` onnxruntime's CUDA graphs are replayed, one per
+    input shape. The bound path runs on the CPU too (``io_binding=True``), which is how it is tested here.
+    """
 
     def __init__(self, path: Path, entry: dict[str, Any], providers: Sequence[Any], device: torch.device,
-                 factor: int, threads: int | None = None, max_graphs: int | None = None) -> None:
+                 factor: int, threads: int | None = None, max_graphs: int | None = None,
+                 io_binding: bool | None = None) -> None:
         ort = _import_ort()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -62,36 +68,42 @@ class Graph:
         self.input_shapes = {t["name"]: t["shape"] for t in entry["inputs"]}
         self.output_shape = entry["outputs"][0]["shape"]
         self.factor = factor
+        self.io_binding = device.type != "cpu" if io_binding is None else io_binding
         # onnxruntime's CUDA graphs: one per input shape, told apart by the run option gpu_graph_id (1, 2, ...)
         self.graphs = GraphCache(self._capture, max_graphs) if max_graphs else None
         self._graph_ids = 0
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         feeds = {name: t.to(_TORCH[dt]).contiguous() for (name, dt), t in zip(self.inputs.items(), args)}
-        if self.device.type == "cpu":
+        if not self.io_binding:
             out = self.session.run(self.outputs, {k: v.numpy() for k, v in feeds.items()})[0]
             return torch.from_numpy(out)
         if self.graphs is not None:
             return self.graphs(*feeds.values())
         binding, out = self._bind(list(feeds.values()))
-        torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
+        self._sync()
         self.session.run_with_iobinding(binding)
         return out
+
+    def _sync(self) -> None:
+        """onnxruntime reads the bound inputs on its own stream: wait for torch's writes to them."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _bind(self, inputs: Sequence[torch.Tensor]) -> tuple[Any, torch.Tensor]:
         """GPU: bind torch's device buffers for the inputs and a freshly allocated output (so calls never alias
         each other); nothing round-trips through the host."""
         binding = self.session.io_binding()
-        index = self.device.index or 0
+        kind, index = self.device.type, self.device.index or 0
         dims: dict[str, int] = {}
         for name, t in zip(self.inputs, inputs):
             dims.update({d: n for d, n in zip(self.input_shapes[name], t.shape) if isinstance(d, str)})
-            binding.bind_input(name, "cuda", index, _NP[self.inputs[name]], list(t.shape), t.data_ptr())
+            binding.bind_input(name, kind, index, _NP[self.inputs[name]], list(t.shape), t.data_ptr())
         if "h" in dims:
             dims.update(H=dims["h"] * self.factor, W=dims["w"] * self.factor)
         out = torch.empty([d if isinstance(d, int) else dims[d] for d in self.output_shape],
                           dtype=_TORCH[self.out_dtype], device=self.device)
-        binding.bind_output(self.outputs[0], "cuda", index, _NP[self.out_dtype], list(out.shape), out.data_ptr())
+        binding.bind_output(self.outputs[0], kind, index, _NP[self.out_dtype], list(out.shape), out.data_ptr())
         return binding, out
 
     def _capture(self, statics: Sequence[torch.Tensor]) -> Captured:
@@ -104,7 +116,7 @@ class Graph:
         options.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
 
         def run() -> None:
-            torch.cuda.current_stream(self.device).synchronize()  # static inputs written by torch are ready
+            self._sync()
             self.session.run_with_iobinding(binding, options)
 
         run()  # warm-up: onnxruntime allocates and picks kernels on a regular run before it captures
@@ -117,14 +129,14 @@ class OnnxRuntimeBackend:
     ``providers``: onnxruntime's provider list, or one of the names in :data:`PROVIDERS` (``"cpu"``, ``"cuda"``,
     ``"tensorrt"``); default: CUDA on a CUDA device, else CPU. ``cuda_graph=True`` (CUDA only) replays
     onnxruntime's CUDA graphs, one per input shape. ``threads``: intra-op threads on the CPU (default: one per
-    physical core).
+    physical core). ``io_binding``: bind torch's buffers in place (default: on a GPU only).
     """
 
     name = "onnxruntime"
 
     def __init__(self, checkpoint: "Checkpoint", export_dir: str | os.PathLike[str] | None, device: torch.device,
                  dtype: torch.dtype, providers: str | Sequence[Any] | None = None, threads: int | None = None,
-                 cuda_graph: bool = False, max_graphs: int = 16) -> None:
+                 cuda_graph: bool = False, max_graphs: int = 16, io_binding: bool | None = None) -> None:
         from .. import manifest as mf
 
         folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint)
@@ -159,7 +171,8 @@ class OnnxRuntimeBackend:
         for name, entry in doc["components"].items():
             mf.check_files(folder, entry)
             graphs[name] = Graph(folder / entry["file"], entry, providers, device,
-                                 doc["latent"]["vae_scale_factor"], threads, max_graphs if cuda_graph else None)
+                                 doc["latent"]["vae_scale_factor"], threads, max_graphs if cuda_graph else None,
+                                 io_binding)
         self.graphs = graphs
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
