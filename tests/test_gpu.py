@@ -55,15 +55,10 @@ def test_auto_on_gpu_is_torch_with_cuda_graphs(tiny_ckpt, tmp_path):
 
 
 def test_threads_share_a_cuda_graph_pipeline(tiny_ckpt):
-    from concurrent.futures import ThreadPoolExecutor
+    from helpers import assert_threads_match_sequential
 
     pipe = Pipeline.from_pretrained(tiny_ckpt, device="cuda", dtype=torch.float16, cuda_graph=True)
-    jobs = [dict(prompt=f"a cat {i}", seed=i, output_type="pt") for i in range(16)]
-    with ThreadPoolExecutor(4) as pool:
-        parallel = list(pool.map(lambda kw: pipe(**kw).images, jobs))
-    sequential = [pipe(**kw).images for kw in jobs]
-    for a, b in zip(parallel, sequential):
-        torch.testing.assert_close(a, b)
+    assert_threads_match_sequential(pipe, [dict(prompt=f"a cat {i}", seed=i, output_type="pt") for i in range(16)])
 
 
 def _ort_cuda() -> bool:

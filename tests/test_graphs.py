@@ -99,9 +99,7 @@ def test_torch_graph_path_matches_eager(tiny_pipe, graphed_pipe):
 
 
 def test_torch_graph_path_threads_equal_sequential(graphed_pipe):
+    from helpers import assert_threads_match_sequential
+
     jobs = [dict(prompt=f"a cat {i % 5}", seed=i, output_type="pt") for i in range(16)]
-    with ThreadPoolExecutor(4) as pool:
-        parallel = list(pool.map(lambda kw: graphed_pipe(**kw).images, jobs))
-    sequential = [graphed_pipe(**kw).images for kw in jobs]
-    for a, b in zip(parallel, sequential):
-        torch.testing.assert_close(a, b)
+    assert_threads_match_sequential(graphed_pipe, jobs)

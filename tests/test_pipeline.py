@@ -194,17 +194,11 @@ def test_embedding_cache_is_bounded(tiny_pipe, monkeypatch):
 
 
 def test_four_threads_match_sequential_calls(tiny_pipe):
-    from concurrent.futures import ThreadPoolExecutor
+    from helpers import assert_threads_match_sequential
 
     jobs = [dict(prompt=[f"a red circle {i}", "a cat"], seed=i, num_inference_steps=1 + i % 3,
                  guidance_scale=0.0 if i % 2 else 1.5, output_type="pt") for i in range(12)]
-    tiny_pipe.clear_cache()
-    with ThreadPoolExecutor(4) as pool:
-        parallel = list(pool.map(lambda kw: tiny_pipe(**kw).images, jobs))
-    tiny_pipe.clear_cache()
-    sequential = [tiny_pipe(**kw).images for kw in jobs]
-    for a, b in zip(parallel, sequential):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert_threads_match_sequential(tiny_pipe, jobs, tol=1e-6)
 
 
 
