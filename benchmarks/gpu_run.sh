@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine, no network, well under 8 minutes: correctness first, then the GPU benchmarks.
 #   bash benchmarks/gpu_run.sh [OUT_DIR]        (default: $BENCH_OUT, else benchmarks/.results)
-# Packages missing there (diffusers, say) can travel as wheels in .whl/ (see the device tool's README); they are
+# Packages missing there (diffusers) travel as wheels in .whl/, made here by benchmarks/gpu_prepare.sh; they are
 # installed into /tmp/site first. Then on this machine: python -m benchmarks.report --results OUT_DIR/*.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
