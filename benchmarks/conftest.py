@@ -7,6 +7,7 @@ Options (all optional):
   --bench-update-baseline  write this run's ratios (and medians) as the new baseline
   --bench-absolute         also gate absolute medians against the baseline (only on a fixed machine)
   --bench-out DIR          where the run's results JSON goes (default benchmarks/.results)
+  --bench-compile          also time ours_1step with torch.compile (minutes of compilation; GPU script phase 2)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ RATIOS = {
     "ours/sd_25step_cfg": ("ours_1step", "sd_25step_cfg"),
     "onnxruntime/torch": ("ours_1step_onnxruntime", "ours_1step"),
     "ours/ours_eager": ("ours_1step", "ours_1step_eager"),  # GPU: CUDA graphs vs the same pipeline eager
+    "compiled/ours": ("ours_1step_compiled", "ours_1step"),  # --bench-compile: torch.compile on top
 }
 
 
@@ -46,6 +48,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-update-baseline", action="store_true")
     g.addoption("--bench-absolute", action="store_true")
     g.addoption("--bench-out", default=os.environ.get("BENCH_OUT", str(HERE / ".results")))
+    g.addoption("--bench-compile", action="store_true", default=os.environ.get("BENCH_COMPILE") == "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine, no network, well under 8 minutes: correctness first, then the GPU benchmarks.
 #   bash benchmarks/gpu_run.sh [OUT_DIR]        (default: $BENCH_OUT, else benchmarks/.results)
+#   BENCH_COMPILE=1 bash benchmarks/gpu_run.sh   adds a torch.compile phase (a few minutes more)
 # Packages missing there (diffusers) travel as wheels in .whl/, made here by benchmarks/gpu_prepare.sh; they are
 # installed into /tmp/site first. Then on this machine: python -m benchmarks.report --results OUT_DIR/*.json
 set -euo pipefail
@@ -15,8 +16,16 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu_info.txt"
+status=0  # every phase runs and leaves its log; the exit status says whether all passed
 echo "== correctness (gpu-marked tests)"
-timeout 180 python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
+timeout 180 python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || status=1
 echo "== benchmarks"
-timeout 300 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --bench-out "$out" 2>&1 | tee "$out/gpu_bench.log"
-python3 -m benchmarks.report --results "$out/gpu.json" --out "$out/RESULTS_gpu.md"
+timeout 300 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --bench-out "$out" 2>&1 \
+  | tee "$out/gpu_bench.log" || status=1
+python3 -m benchmarks.report --results "$out/gpu.json" --out "$out/RESULTS_gpu.md" || status=1
+if [ "${BENCH_COMPILE:-0}" = 1 ]; then  # optional phase 2 (a few more minutes): torch.compile inside the graphs
+  echo "== torch.compile"
+  timeout 300 python3 -m pytest benchmarks -m gpu -k "ours_1step or gate" --bench-compile -q -p no:cacheprovider \
+    --bench-out "$out/compile" 2>&1 | tee "$out/gpu_compile.log" || status=1
+fi
+exit $status
