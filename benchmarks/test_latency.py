@@ -27,7 +27,7 @@ def raw(subject):
 
 @pytest.fixture(scope="module")
 def sd(subject):
-    return sd_pipeline(subject.components, subject.pipe.device)
+    return sd_pipeline(subject.baseline_components, subject.pipe.device)
 
 
 def _size(subject):
