@@ -170,3 +170,22 @@ def test_fake_tensorrt_backend_refusals(fake_gpu, tiny_ckpt, odd_ckpt, tmp_path,
     from export.trt import main
 
     assert main(["--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "old")]) == 2
+
+
+def test_fake_tensorrt_unusual_shapes(fake_gpu, odd_ckpt, tmp_path):
+    """Non-square latents, 3 latent channels, a 7-token window, VAE factor 2: engines and profiles follow the
+    checkpoint's configs, and the backend matches torch at the default size and at another size in the profile."""
+    from export.trt import build
+    from runtime import Pipeline
+
+    doc = build(str(odd_ckpt), tmp_path, min_batch=1, max_batch=2)
+    assert doc["components"]["text_encoder"]["profile"]["input_ids"][0] == [1, 7]
+    ref = Pipeline.from_pretrained(odd_ckpt, device="cpu", treat_as_flow=True)
+    for cuda_graph in (False, True):
+        pipe = _fake_backend(odd_ckpt, tmp_path, cuda_graph=cuda_graph)
+        for kwargs in (dict(), dict(num_inference_steps=2, guidance_scale=2.0, negative_prompt="blurry"),
+                       dict(height=16, width=24)):
+            a = ref(["a cat", "a dog"], seed=1, output_type="pt", **kwargs).images
+            b = pipe(["a cat", "a dog"], seed=1, output_type="pt", **kwargs).images
+            assert b.shape == a.shape
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
