@@ -60,7 +60,8 @@ class Graph:
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
         except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
-            raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+            hint = "; try cuda_graph=False" if max_graphs else ""  # graphs need every node on the CUDA provider
+            raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}{hint}") from None
         self.device = device
         self.inputs = {t["name"]: t["dtype"] for t in entry["inputs"]}
         self.outputs = [t["name"] for t in entry["outputs"]]
