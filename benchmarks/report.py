@@ -73,6 +73,11 @@ def render(docs: list[dict], chart: str | None) -> str:
                     met = "" if limit is None else ("yes" if v <= limit else "no")
                     lines.append(f"| {k} | {v:.3f}{speed} | {what} | {met} |")
             lines.append("")
+    if not any("gpu" in doc["machine"] for doc in docs):
+        lines += ["## GPU", "", "No GPU results in this report yet. On a machine with a CUDA GPU: "
+                  "`bash benchmarks/gpu_prepare.sh` here (wheels the GPU image lacks), then "
+                  "`bash benchmarks/gpu_run.sh OUT` there, then `python -m benchmarks.report --results "
+                  "benchmarks/.results/cpu.json OUT/gpu.json`.", ""]
     if chart:
         lines += [f"![per-stage medians]({chart})", ""]
     return "\n".join(lines)
