@@ -87,7 +87,9 @@ def test_auto_picks_onnxruntime_on_cpu_when_an_export_exists(tiny_ckpt, tiny_onn
     assert resolve_auto(torch.device("cpu"), ckpt, tiny_onnx) == "onnxruntime"
     assert resolve_auto(torch.device("cpu"), ckpt, tmp_path / "none") == "torch"
     assert Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tiny_onnx).backend.name == "onnxruntime"
-    assert Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path).backend.name == "torch"
+    fallback = Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path)
+    assert fallback.backend.name == "torch" and not fallback.backend.cuda_graph
+    assert fallback.components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_default_export_dir_is_found(tiny_ckpt, tiny_onnx, tmp_path, monkeypatch):

