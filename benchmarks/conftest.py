@@ -36,6 +36,7 @@ RATIOS = {
     "ours/sd_25step_cfg": ("ours_1step", "sd_25step_cfg"),
     "onnxruntime/torch": ("ours_1step_onnxruntime", "ours_1step"),
     "ours/ours_eager": ("ours_1step", "ours_1step_eager"),  # GPU: CUDA graphs vs the same pipeline eager
+    "channels_last/ours": ("ours_1step_channels_last", "ours_1step"),  # CPU: channels-last vs default format
     "compiled/ours": ("ours_1step_compiled", "ours_1step"),  # --bench-compile: torch.compile on top
 }
 

@@ -26,7 +26,7 @@ GPU_TARGETS = {  # where a GPU asks for more
 }
 GPU_LATENCY_S = 0.015  # one step, batch 1, end to end, SD-1.5 shape at 512x512
 CASE_ORDER = ["stage_encode", "stage_unet", "stage_decode", "raw_chain", "ours_1step", "ours_1step_eager",
-              "ours_1step_compiled",
+              "ours_1step_channels_last", "ours_1step_compiled",
               "ours_1step_onnxruntime", "ours_batch8", "diffusers_1step", "sd_25step_cfg"]
 
 

@@ -5,6 +5,8 @@ Every subject runs all cases in one session, so the ratios (the gate) compare nu
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from runtime import Pipeline
@@ -58,6 +60,17 @@ def test_ours_1step_eager(measure, subject):
     b = subject.pipe(PROMPT, seed=0, output_type="pt").images
     assert (a - b).abs().max() < 1e-2  # the graphed path draws the same image
     measure(subject, "ours_1step_eager", lambda: eager(PROMPT, seed=0), ROUNDS[subject.name][0])
+
+
+def test_ours_1step_channels_last(measure, subject):
+    """CPU: the torch backend with channels-last (what ``backend="auto"`` uses when it falls back to torch), on a
+    copy of the modules so that the other cases keep the default memory format."""
+    if subject.pipe.device.type != "cpu":
+        pytest.skip("on the GPU the subject already runs channels-last")
+    cl = Pipeline(copy.deepcopy(subject.components), device="cpu", name=subject.name, channels_last=True)
+    a = cl(PROMPT, seed=0, output_type="pt").images
+    assert (a - subject.pipe(PROMPT, seed=0, output_type="pt").images).abs().max() < 1e-4
+    measure(subject, "ours_1step_channels_last", lambda: cl(PROMPT, seed=0), ROUNDS[subject.name][0])
 
 
 def test_ours_1step_compiled(measure, subject, request):
