@@ -36,7 +36,7 @@ def create(name: str, components: "Components", device: torch.device, dtype: tor
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
         name = resolve_auto(device, checkpoint, export_dir)
-        if name == "torch":  # channels-last: 6-10% faster on the small SD-shaped model on this CPU, too
+        if name == "torch":  # channels-last on the CPU too: see channels_last/ours in benchmarks/RESULTS.md
             options = {"cuda_graph": device.type == "cuda", "channels_last": True, **options}
     if name == "torch":
         from .torch_backend import TorchBackend
