@@ -83,7 +83,7 @@ def test_onnxruntime_cuda_matches_torch(tiny_ckpt, tmp_path, cuda_graph):
         for seed in (0, 1):  # the second call replays the graph with new inputs
             a = ref(["a cat", "a dog"], seed=seed, output_type="pt", **kwargs).images
             b = ort_pipe(["a cat", "a dog"], seed=seed, output_type="pt", **kwargs).images.cpu()
-            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(b, a, atol=5e-3, rtol=5e-3)  # the CUDA provider may use TF32
 
 
 def test_cuda_python_stream_graph_replays_new_inputs():
