@@ -103,3 +103,16 @@ def test_torch_graph_path_threads_equal_sequential(graphed_pipe):
 
     jobs = [dict(prompt=f"a cat {i % 5}", seed=i, output_type="pt") for i in range(16)]
     assert_threads_match_sequential(graphed_pipe, jobs)
+
+
+def test_text_encoder_that_cannot_be_captured_runs_eagerly(tiny_pipe, graphed_pipe):
+    def refuse(statics):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    graphed_pipe.backend._encode_graphs = GraphCache(refuse)
+    graphed_pipe.clear_cache()
+    with pytest.warns(RuntimeWarning, match=r"text encoder cannot be captured .* \(operation not permitted"):
+        b = graphed_pipe("a red circle", seed=5, output_type="pt").images
+    torch.testing.assert_close(b, tiny_pipe("a red circle", seed=5, output_type="pt").images, atol=1e-5, rtol=1e-5)
+    assert graphed_pipe.backend._encode_graphs is None  # decided once
+    graphed_pipe("a blue square", seed=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,8 +61,14 @@ class TorchBackend:
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = attention_mask if self._mask else None
-        if self.cuda_graph:
-            return self._encode_graphs(input_ids) if mask is None else self._encode_graphs(input_ids, mask)
+        if self.cuda_graph and self._encode_graphs is not None:
+            inputs = (input_ids,) if mask is None else (input_ids, mask)
+            try:
+                return self._encode_graphs(*inputs)
+            except RuntimeError as e:  # a text encoder with host syncs cannot be captured: run it eagerly
+                warnings.warn(f"the text encoder cannot be captured as a CUDA graph and runs eagerly "
+                              f"({str(e).splitlines()[0][:160]})", RuntimeWarning, stacklevel=2)
+                self._encode_graphs = None
         return self._encode_eager(input_ids, mask)
 
     def _encode_eager(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
