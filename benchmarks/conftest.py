@@ -25,6 +25,8 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from runtime.files import atomic_write_json  # noqa: E402 - after the environment, which the hub reads at import
+
 HERE = Path(__file__).resolve().parent
 RESULTS: dict[str, dict] = {}  # subject -> {"description", "cases": {case: {median_s, min_s, rounds, peak_mem}}}
 CALLS: dict[str, dict] = {}  # subject -> {case: (callable, rounds, device)} for the interleaved ratio runs
@@ -151,9 +153,7 @@ def gate(request):
             baseline[subject] = {"ratios": ratios,
                                  "medians_s": {k: v["median_s"] for k, v in RESULTS[subject]["cases"].items()},
                                  "machine": machine_info(), "date": _now()}
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(baseline, indent=2) + "\n")
-            os.replace(tmp, path)
+            atomic_write_json(path, baseline)
         assert not failures, f"{subject} latency regression: " + "; ".join(failures)
         return ratios
 
@@ -195,9 +195,5 @@ def pytest_sessionfinish(session, exitstatus):
     out = Path(session.config.getoption("--bench-out"))
     out.mkdir(parents=True, exist_ok=True)
     doc = {"date": _now(), "machine": machine_info(), "quick": session.config.getoption("--bench-quick"),
-           "command": " ".join(["pytest", *sys.argv[1:]]) if "pytest" not in sys.argv[0] else
-           " ".join(["pytest", *sys.argv[1:]]), "subjects": RESULTS}
-    name = "gpu.json" if "gpu" in doc["machine"] else "cpu.json"
-    tmp = out / f".{name}.{time.time_ns()}"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out / name)
+           "command": " ".join(["pytest", *sys.argv[1:]]), "subjects": RESULTS}
+    atomic_write_json(out / ("gpu.json" if "gpu" in doc["machine"] else "cpu.json"), doc)

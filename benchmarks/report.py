@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 from pathlib import Path
+
+from runtime.files import atomic_write_bytes, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 
@@ -107,9 +109,9 @@ def bar_chart(docs: list[dict], path: Path) -> None:
     ax.set_xlabel("share of one-step network time (text encoder, UNet, VAE decode)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     chart = out.with_name("stages.png")
     bar_chart(docs, chart)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(render(docs, chart.name))
-    os.replace(tmp, out)
+    atomic_write_text(out, render(docs, chart.name))
     print(f"wrote {out} and {chart}")
     return 0
 

@@ -14,8 +14,6 @@ status is 2.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 from runtime import manifest as mf
 from runtime.cli import run_cli
 from runtime.errors import BackendUnavailableError, ExportError
+from runtime.files import atomic_write_bytes, atomic_write_json
 
 from .onnx import ExportSettings, export
 
@@ -77,14 +76,8 @@ def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
-    _atomic_write(engine_path, bytes(serialized))
-    _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(engine_path, bytes(serialized))
+    atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
 def compare_engine(engine_path: Path, onnx_path: Path, profile: dict[str, tuple], inputs_meta: list[dict],
@@ -178,9 +171,7 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
         }
         if not ok:
             raise ExportError(f"engine {file} disagrees with onnxruntime (max rel err {err:.2e})")
-    tmp = out / f".{ENGINES}.tmp"
-    tmp.write_text(json.dumps(engines, indent=2) + "\n")
-    os.replace(tmp, out / ENGINES)
+    atomic_write_json(out / ENGINES, engines)
     return engines
 
 

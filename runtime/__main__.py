@@ -73,15 +73,14 @@ def check_writable(paths: Sequence[Path]) -> None:
 
 
 def save_png(image, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Encode in memory, then write atomically (see :mod:`runtime.files`)."""
+    import io
+
+    from .files import atomic_write_bytes
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:

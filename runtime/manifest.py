@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .checkpoints import Checkpoint, weight_files
 from .errors import ExportError
+from .files import atomic_write_json
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -98,12 +98,8 @@ def read(folder: Path) -> dict[str, Any] | None:
 
 
 def write(folder: Path, doc: dict[str, Any]) -> None:
-    """Atomic write: temporary file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, folder / MANIFEST)
+    """Atomic write (see :mod:`runtime.files`)."""
+    atomic_write_json(folder / MANIFEST, doc)
 
 
 def check_files(folder: Path, entry: dict[str, Any]) -> None:

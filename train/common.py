@@ -6,7 +6,6 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -85,23 +84,6 @@ def load_prompts(path: str | os.PathLike[str]) -> list[str]:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, doc: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 def batches(indices: list[int], size: int) -> Iterator[list[int]]:

@@ -22,7 +22,9 @@ from runtime import Pipeline, flow
 from runtime.checkpoints import resolve
 from runtime.models import Components, load_components, save_checkpoint
 
-from .common import Dist, TrainError, atomic_write_bytes, device_for, init_distributed, progress
+from runtime.files import atomic_write_bytes
+
+from .common import Dist, TrainError, device_for, init_distributed, progress
 from .pairs import PairSet
 
 Loss = Callable[["Batch"], torch.Tensor]

@@ -28,7 +28,9 @@ from safetensors.torch import save as st_save
 from runtime.cli import run_cli
 from runtime.pipeline import parse_dtype
 
-from .common import (TrainError, atomic_write_bytes, atomic_write_json, batches, device_for, init_distributed,
+from runtime.files import atomic_write_bytes, atomic_write_json
+
+from .common import (TrainError, batches, device_for, init_distributed,
                      load_prompts, progress, sha256_bytes)
 from .teacher import load_teacher
 

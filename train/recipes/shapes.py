@@ -30,7 +30,9 @@ from runtime.checkpoints import BUNDLED, resolve
 from runtime.cli import run_cli
 from runtime.models import TinySpec, build_tiny_components, load_components, save_checkpoint
 
-from ..common import atomic_write_bytes, atomic_write_json, progress
+from runtime.files import atomic_write_bytes, atomic_write_json
+
+from ..common import progress
 from ..data import ATTRIBUTES, Label, all_labels, make_dataset
 from ..loop import Trainer, TrainConfig, l2_loss, reflow_loss
 from ..metrics import evaluate

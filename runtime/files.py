@@ -1,0 +1,36 @@
+"""Atomic file writes: a crash never leaves a half-written file under the final name.
+
+Every writer of the project (images, manifests, engines, pair shards, checkpoints, reports) goes through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a temporary file in the same folder, flush it to disk, then rename it to ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike[str], doc: Any) -> None:
+    """``doc`` as indented JSON, written atomically."""
+    atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode())
