@@ -120,16 +120,15 @@ class Pipeline:
         ``backend``: ``"torch"``, ``"onnxruntime"`` (runs an export from ``python -m export.onnx``, found in
         ``export_dir`` or the export cache), ``"tensorrt"`` or ``"auto"`` (the fastest one available here).
         """
-        from .backends import BACKENDS, resolve_auto
+        from .backends import check_name, choose
 
         device_ = parse_device(device)
         dtype_ = parse_dtype(dtype, device_)
-        if backend not in BACKENDS:
-            raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_name(backend)
         checkpoint = resolve(ckpt)
         check_is_flow(checkpoint, treat_as_flow)
-        resolved = resolve_auto(device_, checkpoint, export_dir) if backend == "auto" else backend
-        components = load_components(checkpoint, device=device_, dtype=dtype_, weights=resolved == "torch")
+        backend, backend_options = choose(backend, device_, checkpoint, export_dir, backend_options)  # auto: once
+        components = load_components(checkpoint, device=device_, dtype=dtype_, weights=backend == "torch")
         return cls(components, device=device_, dtype=dtype_, backend=backend, name=checkpoint.name,
                    checkpoint=checkpoint, export_dir=export_dir, **backend_options)
 

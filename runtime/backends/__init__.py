@@ -32,12 +32,7 @@ def create(name: str, components: "Components", device: torch.device, dtype: tor
     torch on a GPU (with CUDA graphs and channels-last unless ``options`` say otherwise), onnxruntime on the CPU
     when an export exists, else torch (channels-last).
     """
-    if name not in BACKENDS:
-        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "auto":
-        name = resolve_auto(device, checkpoint, export_dir)
-        if name == "torch":  # channels-last on the CPU too: see channels_last/ours in benchmarks/RESULTS.md
-            options = {"cuda_graph": device.type == "cuda", "channels_last": True, **options}
+    name, options = choose(name, device, checkpoint, export_dir, options)
     if name == "torch":
         from .torch_backend import TorchBackend
 
@@ -57,6 +52,25 @@ def create(name: str, components: "Components", device: torch.device, dtype: tor
         raise BackendUnavailableError("the tensorrt backend needs a CUDA device")
     _check_options(TensorRTBackend, name, options)
     return TensorRTBackend(checkpoint, export_dir, device=device, dtype=dtype, **options)
+
+
+def check_name(name: str) -> None:
+    """One line for an unknown backend name (checked before anything is loaded)."""
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def choose(name: str, device: torch.device, checkpoint: "Checkpoint | None",
+           export_dir: str | os.PathLike[str] | None, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Check ``name``; resolve ``auto`` to the backend it stands for here, with that backend's default options
+    (``options`` given by the caller win). Other names come back unchanged."""
+    check_name(name)
+    if name != "auto":
+        return name, options
+    name = resolve_auto(device, checkpoint, export_dir)
+    if name == "torch":  # channels-last on the CPU too: see channels_last/ours in benchmarks/RESULTS.md
+        options = {"cuda_graph": device.type == "cuda", "channels_last": True, **options}
+    return name, options
 
 
 def _check_options(cls: type, name: str, options: dict[str, Any]) -> None:
@@ -97,4 +111,4 @@ def resolve_auto(device: torch.device, checkpoint: "Checkpoint | None",
     return "torch"
 
 
-__all__ = ["BACKENDS", "Backend", "create", "resolve_auto"]
+__all__ = ["BACKENDS", "Backend", "check_name", "choose", "create", "resolve_auto"]
