@@ -12,14 +12,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: done once, at import, before any writer thread runs
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to a temporary file in the same folder, flush it to disk, then rename it to ``path``."""
+    """Write ``data`` to a temporary file in the same folder, flush it to disk, then rename it to ``path``. The file
+    gets the permissions a plain ``open(path, "w")`` would give (mkstemp's are owner-only)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
