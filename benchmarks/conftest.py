@@ -40,6 +40,7 @@ RATIOS = {
     "ours/ours_eager": ("ours_1step", "ours_1step_eager"),  # GPU: CUDA graphs vs the same pipeline eager
     "channels_last/ours": ("ours_1step_channels_last", "ours_1step"),  # CPU: channels-last vs default format
     "compiled/ours": ("ours_1step_compiled", "ours_1step"),  # --bench-compile: torch.compile on top
+    "ours/diffusers_batch8": ("ours_batch8", "diffusers_batch8"),
 }
 
 
@@ -95,8 +96,10 @@ def measure(benchmark, request):
         stats = benchmark.stats.stats
         CALLS.setdefault(subject.name, {})[case] = (call, r)
         entry = RESULTS.setdefault(subject.name, {"description": subject.description, "cases": {}})
+        peak, extra = peak_memory(call, device)
         entry["cases"][case] = {"median_s": stats.median, "min_s": stats.min, "rounds": r,
-                                "peak_mem_bytes": peak_memory(call, device)}
+                                "peak_mem_bytes": peak, "extra_mem_bytes": extra}
+        save_results(request.config)  # as it goes: a run killed by its time limit keeps what it measured
         return stats.median
 
     return run
@@ -135,6 +138,7 @@ def gate(request):
             pytest.skip(f"no {subject} cases ran in this session")
         RESULTS[subject]["ratios"] = ratios
         RESULTS[subject]["interleaved_medians_s"] = medians
+        save_results(request.config)
         if request.config.getoption("--bench-quick"):
             return ratios  # too few rounds to judge; the suites still ran end to end
         path = Path(request.config.getoption("--bench-baseline"))
@@ -189,11 +193,16 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def pytest_sessionfinish(session, exitstatus):
+def save_results(config) -> None:
+    """Write the results JSON (``gpu.json`` on a GPU, else ``cpu.json``) with everything measured so far."""
     if not RESULTS:
         return
-    out = Path(session.config.getoption("--bench-out"))
+    out = Path(config.getoption("--bench-out"))
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"date": _now(), "machine": machine_info(), "quick": session.config.getoption("--bench-quick"),
+    doc = {"date": _now(), "machine": machine_info(), "quick": config.getoption("--bench-quick"),
            "command": " ".join(["pytest", *sys.argv[1:]]), "subjects": RESULTS}
     atomic_write_json(out / ("gpu.json" if "gpu" in doc["machine"] else "cpu.json"), doc)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    save_results(session.config)

@@ -28,8 +28,9 @@ GPU_TARGETS = {  # where a GPU asks for more
 }
 GPU_LATENCY_S = 0.015  # one step, batch 1, end to end, SD-1.5 shape at 512x512
 CASE_ORDER = ["stage_encode", "stage_unet", "stage_decode", "raw_chain", "ours_1step", "ours_1step_eager",
-              "ours_1step_channels_last", "ours_1step_compiled",
-              "ours_1step_onnxruntime", "ours_batch8", "diffusers_1step", "sd_25step_cfg"]
+              "ours_1step_channels_last", "ours_1step_compiled", "ours_1step_onnxruntime", "ours_2rf_4step_cfg",
+              "ours_batch8", "diffusers_1step", "diffusers_batch8", "sd_25step_cfg"]
+BATCH8 = {"ours_batch8": "ours", "diffusers_batch8": "diffusers' single step"}
 
 
 def _ms(s: float) -> str:
@@ -52,14 +53,20 @@ def render(docs: list[dict], chart: str | None) -> str:
                   f"- platform: {m['platform']}", ""]
         for name, sub in doc["subjects"].items():
             cases = sub["cases"]
-            lines += [f"### `{name}`: {sub['description']}", "", "| case | median ms | min ms | rounds | peak mem MB |",
-                      "| --- | ---: | ---: | ---: | ---: |"]
+            mem = ("peak MB (process) | call's own MB" if "gpu" in m else "RSS growth MB | ")
+            lines += [f"### `{name}`: {sub['description']}", "", f"| case | median ms | min ms | rounds | {mem} |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
             for case in [c for c in CASE_ORDER if c in cases] + [c for c in cases if c not in CASE_ORDER]:
                 r = cases[case]
+                extra = f"{r['extra_mem_bytes'] / 2**20:,.1f}" if "gpu" in m and "extra_mem_bytes" in r else ""
                 lines.append(f"| {case} | {_ms(r['median_s'])} | {_ms(r['min_s'])} | {r['rounds']} | "
-                             f"{r['peak_mem_bytes'] / 2**20:,.1f} |")
-            if "ours_batch8" in cases:
-                lines.append(f"\nthroughput at batch 8: {8 / cases['ours_batch8']['median_s']:,.1f} images/s")
+                             f"{r['peak_mem_bytes'] / 2**20:,.1f} | {extra} |")
+            for case, who in BATCH8.items():
+                if case in cases:
+                    lines.append(f"\nthroughput at batch 8 ({who}): {8 / cases[case]['median_s']:,.1f} images/s")
+            if "ours_2rf_4step_cfg" in cases:
+                lines.append(f"\n2-rectified flow, 4 steps, guidance 1.5 (UNet batch 2): "
+                             f"{_ms(cases['ours_2rf_4step_cfg']['median_s'])} ms per image")
             if "gpu" in m and "ours_1step" in cases:
                 ms = cases["ours_1step"]["median_s"]
                 lines.append(f"\none step end to end: {_ms(ms)} ms (target <= {_ms(GPU_LATENCY_S)} ms: "

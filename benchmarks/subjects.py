@@ -18,6 +18,9 @@ from runtime import Pipeline
 from runtime.models import SD15_SPEC, SMALL_SD_SPEC, Components, build_tiny_components
 
 PROMPT = "a red circle at the top left"
+#: Our pipelines run without the prompt-embedding cache, so that every call encodes its prompt (as a stream of
+#: distinct prompts would) and "end to end" means prompt -> image, like diffusers' baselines.
+OURS = dict(embedding_cache_size=0)
 
 
 @dataclass
@@ -41,17 +44,17 @@ class Subject:
 def make_subject(name: str) -> Subject:
     """``tiny`` (bundled), ``small-sd`` (CPU, 256 px), ``sd15`` (GPU, fp16, 512 px)."""
     if name == "tiny":
-        pipe = Pipeline.from_pretrained("tiny", device="cpu")
+        pipe = Pipeline.from_pretrained("tiny", device="cpu", **OURS)
         return Subject(name, pipe, "bundled tiny model, 32x32, fp32, CPU")
     if name == "small-sd":
         comps = build_tiny_components(SMALL_SD_SPEC, seed=0)
-        return Subject(name, Pipeline(comps, device="cpu", name=name),
+        return Subject(name, Pipeline(comps, device="cpu", name=name, **OURS),
                        "SD-shaped UNet (64,128,256) x2 layers, 256x256, random weights, fp32, CPU")
     if name == "sd15":  # our fastest torch set-up: channels-last, fused QKV, CUDA graphs (ours_1step_eager: without)
         comps = build_tiny_components(SD15_SPEC, seed=0).to("cuda", torch.float16)
         plain = copy.deepcopy(comps)  # diffusers' baselines as a diffusers user runs them: default memory format
         pipe = Pipeline(comps, device="cuda", dtype=torch.float16, name=name, channels_last=True, fuse_qkv=True,
-                        cuda_graph=True)
+                        cuda_graph=True, **OURS)
         return Subject(name, pipe, "SD-1.5 shapes, 512x512, random weights, fp16, CUDA; ours: channels-last, fused "
                                    "QKV, CUDA graphs; diffusers: the same weights as loaded", plain)
     raise ValueError(f"unknown subject {name!r}")
@@ -62,7 +65,7 @@ def sd_pipeline(components: Components, device: torch.device) -> Any:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                            num_train_timesteps=1000)
+                                            num_train_timesteps=1000, steps_offset=1)
     sd = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
                                  tokenizer=components.tokenizer, unet=components.unet, scheduler=scheduler,
                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -70,14 +73,14 @@ def sd_pipeline(components: Components, device: torch.device) -> Any:
     return sd.to(device)
 
 
-def diffusers_one_step(sd: Any, prompt: str, height: int, width: int, seed: int = 0) -> list:
+def diffusers_one_step(sd: Any, prompt: str | list[str], height: int, width: int, seed: int = 0) -> list:
     """The fair baseline: diffusers' own pieces doing InstaFlow's single Euler step eagerly (the official
     RectifiedFlowPipeline's code path with N = 1, no guidance)."""
     device = sd._execution_device
     with torch.no_grad():
         emb, _ = sd.encode_prompt(prompt, device, 1, False)
         g = torch.Generator().manual_seed(seed)
-        latents = sd.prepare_latents(1, sd.unet.config.in_channels, height, width, emb.dtype, device, g)
+        latents = sd.prepare_latents(emb.shape[0], sd.unet.config.in_channels, height, width, emb.dtype, device, g)
         t = torch.ones((latents.shape[0],), device=device) * 1000.0
         v = sd.unet(latents, t, encoder_hidden_states=emb).sample
         latents = latents + 1.0 * v
@@ -154,17 +157,24 @@ class PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss - self._base)
 
 
-def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
-    """Peak memory of one call: CUDA max allocated on a GPU, RSS growth on the CPU."""
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int, int]:
+    """Memory of one call, as ``(peak, extra)``.
+
+    On a GPU ``peak`` is the process's CUDA peak allocation during the call (resident weights of every subject
+    in the process and captured graph pools included) and ``extra`` what the call allocated beyond what was
+    allocated before it (activations; a replayed CUDA graph reuses its pool, so only its output copies). On the
+    CPU both are the resident-set growth during the call."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
-        return int(torch.cuda.max_memory_allocated())
+        peak = int(torch.cuda.max_memory_allocated())
+        return peak, peak - before
     with PeakRSS() as m:
         fn()
-    return m.peak
+    return m.peak, m.peak
 
 
 def max_rss() -> int:

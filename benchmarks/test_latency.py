@@ -11,7 +11,8 @@ import pytest
 
 from runtime import Pipeline
 
-from .subjects import PROMPT, RawStages, diffusers_one_step, make_subject, sd_multistep, sd_pipeline
+from .subjects import (OURS, PROMPT, RawStages, diffusers_one_step, make_subject, sd_multistep,
+                       sd_pipeline)
 
 #: rounds per case: (networks and our pipeline, 25-step SD)
 ROUNDS = {"tiny": (30, 5), "small-sd": (10, 3), "sd15": (30, 5)}
@@ -55,7 +56,8 @@ def test_ours_1step_eager(measure, subject):
     """On a GPU the subject's pipeline replays CUDA graphs; the same pipeline without them, for reference."""
     if not getattr(subject.pipe.backend, "cuda_graph", False):
         pytest.skip("ours_1step already runs eagerly")
-    eager = Pipeline(subject.components, device=subject.pipe.device, dtype=subject.pipe.dtype, name=subject.name)
+    eager = Pipeline(subject.components, device=subject.pipe.device, dtype=subject.pipe.dtype, name=subject.name,
+                     **OURS)
     a = eager(PROMPT, seed=0, output_type="pt").images
     b = subject.pipe(PROMPT, seed=0, output_type="pt").images
     assert (a - b).abs().max() < 1e-2  # the graphed path draws the same image
@@ -67,7 +69,7 @@ def test_ours_1step_channels_last(measure, subject):
     copy of the modules so that the other cases keep the default memory format."""
     if subject.pipe.device.type != "cpu":
         pytest.skip("on the GPU the subject already runs channels-last")
-    cl = Pipeline(copy.deepcopy(subject.components), device="cpu", name=subject.name, channels_last=True)
+    cl = Pipeline(copy.deepcopy(subject.components), device="cpu", name=subject.name, channels_last=True, **OURS)
     a = cl(PROMPT, seed=0, output_type="pt").images
     assert (a - subject.pipe(PROMPT, seed=0, output_type="pt").images).abs().max() < 1e-4
     measure(subject, "ours_1step_channels_last", lambda: cl(PROMPT, seed=0), ROUNDS[subject.name][0])
@@ -80,17 +82,37 @@ def test_ours_1step_compiled(measure, subject, request):
     p = subject.pipe
     options = dict(cuda_graph=True, channels_last=True) if getattr(p.backend, "cuda_graph", False) else {}
     compiled = Pipeline(subject.components, device=p.device, dtype=p.dtype, name=subject.name, compile=True,
-                        **options)
+                        **options, **OURS)
     a = compiled(PROMPT, seed=0, output_type="pt").images  # compiles (and captures) here
     b = p(PROMPT, seed=0, output_type="pt").images
     assert (a - b).abs().max() < 1e-2
     measure(subject, "ours_1step_compiled", lambda: compiled(PROMPT, seed=0), ROUNDS[subject.name][0])
 
 
+def test_ours_2rf_4step_cfg(measure, subject):
+    """The 2-rectified-flow path: 4 Euler steps with guidance 1.5 (the UNet batch doubled: uncond + cond)."""
+    kwargs = dict(num_inference_steps=4, guidance_scale=1.5, seed=0)
+    out = subject.pipe(PROMPT, output_type="pt", **kwargs).images
+    assert out.shape[0] == 1 and bool(out.isfinite().all())
+    measure(subject, "ours_2rf_4step_cfg", lambda: subject.pipe(PROMPT, **kwargs), ROUNDS[subject.name][0] // 2)
+
+
+def _batch8_rounds(subject) -> int:
+    return max(3, ROUNDS[subject.name][0] // 4)
+
+
+PROMPTS8 = [f"{PROMPT} {i}" for i in range(8)]
+
+
 def test_ours_batch8(measure, subject):
-    prompts = [f"{PROMPT} {i}" for i in range(8)]
-    assert len(subject.pipe(prompts, seed=0).images) == 8
-    measure(subject, "ours_batch8", lambda: subject.pipe(prompts, seed=0), max(3, ROUNDS[subject.name][0] // 4))
+    assert len(subject.pipe(PROMPTS8, seed=0).images) == 8
+    measure(subject, "ours_batch8", lambda: subject.pipe(PROMPTS8, seed=0), _batch8_rounds(subject))
+
+
+def test_diffusers_batch8(measure, subject, sd):
+    h, w = _size(subject)
+    assert len(diffusers_one_step(sd, PROMPTS8, h, w)) == 8
+    measure(subject, "diffusers_batch8", lambda: diffusers_one_step(sd, PROMPTS8, h, w), _batch8_rounds(subject))
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +126,7 @@ def ort_pipe(subject, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"ort-{subject.name}")
     ckpt = save_checkpoint(subject.components, root / "ckpt")
     export(str(ckpt), root / "onnx", ExportSettings(fused=True), verify=False)
-    return Pipeline.from_pretrained(ckpt, backend="onnxruntime", export_dir=root / "onnx")
+    return Pipeline.from_pretrained(ckpt, backend="onnxruntime", export_dir=root / "onnx", **OURS)
 
 
 def test_ours_1step_onnxruntime(measure, subject, ort_pipe):

@@ -11,9 +11,11 @@ def _doc(gpu: bool, ours: float, eager: float, diffusers: float, sd: float) -> d
     machine = {"cpu": "Some CPU", "cores": "2", "python": "3.11", "torch": "2.x", "platform": "linux"}
     if gpu:
         machine["gpu"] = "NVIDIA H100 80GB HBM3"
-    case = lambda s: {"median_s": s, "min_s": s, "rounds": 3, "peak_mem_bytes": 2**20}  # noqa: E731
+    case = lambda s: {"median_s": s, "min_s": s, "rounds": 3, "peak_mem_bytes": 2**20,  # noqa: E731
+                      "extra_mem_bytes": 2**19}
     cases = {"stage_unet": case(ours / 2), "ours_1step": case(ours), "diffusers_1step": case(diffusers),
-             "sd_25step_cfg": case(sd), "ours_batch8": case(ours * 4)}
+             "sd_25step_cfg": case(sd), "ours_batch8": case(ours * 4), "diffusers_batch8": case(diffusers * 4),
+             "ours_2rf_4step_cfg": case(ours * 5)}
     ratios = {"ours/diffusers_1step": ours / diffusers, "ours/sd_25step_cfg": ours / sd}
     if gpu:
         cases["ours_1step_eager"] = case(eager)
@@ -39,7 +41,11 @@ def test_gpu_targets_apply_on_gpu_only():
     assert "one step end to end: 20.0 ms (target <= 15.0 ms: NOT met)" in gpu
     fast = render([_doc(True, ours=0.012, eager=0.045, diffusers=0.050, sd=0.45)], None)
     assert "(target <= 15.0 ms: met)" in fast and _row(fast, "ours/sd_25step_cfg").endswith("| yes |")
-    assert "throughput at batch 8: 166.7 images/s" in fast
+    assert "throughput at batch 8 (ours): 166.7 images/s" in fast
+    assert "throughput at batch 8 (diffusers' single step): 40.0 images/s" in fast
+    assert "4 steps, guidance 1.5 (UNet batch 2): 60.0 ms per image" in fast
+    assert "| ours_1step | 12.0 | 12.0 | 3 | 1.0 | 0.5 |" in fast  # GPU: process peak and the call's own memory
+    assert "| ours_1step | 300.0 | 300.0 | 3 | 1.0 |  |" in cpu
 
 
 def test_report_cli_writes_markdown_and_chart(tmp_path):
