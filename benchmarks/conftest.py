@@ -40,6 +40,8 @@ RATIOS = {
     "ours/ours_eager": ("ours_1step", "ours_1step_eager"),  # GPU: CUDA graphs vs the same pipeline eager
     "channels_last/ours": ("ours_1step_channels_last", "ours_1step"),  # CPU: channels-last vs default format
     "compiled/ours": ("ours_1step_compiled", "ours_1step"),  # --bench-compile: torch.compile on top
+    "compiled/diffusers_1step": ("ours_1step_compiled", "diffusers_1step"),
+    "compiled/sd_25step_cfg": ("ours_1step_compiled", "sd_25step_cfg"),
     "ours/diffusers_batch8": ("ours_batch8", "diffusers_batch8"),
 }
 
