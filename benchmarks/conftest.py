@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from runtime.files import atomic_write_json  # noqa: E402 - after the environment, which the hub reads at import
+
+from .subjects import machine_info, now  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS: dict[str, dict] = {}  # subject -> {"description", "cases": {case: {median_s, min_s, rounds, peak_mem}}}
@@ -158,41 +158,12 @@ def gate(request):
         if request.config.getoption("--bench-update-baseline"):
             baseline[subject] = {"ratios": ratios,
                                  "medians_s": {k: v["median_s"] for k, v in RESULTS[subject]["cases"].items()},
-                                 "machine": machine_info(), "date": _now()}
+                                 "machine": machine_info(), "date": now()}
             atomic_write_json(path, baseline)
         assert not failures, f"{subject} latency regression: " + "; ".join(failures)
         return ratios
 
     return check
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def machine_info() -> dict[str, str]:
-    import torch
-
-    info = {"cpu": _cpu_name(), "cores": str(os.cpu_count()), "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
-    for mod in ("diffusers", "transformers", "onnxruntime"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def save_results(config) -> None:
@@ -201,7 +172,7 @@ def save_results(config) -> None:
         return
     out = Path(config.getoption("--bench-out"))
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"date": _now(), "machine": machine_info(), "quick": config.getoption("--bench-quick"),
+    doc = {"date": now(), "machine": machine_info(), "quick": config.getoption("--bench-quick"),
            "command": " ".join(["pytest", *sys.argv[1:]]), "subjects": RESULTS}
     atomic_write_json(out / ("gpu.json" if "gpu" in doc["machine"] else "cpu.json"), doc)
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One command for a GPU machine, no network, well under 8 minutes: correctness first, then the GPU benchmarks,
-# then a profile of the top kernels. Each phase has its own time limit and writes its log and results into OUT_DIR
-# as it goes, so a phase killed by its limit still leaves what it measured.
+# One command for a GPU machine, no network, under 8 minutes (about 6 on an H200): correctness first, then the GPU
+# benchmarks, a profile of the top kernels and the memory-layout comparison. Each phase has its own time limit and
+# writes its log and results into OUT_DIR as it goes, so a phase killed by its limit still leaves what it measured.
 #   bash benchmarks/gpu_run.sh [OUT_DIR]        (default: $BENCH_OUT, else benchmarks/.results)
-#   BENCH_COMPILE=1 bash benchmarks/gpu_run.sh   adds a torch.compile phase (a few minutes more)
+#   BENCH_COMPILE=0 bash benchmarks/gpu_run.sh   leaves out the torch.compile cases (each compiles for about a minute)
 # Packages missing there (diffusers) travel as wheels in .whl/, made here by benchmarks/gpu_prepare.sh; they are
-# installed into /tmp/site first. Then on this machine: python -m benchmarks.report --results OUT_DIR/*.json
+# installed into /tmp/site first. OUT_DIR/report/RESULTS.md is made there; for the repository's report, here:
+#   python -m benchmarks.report --results benchmarks/.results/cpu.json OUT_DIR/gpu.json OUT_DIR/layouts.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${BENCH_OUT:-benchmarks/.results}}
@@ -24,15 +25,17 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 cat "$out/gpu_info.txt"
 echo "== correctness (gpu-marked tests)"
 timeout 180 python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || status=1
-echo "== benchmarks"
-timeout 300 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --bench-out "$out" 2>&1 \
+echo "== benchmarks (torch.compile case included: BENCH_COMPILE=0 leaves it out)"
+compile_flag=--bench-compile
+[ "${BENCH_COMPILE:-1}" = 0 ] && compile_flag=
+timeout 300 python3 -m pytest benchmarks -m gpu $compile_flag -q -p no:cacheprovider --bench-out "$out" 2>&1 \
   | tee "$out/gpu_bench.log" || status=1
-python3 -m benchmarks.report --results "$out/gpu.json" --out "$out/RESULTS_gpu.md" || status=1
 echo "== profile (top kernels per stage)"
 timeout 120 python3 -m benchmarks.profile --out "$out/profile.txt" || status=1  # profile.txt grows per table
-if [ "${BENCH_COMPILE:-0}" = 1 ]; then  # optional phase 2 (a few more minutes): torch.compile inside the graphs
-  echo "== torch.compile"
-  timeout "${BENCH_COMPILE_TIMEOUT:-300}" python3 -m pytest benchmarks -m gpu -k "ours_1step or gate" --bench-compile \
-    -q -p no:cacheprovider --bench-out "$out/compile" 2>&1 | tee "$out/gpu_compile.log" || status=1
-fi
+echo "== memory layouts x torch.compile"
+layout_flag=
+[ "${BENCH_COMPILE:-1}" = 0 ] && layout_flag=--no-compile
+timeout 200 python3 -m benchmarks.layouts $layout_flag --out "$out/layouts.json" 2>&1 | tee "$out/layouts.log" \
+  || status=1
+python3 -m benchmarks.report --results "$out/gpu.json" "$out/layouts.json" --out "$out/report/RESULTS.md" || status=1
 exit $status

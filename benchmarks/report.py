@@ -45,6 +45,9 @@ def render(docs: list[dict], chart: str | None) -> str:
              "`benchmarks/.results/`. Ratios compare medians measured side by side in the same run; lower is "
              "better. Subjects use random weights (latency does not depend on weight values).", ""]
     for doc in docs:
+        if "variants" in doc:
+            lines += render_layouts(doc)
+            continue
         m = doc["machine"]
         hw = m.get("gpu") or f"{m['cpu']} ({m['cores']} cores)"
         lines += [f"## {hw} — {doc['date']}", "",
@@ -85,7 +88,7 @@ def render(docs: list[dict], chart: str | None) -> str:
                     met = "" if limit is None else ("yes" if v <= limit else "no")
                     lines.append(f"| {k} | {v:.3f}{speed} | {what} | {met} |")
             lines.append("")
-    if not any("gpu" in doc["machine"] for doc in docs):
+    if not any("gpu" in doc.get("machine", {}) for doc in docs):
         lines += ["## GPU", "", "No GPU results in this report yet. On a machine with a CUDA GPU: "
                   "`bash benchmarks/gpu_prepare.sh` here (wheels the GPU image lacks), then "
                   "`bash benchmarks/gpu_run.sh OUT` there, then `python -m benchmarks.report --results "
@@ -95,13 +98,27 @@ def render(docs: list[dict], chart: str | None) -> str:
     return "\n".join(lines)
 
 
+def render_layouts(doc: dict) -> list[str]:
+    """The table of ``python -m benchmarks.layouts``: the whole call per memory layout, with and without compile."""
+    m = doc.get("machine", {})
+    where = m.get("gpu") or m.get("cpu", "unknown machine")
+    lines = [f"### Memory layouts and torch.compile — {where}, {doc.get('date', 'date not recorded')}", "",
+             f"`{doc.get('command', 'python -m benchmarks.layouts')}`: {doc['subject']}. The whole call (prompt -> "
+             "image), one variant after the other in one process; the first is timed again last to show the "
+             "spread.", "", "| variant | median ms | min ms |", "| --- | ---: | ---: |"]
+    lines += [f"| {k} | {_ms(v['median_s'])} | {_ms(v['min_s'])} |" for k, v in doc["variants"].items()]
+    if doc.get("provenance"):
+        lines += ["", f"Note: {doc['provenance']}."]
+    return lines + [""]
+
+
 def bar_chart(docs: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(f"{name}\n{doc['machine'].get('gpu', 'CPU')}", sub["cases"]) for doc in docs
+    rows = [(f"{name}\n{doc['machine'].get('gpu', 'CPU')}", sub["cases"]) for doc in docs if "subjects" in doc
             for name, sub in doc["subjects"].items()]
     stages = ["stage_encode", "stage_unet", "stage_decode"]
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.8 * len(rows)))

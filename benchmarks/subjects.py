@@ -6,10 +6,14 @@ Latency does not depend on weight values, so randomly initialised SD-shaped mode
 from __future__ import annotations
 
 import copy
+import os
+import platform
 import resource
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -179,3 +183,32 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int, int]:
 
 def max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def machine_info() -> dict[str, str]:
+    import torch
+
+    info = {"cpu": _cpu_name(), "cores": str(os.cpu_count()), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
+    for mod in ("diffusers", "transformers", "onnxruntime"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -54,8 +54,15 @@ def test_report_cli_writes_markdown_and_chart(tmp_path):
         p = tmp_path / f"{'gpu' if gpu else 'cpu'}.json"
         p.write_text(json.dumps(_doc(gpu, ours=0.012, eager=0.045, diffusers=0.050, sd=0.45)))
         paths.append(str(p))
-    out = tmp_path / "RESULTS.md"
-    assert main(["--results", *paths, "--out", str(out)]) == 0
+    layouts = tmp_path / "layouts.json"
+    layouts.write_text(json.dumps({"date": "2026-11-27 08:28 UTC", "machine": {"gpu": "NVIDIA H200"},
+                                   "command": "python -m benchmarks.layouts", "subject": "SD-1.5 shapes",
+                                   "variants": {"unet_cl+vae_cl": {"median_s": 0.0348, "min_s": 0.0340},
+                                                "compiled unet_cl+vae_nchw": {"median_s": 0.015, "min_s": 0.0149}}}))
+    out = tmp_path / "new" / "RESULTS.md"  # a folder that does not exist yet
+    assert main(["--results", *paths, str(layouts), "--out", str(out)]) == 0
     text = out.read_text()
-    assert text.count("\n## ") == 2 and (tmp_path / "stages.png").stat().st_size > 1000
+    assert text.count("\n## ") == 2 and (out.parent / "stages.png").stat().st_size > 1000
+    assert "### Memory layouts and torch.compile — NVIDIA H200, 2026-11-27 08:28 UTC" in text
+    assert "| compiled unet_cl+vae_nchw | 15.0 | 14.9 |" in text
     assert main(["--results", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
