@@ -35,7 +35,6 @@ timeout 120 python3 -m benchmarks.profile --out "$out/profile.txt" || status=1  
 echo "== memory layouts x torch.compile"
 layout_flag=
 [ "${BENCH_COMPILE:-1}" = 0 ] && layout_flag=--no-compile
-timeout 200 python3 -m benchmarks.layouts $layout_flag --out "$out/layouts.json" 2>&1 | tee "$out/layouts.log" \
-  || status=1
+timeout 200 python3 -m benchmarks.layouts $layout_flag --out "$out/layouts.json" || status=1  # JSON after each variant
 python3 -m benchmarks.report --results "$out/gpu.json" "$out/layouts.json" --out "$out/report/RESULTS.md" || status=1
 exit $status
