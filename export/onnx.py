@@ -31,13 +31,14 @@ from runtime.models import Components, load_components
 
 from runtime import manifest as mf
 from runtime.errors import ExportError
-from .specs import ComponentSpec, component_specs
+from runtime.specs import COMPONENTS, ComponentSpec, ModelDims, component_specs, dtype_name
+
+from .graphs import module_for
 
 MIN_OPSET, MAX_OPSET = 14, 20
 DEFAULT_OPSET = 17
 EXPORTER = "torchscript"
 TWO_GB = 2**31
-GRAPHS = ("text_encoder", "unet", "vae_decoder", "onestep")
 
 
 @dataclass(frozen=True)
@@ -67,15 +68,15 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def export_component(spec: ComponentSpec, components: Components, out: Path, settings: ExportSettings,
-                     latent_hw: tuple[int, int]) -> dict[str, Any]:
+def export_component(spec: ComponentSpec, components: Components, out: Path, settings: ExportSettings
+                     ) -> dict[str, Any]:
     """Export one graph into ``out`` (through a temporary folder, renamed at the end) and return its manifest
     entry."""
     import onnx
 
     dtype = settings.dtype_of(spec.name)
-    module = spec.module(components).eval()
-    inputs = spec.sample_inputs(1, *latent_hw, dtype=torch.float32)
+    module = module_for(spec.name, components)
+    inputs = spec.sample_inputs(1, dtype=torch.float32)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out))
     try:
         path = tmp / spec.file
@@ -100,14 +101,10 @@ def export_component(spec: ComponentSpec, components: Components, out: Path, set
         "file": spec.file,
         "sha256": mf.files_hash(out, spec.file),
         "external_data": (out / (spec.file + ".data")).exists(),
-        "dtype": str(dtype).replace("torch.", ""),
-        "inputs": [_tensor(t, dtype) for t in spec.inputs],
-        "outputs": [_tensor(t, dtype) for t in spec.outputs],
+        "dtype": dtype_name(dtype),
+        "inputs": [t.manifest(dtype) for t in spec.inputs],
+        "outputs": [t.manifest(dtype) for t in spec.outputs],
     }
-
-
-def _tensor(t: Any, dtype: torch.dtype) -> dict[str, Any]:
-    return {"name": t.name, "shape": list(t.shape), "dtype": str(t.torch_dtype(dtype)).replace("torch.", "")}
 
 
 def _set_output_shapes(path: Path, spec: ComponentSpec, dynamic_hw: bool) -> None:
@@ -162,9 +159,9 @@ def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, f
     return the manifest."""
     settings = settings or ExportSettings()
     settings.check()
-    unknown = sorted(set(only or ()) - set(GRAPHS))
+    unknown = sorted(set(only or ()) - set(COMPONENTS))
     if unknown:
-        raise ExportError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(GRAPHS)}")
+        raise ExportError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"output path is a file, not a folder: {out}")
@@ -184,8 +181,7 @@ def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, f
         (out / mf.MANIFEST).unlink()
         old = None
     components = load_components(checkpoint, device="cpu", dtype=torch.float32)
-    h, w = components.default_size
-    latent_hw = (h // components.vae_scale_factor, w // components.vae_scale_factor)
+    dims = ModelDims.of(components)
     doc = {
         "format": mf.FORMAT,
         "checkpoint": {"name": checkpoint.name, "path": str(checkpoint.path), "sha256": ckpt_hash,
@@ -193,18 +189,15 @@ def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, f
         "settings": asdict(settings),
         "exporter": {"name": EXPORTER, "opset": settings.opset, **_versions()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "latent": {"channels": components.latent_channels, "height": latent_hw[0], "width": latent_hw[1],
-                   "vae_scale_factor": components.vae_scale_factor},
-        "text": {"max_length": components.max_length,
-                 "hidden_size": int(components.text_encoder.config.hidden_size)},
+        **dims.to_manifest(),
         "vae": {"scaling_factor": components.scaling_factor, "shift_factor": components.shift_factor},
         "components": dict((old or {}).get("components", {})),  # graphs of earlier runs stay listed
     }
-    specs = component_specs(components, fused=settings.fused)
+    specs = component_specs(dims, fused=settings.fused)
     if only:
-        specs = [s for s in component_specs(components, fused=True) if s.name in only]
+        specs = [s for s in component_specs(dims, fused=True) if s.name in only]
     for spec in specs:
-        key = {"dtype": str(settings.dtype_of(spec.name)).replace("torch.", ""), "opset": settings.opset,
+        key = {"dtype": dtype_name(settings.dtype_of(spec.name)), "opset": settings.opset,
                "dynamic_hw": settings.dynamic_hw, **_versions()}
         prev = (old or {}).get("components", {}).get(spec.name)
         if prev and prev.get("key") == key:
@@ -216,7 +209,7 @@ def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, f
             except ExportError as e:
                 _log(f"[export] {spec.name}: re-exporting ({e})")
         t = time.perf_counter()
-        doc["components"][spec.name] = {**export_component(spec, components, out, settings, latent_hw), "key": key}
+        doc["components"][spec.name] = {**export_component(spec, components, out, settings), "key": key}
         size = sum(f.stat().st_size for f in mf.graph_files(out, spec.file)) / 2**20
         _log(f"[export] {spec.name}: {spec.file} {size:,.1f} MB in {time.perf_counter() - t:.1f} s")
         mf.write(out, doc)  # progress survives a crash: finished graphs are reused next time

@@ -25,10 +25,9 @@ from runtime import manifest as mf
 from runtime.cli import run_cli
 from runtime.errors import BackendUnavailableError, ExportError
 from runtime.files import atomic_write_bytes, atomic_write_json
+from runtime.specs import ComponentSpec, ModelDims, specs_by_name
 
 from .onnx import ExportSettings, export
-
-ENGINES = "engines.json"
 TOLERANCE = 2e-2  # FP16 engines vs fp32 onnxruntime, max relative error
 
 
@@ -56,10 +55,11 @@ def require_tensorrt() -> Any:
 def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str, tuple], fp16: bool,
                  timing_cache: Path, workspace_gb: float = 8.0) -> None:
     """Parse ``onnx_path``, build with one optimisation profile, write the serialized engine atomically."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    from runtime.backends.tensorrt_backend import logger
+
+    builder = trt.Builder(logger(trt))
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
+    parser = trt.OnnxParser(network, logger(trt))
     if not parser.parse_from_file(str(onnx_path)):  # follows external data next to the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}")
@@ -80,7 +80,7 @@ def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str
     atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
-def compare_engine(engine_path: Path, onnx_path: Path, profile: dict[str, tuple], inputs_meta: list[dict],
+def compare_engine(engine_path: Path, onnx_path: Path, spec: ComponentSpec, batch: int, hw: tuple[int, int],
                    seed: int = 0) -> float:
     """Max relative error of the engine vs onnxruntime (CPU, the fp32 graph) at the profile's opt shapes."""
     import torch
@@ -89,16 +89,7 @@ def compare_engine(engine_path: Path, onnx_path: Path, profile: dict[str, tuple]
 
     from .verify import max_rel_error, ort_session
 
-    g = torch.Generator().manual_seed(seed)
-    feeds = {}
-    for t in inputs_meta:
-        shape = profile[t["name"]][1]
-        if t["dtype"] == "int64":
-            feeds[t["name"]] = torch.randint(0, 100, shape, generator=g)
-        elif t["name"] == "timestep":
-            feeds[t["name"]] = torch.rand(shape, generator=g) * 1000
-        else:
-            feeds[t["name"]] = torch.randn(shape, generator=g)
+    feeds = spec.sample_inputs(batch, *hw, seed=seed)
     ref = ort_session(onnx_path).run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     device = _engine_device()
     engine = Engine(engine_path, device=device)
@@ -127,31 +118,26 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
     trt = require_tensorrt()
     import torch
 
-    f = doc["latent"]["vae_scale_factor"]
-    h = (height or doc["latent"]["height"] * f)
-    w = (width or doc["latent"]["width"] * f)
+    dims = ModelDims.from_manifest(doc)
+    f = dims.vae_scale_factor
+    h = height or dims.latent_size[0] * f
+    w = width or dims.latent_size[1] * f
     if h % f or w % f:
         raise ExportError(f"--height/--width must be multiples of the VAE scale factor {f}")
     hw = (h // f, w // f)
-    if static and hw != (doc["latent"]["height"], doc["latent"]["width"]):
+    dims.check_latent_size(*hw, what=f"{ckpt}'s exported UNet")
+    if static and hw != dims.latent_size:
         raise ExportError("--static engines are built at the checkpoint's default size; drop --height/--width")
     gpu = torch.cuda.get_device_name(0)
     opt_batch = opt_batch or min_batch
     timing_cache = out / f"timing.{_slug(trt.__version__)}.{_slug(gpu)}.cache"
-    from runtime.models import load_components
-    from runtime.checkpoints import resolve
-
-    from .specs import component_specs
-
-    specs = {s.name: s for s in component_specs(load_components(resolve(ckpt), weights=False), fused=True)}
+    specs = specs_by_name(dims)
     engines: dict[str, Any] = {"format": 1, "tensorrt": trt.__version__, "gpu": gpu,
                                "checkpoint": doc["checkpoint"], "latent": doc["latent"], "vae": doc["vae"],
                                "text": doc["text"], "components": {}}
     for name, entry in doc["components"].items():
-        unet_like = name == "unet"  # classifier-free guidance doubles the UNet batch
-        b_lo, b_opt, b_hi = (min_batch, opt_batch, max_batch * 2) if unet_like else (min_batch, opt_batch, max_batch)
-        hw_range = None if static else ((max(1, hw[0] // 2), max(1, hw[1] // 2)), (hw[0] * 2, hw[1] * 2))
-        profile = specs[name].profile(b_lo, b_opt, b_hi, hw, hw_range)
+        hw_range = None if static else dims.size_range(hw)
+        profile = specs[name].profile(min_batch, opt_batch, max_batch, hw, hw_range)  # guidance rule inside
         onnx_hash = entry["sha256"]
         fp16 = not (vae_fp32 and name in ("vae_decoder", "onestep"))
         file = f"{name}.{onnx_hash[:12]}.trt{_slug(trt.__version__)}.{_slug(gpu)}.plan"
@@ -161,7 +147,7 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
         else:
             build_engine(trt, out / entry["file"], out / file, profile, fp16, timing_cache)
             print(f"[build] {name}: {file} in {time.perf_counter() - t:.1f} s", flush=True)
-        err = compare_engine(out / file, out / entry["file"], profile, entry["inputs"])
+        err = compare_engine(out / file, out / entry["file"], specs[name], opt_batch, hw)
         ok = bool(np.isfinite(err) and err <= TOLERANCE)
         print(f"[check] {name}: max rel err vs onnxruntime {err:.2e} ({'ok' if ok else 'FAIL'})", flush=True)
         engines["components"][name] = {
@@ -171,7 +157,7 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
         }
         if not ok:
             raise ExportError(f"engine {file} disagrees with onnxruntime (max rel err {err:.2e})")
-    atomic_write_json(out / ENGINES, engines)
+    atomic_write_json(out / mf.ENGINES, engines)
     return engines
 
 

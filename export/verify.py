@@ -23,7 +23,9 @@ from runtime.models import Components, load_components
 
 from runtime import manifest as mf
 from runtime.errors import ExportError
-from .specs import component_specs
+from runtime.specs import DTYPES, ModelDims, specs_by_name
+
+from .graphs import module_for
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
 
@@ -55,18 +57,18 @@ def verify_export(folder: str | Path, components: Components | None = None, batc
         raise ExportError(f"{folder} has no {mf.MANIFEST}; run `python -m export.onnx` first")
     if components is None:
         components = load_components(resolve(doc["checkpoint"]["path"]), device="cpu", dtype=torch.float32)
-    specs = {s.name: s for s in component_specs(components, fused=True)}
-    lat = doc["latent"]
-    shapes = [(b, lat["height"], lat["width"]) for b in batches]
+    dims = ModelDims.from_manifest(doc)
+    specs = specs_by_name(dims)
+    shapes = [(b, *dims.latent_size) for b in batches]
     if doc["settings"]["dynamic_hw"]:
-        shapes.append((2, lat["height"] + 2, max(2, lat["width"] - 2)))  # another (non-square) size
+        shapes.append((2, *dims.other_size()))  # another (non-square) size the UNet's downsamplings can take
     rows, failures = [], []
     for name, entry in doc["components"].items():
         mf.check_files(folder, entry)
         spec = specs[name]
-        dtype = getattr(torch, entry["dtype"])
+        dtype = DTYPES[entry["dtype"]]
         session = ort_session(folder / entry["file"])
-        module = spec.module(components).eval().to(dtype if dtype == torch.float32 else torch.float32)
+        module = module_for(name, components).to(torch.float32)
         for b, h, w in shapes:
             inputs = spec.sample_inputs(b, h, w, dtype=dtype, seed=seed + b)
             t = time.perf_counter()
@@ -74,7 +76,7 @@ def verify_export(folder: str | Path, components: Components | None = None, batc
             ort_s = time.perf_counter() - t
             with torch.no_grad():  # reference in fp32 from the same (possibly fp16-rounded) inputs
                 ref = module(*[v.float() if v.is_floating_point() else v for v in inputs.values()]).numpy()
-            expected = spec.outputs[0].concrete(spec.dims(b, h, w))
+            expected = spec.outputs[0].concrete(spec.symbols(b, h, w))
             err = max_rel_error(out, ref) if out.shape == ref.shape else float("inf")
             tol = TOLERANCE[entry["dtype"]]
             ok = tuple(out.shape) == expected and err <= tol

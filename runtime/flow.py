@@ -23,6 +23,8 @@ import torch
 T_MAX = 1000.0
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
+#: ``(latents [B, C, h, w], UNet times [B]) -> velocity``: a network call with its conditioning bound.
+Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def unet_time(t: float | torch.Tensor) -> float | torch.Tensor:
@@ -72,3 +74,29 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Te
 def velocity_target(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """Regression target of a rectified flow on the pair (X0, X1): ``X1 - X0``."""
     return x1 - x0
+
+
+# ------------------------------------------------------------------------------------------- one step + decode
+def one_step_latents(network: Network, noise: torch.Tensor, t_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """InstaFlow's one step: ``X0 + v(X0, 1000)``, a single Euler step over the whole flow (``dt = 1``)."""
+    t = torch.full((noise.shape[0],), time_grid(1)[0], device=noise.device, dtype=t_dtype)
+    return euler_step(noise, network(noise, t), 1.0)
+
+
+def vae_input(latents: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0) -> torch.Tensor:
+    """Flow latents -> what the VAE decoder takes: ``latents / scaling_factor + shift_factor``."""
+    return latents / scaling_factor + shift_factor
+
+
+def to_unit_range(decoded: torch.Tensor) -> torch.Tensor:
+    """VAE decoder output in about [-1, 1] -> image in [0, 1] (clamped)."""
+    return (decoded / 2 + 0.5).clamp(0, 1)
+
+
+def one_step_image(network: Network, decode: Callable[[torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                   scaling_factor: float, shift_factor: float = 0.0,
+                   t_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The whole one-step hot path: noise -> one Euler step -> VAE decode -> image in [0, 1]. The fused CUDA graph
+    of the torch backend and the exported ``onestep`` graph are this function."""
+    latents = one_step_latents(network, noise, t_dtype)
+    return to_unit_range(decode(vae_input(latents, scaling_factor, shift_factor)))

@@ -16,8 +16,9 @@ from .checkpoints import Checkpoint, weight_files
 from .errors import ExportError
 from .files import atomic_write_json
 
-MANIFEST = "manifest.json"
-FORMAT = 1
+MANIFEST = "manifest.json"  # an ONNX export (``python -m export.onnx``)
+ENGINES = "engines.json"  # TensorRT engines (``python -m export.trt``), beside the ONNX export they come from
+FORMAT = 2  # 2: ``latent.multiple`` and ``text.vocab_size`` (runtime.specs.ModelDims)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -93,7 +94,8 @@ def read(folder: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError) as e:
         raise ExportError(f"unreadable {path}: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ExportError(f"{path} is not an instaflow-rt export manifest (format {FORMAT})")
+        raise ExportError(f"{path} is not an instaflow-rt export manifest of format {FORMAT} (made by another "
+                          "version?); re-run the export into a new folder, or with --force")
     return doc
 
 

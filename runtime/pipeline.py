@@ -179,6 +179,9 @@ class Pipeline:
             raise InvalidInputError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         cfg = flow.uses_cfg(float(guidance_scale))
         n_images = len(prompts) * per_prompt
+        check_batch = getattr(self.backend, "check_batch", None)  # engines built for a largest batch
+        if check_batch is not None:
+            check_batch(n_images)
         timings: dict[str, float] = {}
         start = time.perf_counter()
 
@@ -224,7 +227,8 @@ class Pipeline:
             _check_finite(images, "latents")
         else:
             with self._run_lock:
-                decoded = self.backend.decode(x / self.components.scaling_factor + self.components.shift_factor)
+                decoded = self.backend.decode(flow.vae_input(x, self.components.scaling_factor,
+                                                             self.components.shift_factor))
             images = self.postprocess(decoded, output_type)
         return self._finish(images, timings, start)
 
@@ -250,6 +254,9 @@ class Pipeline:
             if v <= 0 or v % self.scale:
                 raise InvalidInputError(
                     f"{label} must be a positive multiple of the VAE scale factor {self.scale}, got {v}")
+        check = getattr(self.backend, "check_size", None)  # exported graphs take fewer sizes than the torch UNet
+        if check is not None:
+            check(int(height), int(width))
         return int(height), int(width)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,7 +341,7 @@ class Pipeline:
 
     def postprocess(self, decoded: torch.Tensor, output_type: str) -> Any:
         """VAE output in [-1, 1] -> the requested image type; NaN/inf (fp16 overflow) raises."""
-        return self.format_images((decoded.float() / 2 + 0.5).clamp_(0, 1), output_type)
+        return self.format_images(flow.to_unit_range(decoded.float()), output_type)
 
     def format_images(self, images: torch.Tensor, output_type: str) -> Any:
         """Images in [0, 1], NCHW -> ``"pt"`` (float32 tensor), ``"np"`` (NHWC float32) or ``"pil"``."""

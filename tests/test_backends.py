@@ -51,7 +51,7 @@ def test_onnxruntime_io_binding_path(odd_ckpt, odd_onnx, tiny_ckpt, tiny_onnx):
     for ckpt, folder in ((tiny_ckpt, tiny_onnx), (odd_ckpt, odd_onnx)):
         plain = Pipeline.from_pretrained(ckpt, backend="onnxruntime", export_dir=folder)
         bound = Pipeline.from_pretrained(ckpt, backend="onnxruntime", export_dir=folder, io_binding=True)
-        assert all(g.io_binding for g in bound.backend.graphs.values())
+        assert all(g.io_binding for g in bound.backend.sessions.values())
         for kwargs in (dict(), dict(num_inference_steps=2, guidance_scale=1.5), dict(num_images_per_prompt=3)):
             a = plain(["a cat", "a dog"], seed=2, output_type="pt", **kwargs).images
             b = bound(["a cat", "a dog"], seed=2, output_type="pt", **kwargs).images
@@ -63,12 +63,14 @@ def test_onnxruntime_graph_cache_with_graph_ids(tiny_onnx):
     which ignores the graph id: results must follow the new inputs of every call."""
     import json
 
-    from runtime.backends.onnxruntime_backend import Graph
+    from runtime.backends.onnxruntime_backend import Session
+    from runtime.specs import ModelDims, specs_by_name
 
-    entry = json.loads((tiny_onnx / "manifest.json").read_text())["components"]["unet"]
-    plain = Graph(tiny_onnx / entry["file"], entry, ["CPUExecutionProvider"], torch.device("cpu"), 4)
-    graphed = Graph(tiny_onnx / entry["file"], entry, ["CPUExecutionProvider"], torch.device("cpu"), 4,
-                    max_graphs=4, io_binding=True)
+    doc = json.loads((tiny_onnx / "manifest.json").read_text())
+    entry, spec = doc["components"]["unet"], specs_by_name(ModelDims.from_manifest(doc))["unet"]
+    plain = Session(tiny_onnx / entry["file"], spec, entry, ["CPUExecutionProvider"], torch.device("cpu"))
+    graphed = Session(tiny_onnx / entry["file"], spec, entry, ["CPUExecutionProvider"], torch.device("cpu"),
+                      max_graphs=4, io_binding=True)
     g = torch.Generator().manual_seed(0)
     for batch in (1, 2, 1, 2):
         x, emb = torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 16, 32, generator=g)
@@ -158,3 +160,16 @@ def test_torch_compile_matches_eager(tiny_ckpt, tiny_pipe):
     a = tiny_pipe("a cat", seed=4, output_type="pt").images
     b = compiled("a cat", seed=4, output_type="pt").images
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_onnxruntime_refuses_sizes_its_graphs_cannot_take(tiny_ckpt, tiny_onnx, tmp_path):
+    """A static export takes its own size only; a dynamic one multiples of the UNet's downsampling, both refused in
+    one line before any graph runs."""
+    static = Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tiny_onnx)
+    with pytest.raises(InvalidInputError, match=r"fixed size of 32x32 px, got 48x32; re-export with --dynamic-hw"):
+        static("a cat", height=48, width=32)
+    export(str(tiny_ckpt), tmp_path, ExportSettings(dynamic_hw=True), verify=False)
+    dynamic = Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path)
+    assert dynamic("a cat", height=48, width=16, seed=0, output_type="pt").images.shape == (1, 3, 48, 16)
+    with pytest.raises(InvalidInputError, match=r"multiples of 8 px \(its UNet downsamples 2x\), got 44x32"):
+        dynamic("a cat", height=44, width=32)

@@ -65,3 +65,32 @@ def test_bundled_model_follows_prompts():
     acc = {k: float((logits[k].argmax(1) == torch.tensor([lb.index()[k] for lb in labels])).float().mean())
            for k in ATTRIBUTES}
     assert acc["color"] >= 0.9 and acc["position"] >= 0.9, acc
+
+
+def test_model_dims_at_sd_shape_and_manifest_round_trip():
+    """SD 1.5's UNet downsamples 8x: exported graphs take latent sides in multiples of 8 (64 px); the profile range
+    and the verification size follow, and a manifest gives back the same numbers."""
+    import types
+
+    from runtime import InvalidInputError
+    from runtime.specs import ModelDims, specs_by_name
+
+    c = types.SimpleNamespace(
+        unet=types.SimpleNamespace(config=types.SimpleNamespace(block_out_channels=(320, 640, 1280, 1280))),
+        text_encoder=types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=768, vocab_size=49408)),
+        default_size=(512, 512), vae_scale_factor=8, max_length=77, latent_channels=4)
+    dims = ModelDims.of(c)
+    assert dims.latent_multiple == 8 and dims.latent_size == (64, 64)
+    assert dims.size_range((64, 64)) == ((32, 32), (128, 128))
+    assert dims.other_size() == (72, 56)  # every side a multiple of 8: the up-block concats line up
+    assert ModelDims.from_manifest(dims.to_manifest()) == dims
+    dims.check_latent_size(72, 56)
+    with pytest.raises(InvalidInputError, match="multiples of 64 px"):
+        dims.check_latent_size(65, 64)
+    specs = specs_by_name(dims)
+    assert specs["text_encoder"].profile(1, 1, 4, (64, 64))["input_ids"] == ((1, 77), (1, 77), (8, 77))
+    assert specs["vae_decoder"].profile(1, 1, 4, (64, 64))["latents"][2] == (4, 4, 64, 64)
+    x = specs["vae_decoder"].sample_inputs(2, 8, 16)["latents"]
+    assert specs["vae_decoder"].output_shape([x]) == (2, 3, 64, 128)
+    ids = specs["text_encoder"].sample_inputs(64, seed=3)["input_ids"]
+    assert ids.max() >= 1000  # token ids over the whole vocabulary, not a small range

@@ -134,22 +134,42 @@ def test_fake_tensorrt_build_then_backend_matches_torch(fake_gpu, tiny_ckpt, tin
                 a = tiny_pipe(prompts, seed=3, output_type="pt", **kwargs).images
                 b = pipe(prompts, seed=3, output_type="pt", **kwargs).images
                 torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-        with pytest.raises(InvalidInputError, match=r"input_ids shape \[3, 16\] is outside what the text_encoder "
-                                                    r"engine was built for \(\[1, 16\] .. \[2, 16\]\)"):
-            pipe(["a", "b", "c"], seed=0)
-        with pytest.raises(InvalidInputError, match="outside what the onestep engine"):
-            pipe("a", num_images_per_prompt=3, seed=0)  # one prompt encoded, three images
+        with pytest.raises(InvalidInputError, match=r"3 images in one call, but the engines in .* were built for at "
+                                                    r"most 2; rebuild with `python -m export.trt --max-batch 3`"):
+            pipe(["a", "b", "c"], seed=0)  # refused before the text encoder runs
+        with pytest.raises(InvalidInputError, match="3 images in one call"):
+            pipe("a", num_images_per_prompt=3, seed=0)  # one prompt, three images
+        with pytest.raises(InvalidInputError, match="outside what the text_encoder engine"):
+            pipe.backend.encode(torch.zeros(5, 16, dtype=torch.long))  # the per-engine check stays
     # with graphs: one capture per (engine, shape), then launches; batch 1 and 2 for encoder and one-step
     graphed = pipe.backend._graphs
     assert {k: len(v) for k, v in graphed.items()} == {"text_encoder": 2, "onestep": 2}
     assert sum(1 for e in fake_gpu.LOG if e[0] == "launch") >= 6
 
 
+def test_fake_tensorrt_guidance_on_a_fresh_pipeline(fake_gpu, tiny_ckpt, tiny_pipe, tmp_path):
+    """Engines built for 2 images take a first call of 2 prompts with guidance: prompts and negatives go through
+    the text encoder in one call of 4 (the guidance rule applies to the text encoder as to the UNet)."""
+    from export.trt import build
+
+    doc = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=2)
+    assert doc["components"]["text_encoder"]["profile"]["input_ids"][2] == [4, 16]
+    assert doc["components"]["vae_decoder"]["profile"]["latents"][2][0] == 2
+    for cuda_graph in (False, True):
+        pipe = _fake_backend(tiny_ckpt, tmp_path, cuda_graph=cuda_graph)  # fresh: empty embedding cache
+        kwargs = dict(num_inference_steps=4, guidance_scale=1.5, negative_prompt=["blurry", "dark"], seed=5,
+                      output_type="pt")
+        a = tiny_pipe(["a cat", "a dog"], **kwargs).images
+        b = pipe(["a cat", "a dog"], **kwargs).images
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
 def test_fake_tensorrt_backend_refusals(fake_gpu, tiny_ckpt, odd_ckpt, tmp_path, monkeypatch):
     from export.trt import build
     from runtime import BackendUnavailableError, ExportError
 
-    with pytest.raises(BackendUnavailableError, match="no TensorRT engines for .*; build them with `python -m export.trt --ckpt "):
+    with pytest.raises(BackendUnavailableError,
+                       match="no TensorRT engines for .*; build them with `python -m export.trt --ckpt "):
         _fake_backend(tiny_ckpt, tmp_path)
     build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=1)
     with pytest.raises(ExportError, match="another checkpoint"):
@@ -189,3 +209,20 @@ def test_fake_tensorrt_unusual_shapes(fake_gpu, odd_ckpt, tmp_path):
             b = pipe(["a cat", "a dog"], seed=1, output_type="pt", **kwargs).images
             assert b.shape == a.shape
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_fake_tensorrt_engine_checks_set_input_shape(fake_gpu, tiny_ckpt, tmp_path):
+    """TensorRT's set_input_shape returns False outside the profile (it does not raise): the engine says so in one
+    line instead of running with stale shapes."""
+    from export.trt import build
+    from runtime import InvalidInputError
+    from runtime.backends.tensorrt_backend import Engine
+
+    doc = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=1)
+    engine = Engine(tmp_path / doc["components"]["vae_decoder"]["file"], torch.device("cpu"))
+    engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8)
+    context = engine.new_context()
+    ok = engine.bind(context, engine.cast([torch.randn(1, 4, 8, 8)]))
+    assert ok.shape == (1, 3, 32, 32)
+    with pytest.raises(InvalidInputError, match=r"latents shape \[2, 4, 8, 8\] is outside the optimisation profile"):
+        engine.bind(context, engine.cast([torch.randn(2, 4, 8, 8)]))

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from runtime import flow
 from runtime.cli import run_cli
 
 from .common import TrainError
@@ -58,9 +59,9 @@ def make_lpips_loss(net: str, random_backbone: bool) -> Loss:
             model.append(lpips_model(net, random_backbone).to(b.x0.device))
         vae, c = b.components.vae, b.components
         pred = one_step_prediction(b)
-        image = vae.decode(pred / c.scaling_factor + c.shift_factor, return_dict=False)[0]
+        image = vae.decode(flow.vae_input(pred, c.scaling_factor, c.shift_factor), return_dict=False)[0]
         with torch.no_grad():
-            target = vae.decode(b.x1 / c.scaling_factor + c.shift_factor, return_dict=False)[0]
+            target = vae.decode(flow.vae_input(b.x1, c.scaling_factor, c.shift_factor), return_dict=False)[0]
         return model[0](image.clamp(-1, 1), target.clamp(-1, 1)).mean()
 
     return loss

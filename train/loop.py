@@ -76,9 +76,8 @@ def reflow_loss(b: Batch) -> torch.Tensor:
 
 def one_step_prediction(b: Batch) -> torch.Tensor:
     """The student's image latent: X0 + v(X0, 1000 | T) (one Euler step from the noise end)."""
-    t = torch.full((b.x0.shape[0],), flow.unet_time(0.0), device=b.x0.device)
-    v = b.model(b.x0, t, encoder_hidden_states=b.emb, return_dict=False)[0]
-    return flow.euler_step(b.x0, v.float(), 1.0)
+    return flow.one_step_latents(
+        lambda x, t: b.model(x, t, encoder_hidden_states=b.emb, return_dict=False)[0].float(), b.x0)
 
 
 def l2_loss(b: Batch) -> torch.Tensor:

@@ -98,7 +98,7 @@ def resolve_auto(device: torch.device, checkpoint: "Checkpoint | None",
             import tensorrt  # noqa: F401
         except ImportError:
             return "torch"
-        return "tensorrt" if (trt_dir / "engines.json").is_file() else "torch"
+        return "tensorrt" if (trt_dir / mf.ENGINES).is_file() else "torch"
 
     folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint)
     try:

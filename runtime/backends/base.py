@@ -29,3 +29,8 @@ class Backend(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decoder on already unscaled latents -> images ``[B, 3, H, W]`` in about [-1, 1]."""
         ...
+
+    # Optional: ``check_size(height, width)`` raises InvalidInputError for an image size the backend's graphs
+    # cannot take (exported graphs fix their sizes or the UNet's downsampling multiple), ``check_batch(images)``
+    # for too many images in one call; the pipeline calls both before any work. ``has_one_step`` and
+    # ``one_step(embeddings, noise)`` run the fused one-step hot path.

@@ -12,17 +12,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError, ExportError
+from ..errors import BackendUnavailableError, ExportError, InvalidInputError
+from ..specs import DTYPES, ComponentSpec, ModelDims, specs_by_name
 from .graphs import Captured, GraphCache
 
 if TYPE_CHECKING:
     from ..checkpoints import Checkpoint
-
-_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
              "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -38,16 +35,17 @@ def _import_ort() -> Any:
     return ort
 
 
-class Graph:
-    """One onnxruntime session plus the tensor names and dtypes the manifest records.
+class Session:
+    """One onnxruntime session of an exported graph; tensor names and shapes from its spec, dtypes from the
+    manifest.
 
     On the CPU, inputs and outputs go through numpy (``io_binding=False``, the default there); on a GPU, torch's
     buffers are bound in place (IO binding), and with ``max_graphs`` onnxruntime's CUDA graphs are replayed, one per
     input shape. The bound path runs on the CPU too (``io_binding=True``), which is how it is tested here.
     """
 
-    def __init__(self, path: Path, entry: dict[str, Any], providers: Sequence[Any], device: torch.device,
-                 factor: int, threads: int | None = None, max_graphs: int | None = None,
+    def __init__(self, path: Path, spec: ComponentSpec, entry: dict[str, Any], providers: Sequence[Any],
+                 device: torch.device, threads: int | None = None, max_graphs: int | None = None,
                  io_binding: bool | None = None) -> None:
         ort = _import_ort()
         opts = ort.SessionOptions()
@@ -62,20 +60,18 @@ class Graph:
         except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
             hint = "; try cuda_graph=False" if max_graphs else ""  # graphs need every node on the CUDA provider
             raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}{hint}") from None
-        self.device = device
-        self.inputs = {t["name"]: t["dtype"] for t in entry["inputs"]}
-        self.outputs = [t["name"] for t in entry["outputs"]]
-        self.out_dtype = entry["outputs"][0]["dtype"]
-        self.input_shapes = {t["name"]: t["shape"] for t in entry["inputs"]}
-        self.output_shape = entry["outputs"][0]["shape"]
-        self.factor = factor
+        self.device, self.spec = device, spec
+        model_dtype = DTYPES[entry["dtype"]]
+        self.inputs = {t.name: t.torch_dtype(model_dtype) for t in spec.inputs}
+        self.outputs = [t.name for t in spec.outputs]
+        self.out_dtype = spec.outputs[0].torch_dtype(model_dtype)
         self.io_binding = device.type != "cpu" if io_binding is None else io_binding
         # onnxruntime's CUDA graphs: one per input shape, told apart by the run option gpu_graph_id (1, 2, ...)
         self.graphs = GraphCache(self._capture, max_graphs) if max_graphs else None
         self._graph_ids = 0
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        feeds = {name: t.to(_TORCH[dt]).contiguous() for (name, dt), t in zip(self.inputs.items(), args)}
+        feeds = {name: t.to(dt).contiguous() for (name, dt), t in zip(self.inputs.items(), args)}
         if not self.io_binding:
             out = self.session.run(self.outputs, {k: v.numpy() for k, v in feeds.items()})[0]
             return torch.from_numpy(out)
@@ -96,15 +92,10 @@ class Graph:
         each other); nothing round-trips through the host."""
         binding = self.session.io_binding()
         kind, index = self.device.type, self.device.index or 0
-        dims: dict[str, int] = {}
         for name, t in zip(self.inputs, inputs):
-            dims.update({d: n for d, n in zip(self.input_shapes[name], t.shape) if isinstance(d, str)})
-            binding.bind_input(name, kind, index, _NP[self.inputs[name]], list(t.shape), t.data_ptr())
-        if "h" in dims:
-            dims.update(H=dims["h"] * self.factor, W=dims["w"] * self.factor)
-        out = torch.empty([d if isinstance(d, int) else dims[d] for d in self.output_shape],
-                          dtype=_TORCH[self.out_dtype], device=self.device)
-        binding.bind_output(self.outputs[0], kind, index, _NP[self.out_dtype], list(out.shape), out.data_ptr())
+            binding.bind_input(name, kind, index, _numpy_dtype(t.dtype), list(t.shape), t.data_ptr())
+        out = torch.empty(self.spec.output_shape(inputs), dtype=self.out_dtype, device=self.device)
+        binding.bind_output(self.outputs[0], kind, index, _numpy_dtype(out.dtype), list(out.shape), out.data_ptr())
         return binding, out
 
     def _capture(self, statics: Sequence[torch.Tensor]) -> Captured:
@@ -122,6 +113,10 @@ class Graph:
 
         run()  # warm-up: onnxruntime allocates and picks kernels on a regular run before it captures
         return Captured(statics, out, run, handle=(binding, options))
+
+
+def _numpy_dtype(dtype: torch.dtype) -> Any:
+    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 class OnnxRuntimeBackend:
@@ -151,7 +146,9 @@ class OnnxRuntimeBackend:
         if missing:
             raise ExportError(f"{folder} lacks the {', '.join(missing)} graph(s); re-run the export")
         self.folder, self.device = folder, device
-        self.dtype = _TORCH[doc["components"]["unet"]["dtype"]]
+        self.dtype = DTYPES[doc["components"]["unet"]["dtype"]]
+        self.dims = ModelDims.from_manifest(doc)
+        self.dynamic_hw = bool(doc["settings"]["dynamic_hw"])
         if cuda_graph and device.type != "cuda":
             raise BackendUnavailableError("cuda_graph=True needs a CUDA device")
         if isinstance(providers, str):
@@ -168,27 +165,36 @@ class OnnxRuntimeBackend:
         if wanted[0] not in available:
             raise BackendUnavailableError(f"onnxruntime here has no {wanted[0]} (available: "
                                           f"{', '.join(sorted(available))}); pip install onnxruntime-gpu for CUDA")
-        graphs = {}
+        specs = specs_by_name(self.dims)
+        sessions = {}
         for name, entry in doc["components"].items():
             mf.check_files(folder, entry)
-            graphs[name] = Graph(folder / entry["file"], entry, providers, device,
-                                 doc["latent"]["vae_scale_factor"], threads, max_graphs if cuda_graph else None,
-                                 io_binding)
-        self.graphs = graphs
+            sessions[name] = Session(folder / entry["file"], specs[name], entry, providers, device, threads,
+                                     max_graphs if cuda_graph else None, io_binding)
+        self.sessions = sessions
+
+    def check_size(self, height: int, width: int) -> None:
+        """One line for an image size the exported graphs cannot take (before any of them runs)."""
+        f = self.dims.vae_scale_factor
+        if not self.dynamic_hw and (height // f, width // f) != self.dims.latent_size:
+            h, w = self.dims.latent_size
+            raise InvalidInputError(f"the export in {self.folder} has a fixed size of {h * f}x{w * f} px, got "
+                                    f"{height}x{width}; re-export with --dynamic-hw for other sizes")
+        self.dims.check_latent_size(height // f, width // f, what=f"the export in {self.folder}")
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.graphs["text_encoder"](input_ids)
+        return self.sessions["text_encoder"](input_ids)
 
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.graphs["unet"](latents, t, embeddings)
+        return self.sessions["unet"](latents, t, embeddings)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.graphs["vae_decoder"](latents)
+        return self.sessions["vae_decoder"](latents)
 
     @property
     def has_one_step(self) -> bool:
-        return "onestep" in self.graphs
+        return "onestep" in self.sessions
 
     def one_step(self, embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The fused hot path: (embeddings, noise) -> images in [0, 1]."""
-        return self.graphs["onestep"](embeddings, noise)
+        return self.sessions["onestep"](embeddings, noise)

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ..errors import BackendUnavailableError, ExportError, InvalidInputError
+from ..specs import ModelDims
 from .graphs import Captured, GraphCache, StreamGraph, cudart
 
 if TYPE_CHECKING:
     from ..checkpoints import Checkpoint
 
-ENGINES = "engines.json"
+_LOGGERS: dict[int, Any] = {}
 
 
 def _trt() -> Any:
@@ -34,6 +35,14 @@ def _trt() -> Any:
     return trt
 
 
+def logger(trt: Any) -> Any:
+    """The one ``trt.Logger`` of the process (TensorRT expects a single logger; builders and runtimes share it)."""
+    key = id(trt)  # one per TensorRT module (tests swap in stand-ins)
+    if key not in _LOGGERS:
+        _LOGGERS[key] = trt.Logger(trt.Logger.WARNING)
+    return _LOGGERS[key]
+
+
 class Engine:
     """A deserialized engine; its execution contexts run in one activation-memory block (:attr:`memory`) that the
     backend shares between all engines."""
@@ -41,7 +50,7 @@ class Engine:
     def __init__(self, path: Path, device: torch.device) -> None:
         trt = _trt()
         self.path, self.device = path, device
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+        self.engine = trt.Runtime(logger(trt)).deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise ExportError(f"TensorRT cannot load {path} (built by another TensorRT version or GPU?); rebuild "
                               "it with `python -m export.trt --force`")
@@ -73,15 +82,20 @@ class Engine:
         return [t.to(device=self.device, dtype=self.dtypes[n]).contiguous() for n, t in zip(self.inputs, tensors)]
 
     def bind(self, context: Any, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Set shapes and addresses of ``inputs`` (already cast) on ``context``; returns a fresh output tensor, also
-        bound."""
+        """Set shapes and addresses of ``inputs`` (already cast) on ``context`` and bind a fresh tensor to every
+        output (TensorRT writes them all); returns the first output."""
         for name, t in zip(self.inputs, inputs):
-            context.set_input_shape(name, tuple(t.shape))
+            if not context.set_input_shape(name, tuple(t.shape)):
+                raise InvalidInputError(f"{name} shape {list(t.shape)} is outside the optimisation profile of "
+                                        f"{self.path.name}; rebuild with other --max-batch/--height/--width")
             context.set_tensor_address(name, t.data_ptr())
-        out_name = self.outputs[0]
-        out = torch.empty(tuple(context.get_tensor_shape(out_name)), dtype=self.dtypes[out_name], device=self.device)
-        context.set_tensor_address(out_name, out.data_ptr())
-        return out
+        outs = []
+        for name in self.outputs:
+            out = torch.empty(tuple(context.get_tensor_shape(name)), dtype=self.dtypes[name], device=self.device)
+            context.set_tensor_address(name, out.data_ptr())
+            outs.append(out)
+        self._outputs = outs  # the outputs not handed out stay alive as long as the engine may write them
+        return outs[0]
 
     def execute(self, context: Any, stream: int) -> None:
         if not context.execute_async_v3(stream):
@@ -123,7 +137,7 @@ class TensorRTBackend:
         elif cuda_graph:
             cudart()  # one line naming what to install when cuda-python is missing
         folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint, "trt")
-        path = folder / ENGINES
+        path = folder / mf.ENGINES
         if not path.is_file():
             raise BackendUnavailableError(f"no TensorRT engines for {checkpoint.name} in {folder}; build them with "
                                           f"`python -m export.trt --ckpt {checkpoint.name} -o {folder}`")
@@ -134,6 +148,7 @@ class TensorRTBackend:
             raise ExportError(f"engines in {folder} were built for {doc['gpu']} with TensorRT {doc['tensorrt']}, "
                               f"this is {gpu} with TensorRT {trt.__version__}; rebuild with `python -m export.trt`")
         self.device, self.dtype, self.folder = device, dtype, folder
+        self.dims = ModelDims.from_manifest(doc)
         self.meta = doc["components"]
         self.engines: dict[str, Engine] = {}
         for name, entry in self.meta.items():
@@ -149,6 +164,24 @@ class TensorRTBackend:
         self.cuda_graph = bool(cuda_graph)
         self._graphs = {name: GraphCache(self._capture_fn(self.engines[name]), max_graphs)
                         for name in ("text_encoder", "onestep") if self.cuda_graph and name in self.engines}
+
+    def check_size(self, height: int, width: int) -> None:
+        """One line for an image size outside the engines' profiles or the UNet's downsampling multiple."""
+        f = self.dims.vae_scale_factor
+        h, w = height // f, width // f
+        self.dims.check_latent_size(h, w, what=f"the engines in {self.folder}")
+        lo, _, hi = self.meta["unet"]["profile"]["sample"]
+        if not (lo[2] <= h <= hi[2] and lo[3] <= w <= hi[3]):
+            raise InvalidInputError(f"{height}x{width} px is outside what the engines in {self.folder} were built "
+                                    f"for ({lo[2] * f}x{lo[3] * f} .. {hi[2] * f}x{hi[3] * f} px); rebuild with "
+                                    "other --height/--width")
+
+    def check_batch(self, images: int) -> None:
+        """One line, before any engine runs, for more images per call than the engines were built for."""
+        most = self.meta["vae_decoder"]["profile"]["latents"][2][0]
+        if images > most:
+            raise InvalidInputError(f"{images} images in one call, but the engines in {self.folder} were built for "
+                                    f"at most {most}; rebuild with `python -m export.trt --max-batch {images}`")
 
     def _check(self, name: str, tensors: Sequence[torch.Tensor]) -> None:
         feeds = dict(zip(self.engines[name].inputs, tensors))

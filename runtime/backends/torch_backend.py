@@ -88,10 +88,8 @@ class TorchBackend:
 
     def _one_step_eager(self, embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         c = self.components
-        t = torch.full((noise.shape[0],), flow.time_grid(1)[0], device=noise.device, dtype=torch.float32)
-        x = flow.euler_step(noise, self.velocity(noise, t, embeddings).float(), 1.0)
-        image = self.decode(x / c.scaling_factor + c.shift_factor)
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return flow.one_step_image(lambda x, t: self.velocity(x, t, embeddings).float(),
+                                   lambda z: self.decode(z).float(), noise, c.scaling_factor, c.shift_factor)
 
     def one_step(self, embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """One Euler step + decode -> images in [0, 1], replayed from the CUDA graph captured for this shape."""
