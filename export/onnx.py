@@ -38,7 +38,8 @@ from .graphs import module_for
 MIN_OPSET, MAX_OPSET = 14, 20
 DEFAULT_OPSET = 17
 EXPORTER = "torchscript"
-TWO_GB = 2**31
+#: graphs with more weight bytes than this keep them in external data (protobuf cannot serialise 2 GB)
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
 
 
 @dataclass(frozen=True)
@@ -126,17 +127,31 @@ def _set_output_shapes(path: Path, spec: ComponentSpec, dynamic_hw: bool) -> Non
 
 def _to_fp16(path: Path, keep: list[str]) -> None:
     """fp32 graph -> fp16 weights and compute (onnxruntime's converter; ops unsafe in fp16 stay fp32 behind
-    casts). Tracing the module in fp16 on the CPU instead gives graphs with mixed types that onnxruntime rejects."""
-    import onnx
+    casts). Tracing the module in fp16 on the CPU instead gives graphs with mixed types that onnxruntime rejects.
+
+    Works above protobuf's 2 GB limit (the fp32 SD UNet is 3.4 GB): the converter gets the file's path, so its shape
+    inference runs on the file (``infer_shapes_path``), and nothing serialises the whole model in memory; the result
+    is saved with its weights in external data whenever they are large."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(path), load_external_data=True)
-    model = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=model.ByteSize() >= TWO_GB)
+    model = convert_float_to_float16(str(path), keep_io_types=keep)
     for p in path.parent.iterdir():
         p.unlink()
-    big = model.ByteSize() >= TWO_GB
-    onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=path.name + ".data")
+    _save(model, path)
+
+
+def _weight_bytes(model: Any) -> int:
+    """Bytes of a model's initializers (protobuf's ``ByteSize()`` fails on models over 2 GB)."""
+    return sum(len(t.raw_data) or 4 * len(t.float_data) or 8 * len(t.int64_data) for t in model.graph.initializer)
+
+
+def _save(model: Any, path: Path) -> None:
+    """Save ``model`` to ``path``; graphs with large weights keep them in ONE external file ``NAME.onnx.data``."""
+    import onnx
+
+    external = _weight_bytes(model) >= EXTERNAL_DATA_BYTES
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
 
 
 def _consolidate(path: Path) -> None:
@@ -144,7 +159,7 @@ def _consolidate(path: Path) -> None:
     import onnx
 
     folder = path.parent
-    if path.stat().st_size < TWO_GB and not any(p for p in folder.iterdir() if p != path):
+    if path.stat().st_size < EXTERNAL_DATA_BYTES and not any(p for p in folder.iterdir() if p != path):
         return
     model = onnx.load(str(path), load_external_data=True)
     for p in folder.iterdir():

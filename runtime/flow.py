@@ -1,6 +1,6 @@
 """The rectified-flow ODE: the ONE place for the time and sign conventions.
 
-Convention (official InstaFlow / 2-Rectified-Flow code, DESIGN.md section 3):
+Convention (official InstaFlow / 2-Rectified-Flow code; ARCHITECTURE.md, "Conventions"):
 
 * flow time ``t`` runs from 0 (noise ``X0 ~ N(0, I)``) to 1 (image latent ``X1``);
 * the UNet is given the time ``1000 * (1 - t)``: 1000 at the noise end, like a diffusion model at its start;

@@ -257,7 +257,7 @@ def _bytes_to_unicode() -> list[str]:
 def write_tiny_tokenizer(folder: str | os.PathLike[str], words: Sequence[str], max_length: int) -> Any:
     """Write a CLIP BPE tokenizer (byte-level alphabet + one merged token per word) and load it back.
 
-    Files are written and loaded with ``from_pretrained`` (DESIGN section 5: transformers 5 ignores
+    Files are written and loaded with ``from_pretrained`` (ARCHITECTURE.md, "Conventions": transformers 5 ignores
     ``vocab_file=``/``merges_file=`` arguments), and the loaded vocabulary size is checked.
     """
     from transformers import CLIPTokenizer

@@ -2,8 +2,8 @@
 
     python -m train.metrics --ckpt CKPT --prompts FILE [--num 64] [--steps 25] [--seed 0]
 
-Straightness (DESIGN section 3): S(Z) = int_0^1 E ||(Z1 - Z0) - v(Zt, t)||^2 dt, estimated on the K-step Euler
-trajectory from Z0 ~ N(0, I) (mean over elements): 0 for perfectly straight trajectories.
+Straightness (ARCHITECTURE.md, "Conventions"): S(Z) = int_0^1 E ||(Z1 - Z0) - v(Zt, t)||^2 dt, estimated on the
+K-step Euler trajectory from Z0 ~ N(0, I) (mean over elements): 0 for perfectly straight trajectories.
 """
 
 from __future__ import annotations
