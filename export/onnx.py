@@ -101,6 +101,7 @@ def export_component(spec: ComponentSpec, components: Components, out: Path, set
     return {
         "file": spec.file,
         "sha256": mf.files_hash(out, spec.file),
+        "stamp": mf.stamp(mf.graph_files(out, spec.file)),
         "external_data": (out / (spec.file + ".data")).exists(),
         "dtype": dtype_name(dtype),
         "inputs": [t.manifest(dtype) for t in spec.inputs],

@@ -132,7 +132,7 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
     opt_batch = opt_batch or min_batch
     timing_cache = out / f"timing.{_slug(trt.__version__)}.{_slug(gpu)}.cache"
     specs = specs_by_name(dims)
-    engines: dict[str, Any] = {"format": 1, "tensorrt": trt.__version__, "gpu": gpu,
+    engines: dict[str, Any] = {"format": mf.FORMAT, "tensorrt": trt.__version__, "gpu": gpu,
                                "checkpoint": doc["checkpoint"], "latent": doc["latent"], "vae": doc["vae"],
                                "text": doc["text"], "components": {}}
     for name, entry in doc["components"].items():
@@ -151,7 +151,8 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
         ok = bool(np.isfinite(err) and err <= TOLERANCE)
         print(f"[check] {name}: max rel err vs onnxruntime {err:.2e} ({'ok' if ok else 'FAIL'})", flush=True)
         engines["components"][name] = {
-            "file": file, "sha256": mf.sha256_file(out / file), "onnx_sha256": onnx_hash, "fp16": fp16,
+            "file": file, "sha256": mf.sha256_file(out / file), "stamp": mf.stamp([out / file]),
+            "onnx_sha256": onnx_hash, "fp16": fp16,
             "profile": {k: [list(s) for s in v] for k, v in profile.items()},
             "inputs": entry["inputs"], "outputs": entry["outputs"], "max_rel_err": err,
         }

@@ -99,19 +99,61 @@ def read(folder: Path) -> dict[str, Any] | None:
     return doc
 
 
+def read_engines(folder: Path) -> dict[str, Any]:
+    """The TensorRT engine index of ``folder`` (``engines.json``), or one line saying why it cannot be read."""
+    path = folder / ENGINES
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"unreadable {path}: {type(e).__name__}; rebuild with `python -m export.trt`") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("components"), dict):
+        raise ExportError(f"{path} is not an instaflow-rt engine index of format {FORMAT}; rebuild with "
+                          "`python -m export.trt --force`")
+    return doc
+
+
+def engines_mismatch(doc: dict[str, Any], trt_version: str, gpu: str) -> str | None:
+    """Why engines cannot run here (TensorRT engines are tied to the GPU model and TensorRT version), or None."""
+    built = (doc.get("gpu"), doc.get("tensorrt"))
+    if built != (gpu, trt_version):
+        return f"built for {built[0]} with TensorRT {built[1]}, this is {gpu} with TensorRT {trt_version}"
+    return None
+
+
 def write(folder: Path, doc: dict[str, Any]) -> None:
     """Atomic write (see :mod:`runtime.files`)."""
     atomic_write_json(folder / MANIFEST, doc)
 
 
-def check_files(folder: Path, entry: dict[str, Any]) -> None:
-    """Raise when a graph's files are missing or differ from the hash the manifest recorded (corruption)."""
-    missing = [p.name for p in graph_files(folder, entry["file"]) if not p.exists()]
-    if missing or not (folder / entry["file"]).exists():
+def stamp(files: list[Path]) -> list[list[int]]:
+    """(size, mtime in ns, inode) of each file: recorded next to a hash, so that loads can trust the hash while the
+    files are untouched instead of hashing gigabytes each time."""
+    return [[st.st_size, st.st_mtime_ns, st.st_ino] for st in (f.stat() for f in files)]
+
+
+def check_files(folder: Path, entry: dict[str, Any], full: bool = False) -> None:
+    """Raise when a graph's files are missing or differ from the hash the manifest recorded (corruption).
+
+    The files are hashed in full only when their stamp (:func:`stamp`) changed since the hash was recorded, or when
+    ``full`` (``export.verify``) asks for it."""
+    files = graph_files(folder, entry["file"])
+    if not (folder / entry["file"]).exists() or any(not p.exists() for p in files):
         raise ExportError(f"{folder}: {entry['file']} is missing; re-run the export")
+    if not full and entry.get("stamp") == stamp(files):
+        return
     if files_hash(folder, entry["file"]) != entry["sha256"]:
         raise ExportError(f"{folder / entry['file']} does not match its manifest hash (corrupted or truncated); "
                           "delete it and re-run the export")
+
+
+def check_file(path: Path, sha256: str, recorded_stamp: Any, what: str) -> None:
+    """One file (an engine) against its recorded hash, hashed only when its stamp changed."""
+    if not path.is_file():
+        raise ExportError(f"{path} is missing; {what}")
+    if recorded_stamp == stamp([path]):
+        return
+    if sha256_file(path) != sha256:
+        raise ExportError(f"{path} does not match its manifest hash (corrupted or truncated); {what}")
 
 
 def cache_root() -> Path:

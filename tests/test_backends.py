@@ -173,3 +173,23 @@ def test_onnxruntime_refuses_sizes_its_graphs_cannot_take(tiny_ckpt, tiny_onnx, 
     assert dynamic("a cat", height=48, width=16, seed=0, output_type="pt").images.shape == (1, 3, 48, 16)
     with pytest.raises(InvalidInputError, match=r"multiples of 8 px \(its UNet downsamples 2x\), got 44x32"):
         dynamic("a cat", height=44, width=32)
+
+
+def test_loading_an_export_trusts_untouched_files_and_hashes_changed_ones(tiny_ckpt, tmp_path, monkeypatch):
+    """Loads do not hash gigabytes: a graph whose (size, mtime, inode) stamp is unchanged is trusted; one modified in
+    place, size kept, is hashed and refused."""
+    from runtime import manifest as mf
+
+    export(str(tiny_ckpt), tmp_path, ExportSettings(), verify=False)
+    hashed = []
+    real = mf.sha256_file
+    monkeypatch.setattr(mf, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path)
+    assert hashed == []
+    unet = tmp_path / "unet.onnx"
+    data = bytearray(unet.read_bytes())
+    data[-10] ^= 0xFF  # same size, other content
+    unet.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="unet.onnx does not match its manifest hash"):
+        Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path)
+    assert "unet.onnx" in hashed

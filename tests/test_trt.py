@@ -226,3 +226,41 @@ def test_fake_tensorrt_engine_checks_set_input_shape(fake_gpu, tiny_ckpt, tmp_pa
     assert ok.shape == (1, 3, 32, 32)
     with pytest.raises(InvalidInputError, match=r"latents shape \[2, 4, 8, 8\] is outside the optimisation profile"):
         engine.bind(context, engine.cast([torch.randn(2, 4, 8, 8)]))
+
+
+def test_fake_tensorrt_auto_falls_back_from_unusable_engines(fake_gpu, tiny_ckpt, tmp_path, monkeypatch):
+    """backend="auto" uses engines built here, and falls back to torch with one warning for engines built for
+    another GPU (an explicit backend="tensorrt" keeps the one-line error)."""
+    from export.trt import build
+    from runtime import resolve
+    from runtime.backends import resolve_auto
+
+    build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=1)
+    ckpt = resolve(tiny_ckpt)
+    assert resolve_auto(torch.device("cuda"), ckpt, tmp_path) == "tensorrt"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Other GPU")
+    with pytest.warns(RuntimeWarning, match=r"built for Fake GPU .* this is Other GPU .*; rebuild with "
+                                            r"`python -m export.trt --ckpt .*\); running torch instead"):
+        assert resolve_auto(torch.device("cuda"), ckpt, tmp_path) == "torch"
+    (tmp_path / "engines.json").write_text("{not json")
+    with pytest.warns(RuntimeWarning, match=r"unreadable .*engines.json: JSONDecodeError"):
+        assert resolve_auto(torch.device("cuda"), ckpt, tmp_path) == "torch"
+
+
+def test_stream_graph_keeps_the_error_that_broke_the_capture(fake_gpu, monkeypatch):
+    """An enqueue that fails during capture invalidates it, so ending the capture fails too: the error raised is
+    the enqueue's, not the consequence."""
+    from runtime.backends import graphs
+
+    def end_invalidated(stream):
+        fake_gpu.CAPTURING.pop(stream, None)
+        return (fake_gpu.cudart.cudaError_t.cudaErrorIllegalState,)
+
+    monkeypatch.setattr(fake_gpu.cudart, "cudaStreamEndCapture", end_invalidated)
+
+    def enqueue(stream):
+        raise ValueError("engine enqueue failed")
+
+    with pytest.raises(ValueError, match="engine enqueue failed"):
+        graphs.StreamGraph(enqueue, 77)
+    assert 77 not in fake_gpu.CAPTURING

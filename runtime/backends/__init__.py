@@ -6,12 +6,13 @@ Every backend implements :class:`~runtime.backends.base.Backend`; :func:`create`
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import BackendUnavailableError, InvalidInputError
+from ..errors import BackendUnavailableError, ExportError, InvalidInputError
 from .base import Backend
 
 if TYPE_CHECKING:
@@ -95,10 +96,22 @@ def resolve_auto(device: torch.device, checkpoint: "Checkpoint | None",
     if device.type == "cuda":
         trt_dir = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint, "trt")
         try:
-            import tensorrt  # noqa: F401
+            import tensorrt
         except ImportError:
             return "torch"
-        return "tensorrt" if (trt_dir / mf.ENGINES).is_file() else "torch"
+        if not (trt_dir / mf.ENGINES).is_file():
+            return "torch"
+        rebuild = f"`python -m export.trt --ckpt {checkpoint.name} -o {trt_dir} --force`"
+        try:
+            mismatch = mf.engines_mismatch(mf.read_engines(trt_dir), tensorrt.__version__,
+                                           torch.cuda.get_device_name(device))
+            reason = mismatch and f"the engines in {trt_dir} were {mismatch}; rebuild with {rebuild}"
+        except ExportError as e:
+            reason = str(e)
+        if reason:  # auto falls back; an explicit backend="tensorrt" keeps the one-line error
+            warnings.warn(f"TensorRT not used ({reason}); running torch instead", RuntimeWarning, stacklevel=3)
+            return "torch"
+        return "tensorrt"
 
     folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint)
     try:

@@ -141,10 +141,11 @@ class StreamGraph:
         check_cuda(rt.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
         try:
             enqueue(stream)
-        finally:  # always leave capture mode, even when the enqueue failed
-            graph = check_cuda(rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
-        self.graph = graph
-        self.exec = check_cuda(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        except BaseException:  # leave capture mode (its error, if any, is a consequence) and raise the cause
+            rt.cudaStreamEndCapture(stream)
+            raise
+        self.graph = check_cuda(rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+        self.exec = check_cuda(rt.cudaGraphInstantiate(self.graph, 0), "cudaGraphInstantiate")
 
     def launch(self) -> None:
         check_cuda(cudart().cudaGraphLaunch(self.exec, self.stream), "cudaGraphLaunch")

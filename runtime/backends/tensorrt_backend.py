@@ -8,7 +8,6 @@ another GPU or TensorRT version or of shapes outside the engines' optimisation p
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -141,19 +140,18 @@ class TensorRTBackend:
         if not path.is_file():
             raise BackendUnavailableError(f"no TensorRT engines for {checkpoint.name} in {folder}; build them with "
                                           f"`python -m export.trt --ckpt {checkpoint.name} -o {folder}`")
-        doc = json.loads(path.read_text())
+        doc = mf.read_engines(folder)
         mf.check_export_matches(doc, checkpoint, folder)
-        gpu = torch.cuda.get_device_name(device)
-        if doc["tensorrt"] != trt.__version__ or doc["gpu"] != gpu:
-            raise ExportError(f"engines in {folder} were built for {doc['gpu']} with TensorRT {doc['tensorrt']}, "
-                              f"this is {gpu} with TensorRT {trt.__version__}; rebuild with `python -m export.trt`")
+        mismatch = mf.engines_mismatch(doc, trt.__version__, torch.cuda.get_device_name(device))
+        if mismatch:
+            raise ExportError(f"engines in {folder} were {mismatch}; rebuild with `python -m export.trt --force`")
         self.device, self.dtype, self.folder = device, dtype, folder
         self.dims = ModelDims.from_manifest(doc)
         self.meta = doc["components"]
         self.engines: dict[str, Engine] = {}
         for name, entry in self.meta.items():
-            if mf.sha256_file(folder / entry["file"]) != entry["sha256"]:
-                raise ExportError(f"{folder / entry['file']} does not match its manifest hash (corrupted); rebuild")
+            mf.check_file(folder / entry["file"], entry["sha256"], entry.get("stamp"),
+                          "rebuild with `python -m export.trt --force`")
             self.engines[name] = Engine(folder / entry["file"], device)
         size = max(e.device_memory_size for e in self.engines.values())
         self._memory = torch.empty(size, dtype=torch.uint8, device=device)  # shared: engines run in sequence
