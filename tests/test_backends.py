@@ -60,7 +60,8 @@ def test_onnxruntime_io_binding_path(odd_ckpt, odd_onnx, tiny_ckpt, tiny_onnx):
 
 def test_onnxruntime_graph_cache_with_graph_ids(tiny_onnx):
     """onnxruntime's CUDA-graph bookkeeping (static bound buffers, one gpu_graph_id per shape), on the CPU provider,
-    which ignores the graph id: results must follow the new inputs of every call."""
+    which ignores the graph id: results follow the new inputs of every call, and since onnxruntime cannot free a
+    captured graph, a shape beyond max_graphs is refused in one line rather than evicted."""
     import json
 
     from runtime.backends.onnxruntime_backend import Session
@@ -70,13 +71,32 @@ def test_onnxruntime_graph_cache_with_graph_ids(tiny_onnx):
     entry, spec = doc["components"]["unet"], specs_by_name(ModelDims.from_manifest(doc))["unet"]
     plain = Session(tiny_onnx / entry["file"], spec, entry, ["CPUExecutionProvider"], torch.device("cpu"))
     graphed = Session(tiny_onnx / entry["file"], spec, entry, ["CPUExecutionProvider"], torch.device("cpu"),
-                      max_graphs=4, io_binding=True)
+                      max_graphs=2, io_binding=True)
     g = torch.Generator().manual_seed(0)
     for batch in (1, 2, 1, 2):
         x, emb = torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 16, 32, generator=g)
         t = torch.full((batch,), 1000.0)
         torch.testing.assert_close(graphed(x, t, emb), plain(x, t, emb))
-    assert len(graphed.graphs) == 2 and graphed._graph_ids == 2
+    with pytest.raises(InvalidInputError, match="already holds CUDA graphs for 2 input shapes"):
+        graphed(torch.randn(3, 4, 8, 8), torch.full((3,), 1000.0), torch.randn(3, 16, 32))
+
+
+def test_onnxruntime_provider_options():
+    """The CUDA provider gets the device, torch's stream as its compute stream and, with cuda_graph, graph capture
+    (whether providers were named or defaulted); graphs with another provider first are refused."""
+    from runtime.backends.onnxruntime_backend import provider_list
+
+    cuda = torch.device("cuda", 1)
+    want = ("CUDAExecutionProvider", {"device_id": 1, "user_compute_stream": "1234", "enable_cuda_graph": "1"})
+    for providers in (None, "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]):
+        assert provider_list(providers, cuda, cuda_graph=True, stream=1234) == [want]
+    plain = provider_list("cuda", cuda, stream=1234)
+    assert plain == [("CUDAExecutionProvider", {"device_id": 1, "user_compute_stream": "1234"}), "CPUExecutionProvider"]
+    assert provider_list(None, torch.device("cpu")) == ["CPUExecutionProvider"]
+    with pytest.raises(BackendUnavailableError, match="need the CUDA provider first; got TensorrtExecutionProvider"):
+        provider_list("tensorrt", cuda, cuda_graph=True)
+    with pytest.raises(BackendUnavailableError, match="cuda_graph=True needs a CUDA device"):
+        provider_list(None, torch.device("cpu"), cuda_graph=True)
 
 
 def test_onnxruntime_loads_no_torch_weights(tiny_ckpt, tiny_onnx):

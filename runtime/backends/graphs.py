@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, InvalidInputError
 
 
 @dataclass
@@ -38,14 +38,16 @@ class GraphCache:
     """Graphs keyed by the inputs' shapes and dtypes; see the module docstring.
 
     At most ``max_graphs`` are kept (each holds its own buffers): beyond that the least recently used one is
-    dropped and recaptured if its shape comes back.
+    dropped and recaptured if its shape comes back; with ``evict=False`` (graphs that cannot be freed) a new shape
+    beyond the limit is refused in one line.
     """
 
-    def __init__(self, capture: Capture, max_graphs: int = 16) -> None:
+    def __init__(self, capture: Capture, max_graphs: int = 16, evict: bool = True) -> None:
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
         self.capture = capture
         self.max_graphs = max_graphs
+        self.evict = evict  # False where a dropped graph cannot be freed (onnxruntime): refuse new shapes instead
         self.graphs: OrderedDict[tuple[Any, ...], Captured] = OrderedDict()
         self.lock = threading.Lock()
         self._last_stream: Any = None
@@ -60,6 +62,11 @@ class GraphCache:
             self._order_streams(inputs)
             entry = self.graphs.get(key)
             if entry is None:
+                if not self.evict and len(self.graphs) >= self.max_graphs:
+                    raise InvalidInputError(
+                        f"this pipeline already holds CUDA graphs for {self.max_graphs} input shapes, the most "
+                        "allowed (max_graphs), and cannot free one; reuse those shapes or create the pipeline with "
+                        "a larger max_graphs")
                 while len(self.graphs) >= self.max_graphs:
                     self.graphs.popitem(last=False)
                 statics = [t.detach().clone(memory_format=torch.contiguous_format) for t in inputs]

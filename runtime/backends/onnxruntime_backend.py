@@ -46,7 +46,7 @@ class Session:
 
     def __init__(self, path: Path, spec: ComponentSpec, entry: dict[str, Any], providers: Sequence[Any],
                  device: torch.device, threads: int | None = None, max_graphs: int | None = None,
-                 io_binding: bool | None = None) -> None:
+                 io_binding: bool | None = None, stream: Any = None) -> None:
         ort = _import_ort()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -60,32 +60,38 @@ class Session:
         except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
             hint = "; try cuda_graph=False" if max_graphs else ""  # graphs need every node on the CUDA provider
             raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}{hint}") from None
-        self.device, self.spec = device, spec
+        self.device, self.spec, self.stream = device, spec, stream  # stream: onnxruntime's user_compute_stream
         model_dtype = DTYPES[entry["dtype"]]
         self.inputs = {t.name: t.torch_dtype(model_dtype) for t in spec.inputs}
         self.outputs = [t.name for t in spec.outputs]
         self.out_dtype = spec.outputs[0].torch_dtype(model_dtype)
         self.io_binding = device.type != "cpu" if io_binding is None else io_binding
-        # onnxruntime's CUDA graphs: one per input shape, told apart by the run option gpu_graph_id (1, 2, ...)
-        self.graphs = GraphCache(self._capture, max_graphs) if max_graphs else None
+        # onnxruntime's CUDA graphs: one per input shape, told apart by the run option gpu_graph_id (1, 2, ...);
+        # onnxruntime never frees a captured graph, so shapes beyond max_graphs are refused, not evicted
+        self.graphs = GraphCache(self._capture, max_graphs, evict=False) if max_graphs else None
         self._graph_ids = 0
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         feeds = {name: t.to(dt).contiguous() for (name, dt), t in zip(self.inputs.items(), args)}
-        if not self.io_binding:
-            out = self.session.run(self.outputs, {k: v.numpy() for k, v in feeds.items()})[0]
-            return torch.from_numpy(out)
+        if not self.io_binding:  # through host memory (on a GPU too, if asked: slower, but correct)
+            out = self.session.run(self.outputs, {k: v.cpu().numpy() for k, v in feeds.items()})[0]
+            return torch.from_numpy(out).to(self.device)
         if self.graphs is not None:
             return self.graphs(*feeds.values())
         binding, out = self._bind(list(feeds.values()))
-        self._sync()
-        self.session.run_with_iobinding(binding)
+        self._run_ordered(lambda: self.session.run_with_iobinding(binding))
         return out
 
-    def _sync(self) -> None:
-        """onnxruntime reads the bound inputs on its own stream: wait for torch's writes to them."""
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+    def _run_ordered(self, run: Any) -> None:
+        """On a GPU onnxruntime runs on :attr:`stream` (its ``user_compute_stream``): order that stream after the
+        caller's writes to the inputs, and the caller's stream after the outputs, without blocking the host."""
+        if self.stream is None:
+            run()
+            return
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        run()
+        current.wait_stream(self.stream)
 
     def _bind(self, inputs: Sequence[torch.Tensor]) -> tuple[Any, torch.Tensor]:
         """GPU: bind torch's device buffers for the inputs and a freshly allocated output (so calls never alias
@@ -108,11 +114,44 @@ class Session:
         options.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
 
         def run() -> None:
-            self._sync()
-            self.session.run_with_iobinding(binding, options)
+            self._run_ordered(lambda: self.session.run_with_iobinding(binding, options))
 
         run()  # warm-up: onnxruntime allocates and picks kernels on a regular run before it captures
         return Captured(statics, out, run, handle=(binding, options))
+
+
+def provider_list(providers: str | Sequence[Any] | None, device: torch.device, cuda_graph: bool = False,
+                  stream: int | None = None) -> list[Any]:
+    """onnxruntime's provider list for a backend: ``providers`` as given (a name of :data:`PROVIDERS` or
+    onnxruntime's own list), default CUDA on a CUDA device and CPU elsewhere. On a CUDA device the CUDA provider
+    gets the device id, torch's stream as its ``user_compute_stream`` (``stream``, a ``cudaStream_t``) and, with
+    ``cuda_graph``, ``enable_cuda_graph`` (which needs the CUDA provider first and alone: every node on it)."""
+    if cuda_graph and device.type != "cuda":
+        raise BackendUnavailableError("cuda_graph=True needs a CUDA device")
+    if isinstance(providers, str):
+        if providers not in PROVIDERS:
+            raise BackendUnavailableError(f"unknown providers {providers!r}; choose one of {', '.join(PROVIDERS)} "
+                                          "or give onnxruntime's provider list")
+        providers = PROVIDERS[providers]
+    if providers is None:
+        providers = PROVIDERS["cuda" if device.type == "cuda" else "cpu"]
+    out: list[Any] = []
+    for p in providers:
+        name, options = (p, {}) if isinstance(p, str) else (p[0], dict(p[1]))
+        if name == "CUDAExecutionProvider" and device.type == "cuda":
+            options.setdefault("device_id", device.index or 0)
+            if stream is not None:
+                options.setdefault("user_compute_stream", str(stream))
+            if cuda_graph:
+                options["enable_cuda_graph"] = "1"
+        out.append((name, options) if options else name)
+    first = out[0] if isinstance(out[0], str) else out[0][0]
+    if cuda_graph:
+        if first != "CUDAExecutionProvider":
+            raise BackendUnavailableError(f"cuda_graph=True runs onnxruntime's CUDA graphs, which need the CUDA "
+                                          f"provider first; got {first}")
+        out = out[:1]  # no fallback provider: onnxruntime captures only when every node runs on CUDA
+    return out
 
 
 def _numpy_dtype(dtype: torch.dtype) -> Any:
@@ -149,17 +188,8 @@ class OnnxRuntimeBackend:
         self.dtype = DTYPES[doc["components"]["unet"]["dtype"]]
         self.dims = ModelDims.from_manifest(doc)
         self.dynamic_hw = bool(doc["settings"]["dynamic_hw"])
-        if cuda_graph and device.type != "cuda":
-            raise BackendUnavailableError("cuda_graph=True needs a CUDA device")
-        if isinstance(providers, str):
-            if providers not in PROVIDERS:
-                raise BackendUnavailableError(f"unknown providers {providers!r}; choose one of "
-                                              f"{', '.join(PROVIDERS)} or give onnxruntime's provider list")
-            providers = PROVIDERS[providers]
-        if providers is None:
-            providers = PROVIDERS["cuda" if device.type == "cuda" else "cpu"]
-            if cuda_graph:  # every node must run on the CUDA provider for onnxruntime to capture a graph
-                providers = [("CUDAExecutionProvider", {"device_id": device.index or 0, "enable_cuda_graph": "1"})]
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        providers = provider_list(providers, device, cuda_graph, self.stream.cuda_stream if self.stream else None)
         available = set(_import_ort().get_available_providers())
         wanted = [p if isinstance(p, str) else p[0] for p in providers]
         if wanted[0] not in available:
@@ -170,7 +200,7 @@ class OnnxRuntimeBackend:
         for name, entry in doc["components"].items():
             mf.check_files(folder, entry)
             sessions[name] = Session(folder / entry["file"], specs[name], entry, providers, device, threads,
-                                     max_graphs if cuda_graph else None, io_binding)
+                                     max_graphs if cuda_graph else None, io_binding, self.stream)
         self.sessions = sessions
 
     def check_size(self, height: int, width: int) -> None:
