@@ -46,17 +46,19 @@ class VaeDecoderGraph(torch.nn.Module):
 
 class OneStepGraph(torch.nn.Module):
     """The whole one-step hot path, :func:`runtime.flow.one_step_image`: (text embeddings, noise) -> image in
-    [0, 1], in one graph."""
+    [0, 1], in one graph. The decoder runs as the submodule ``vae_decoder``, so its nodes are named
+    ``/vae_decoder/...`` (``--vae-fp32`` keeps exactly those in fp32)."""
 
     def __init__(self, c: Components) -> None:
         super().__init__()
-        self.unet, self.vae = c.unet, c.vae
+        self.unet = c.unet
+        self.vae_decoder = VaeDecoderGraph(c)
         self.scaling, self.shift = c.scaling_factor, c.shift_factor
 
     def forward(self, text_embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return flow.one_step_image(
             lambda x, t: self.unet(x, t, encoder_hidden_states=text_embeddings, return_dict=False)[0],
-            lambda z: self.vae.decode(z, return_dict=False)[0], noise, self.scaling, self.shift, t_dtype=noise.dtype)
+            self.vae_decoder, noise, self.scaling, self.shift, t_dtype=noise.dtype)
 
 
 #: component name -> the module that computes its graph

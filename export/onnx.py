@@ -52,9 +52,15 @@ class ExportSettings:
     fused: bool = False
 
     def dtype_of(self, component: str) -> torch.dtype:
-        if not self.fp16 or (self.vae_fp32 and component in ("vae_decoder", "onestep")):
+        """The graph's precision (its model-dtype tensors). The fused graph stays fp16 with ``vae_fp32``: only its
+        decoder nodes are kept in fp32 (:meth:`fp32_scopes`)."""
+        if not self.fp16 or (self.vae_fp32 and component == "vae_decoder"):
             return torch.float32
         return torch.float16
+
+    def fp32_scopes(self, component: str) -> tuple[str, ...]:
+        """Node-name prefixes kept in fp32 inside an fp16 graph."""
+        return ("/vae_decoder/",) if self.fp16 and self.vae_fp32 and component == "onestep" else ()
 
     def check(self) -> None:
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -90,7 +96,8 @@ def export_component(spec: ComponentSpec, components: Components, out: Path, set
             )
         _consolidate(path)
         if dtype == torch.float16:
-            _to_fp16(path, keep=[t.name for t in spec.inputs if t.dtype == "float32"])
+            _to_fp16(path, keep=[t.name for t in (*spec.inputs, *spec.outputs) if t.dtype == "float32"],
+                     fp32_scopes=settings.fp32_scopes(spec.name))
         _set_output_shapes(path, spec, settings.dynamic_hw)
         onnx.shape_inference.infer_shapes_path(str(path), str(path))
         _consolidate(path)
@@ -126,16 +133,21 @@ def _set_output_shapes(path: Path, spec: ComponentSpec, dynamic_hw: bool) -> Non
     onnx.save_model(model, str(path))
 
 
-def _to_fp16(path: Path, keep: list[str]) -> None:
+def _to_fp16(path: Path, keep: list[str], fp32_scopes: tuple[str, ...] = ()) -> None:
     """fp32 graph -> fp16 weights and compute (onnxruntime's converter; ops unsafe in fp16 stay fp32 behind
     casts). Tracing the module in fp16 on the CPU instead gives graphs with mixed types that onnxruntime rejects.
 
     Works above protobuf's 2 GB limit (the fp32 SD UNet is 3.4 GB): the converter gets the file's path, so its shape
     inference runs on the file (``infer_shapes_path``), and nothing serialises the whole model in memory; the result
     is saved with its weights in external data whenever they are large."""
+    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(str(path), keep_io_types=keep)
+    blocked = None
+    if fp32_scopes:  # names only: the weights stay on disk
+        graph = onnx.load(str(path), load_external_data=False).graph
+        blocked = [n.name for n in graph.node if n.name.startswith(fp32_scopes)]
+    model = convert_float_to_float16(str(path), keep_io_types=keep, node_block_list=blocked)
     for p in path.parent.iterdir():
         p.unlink()
     _save(model, path)
@@ -172,7 +184,7 @@ def _consolidate(path: Path) -> None:
 def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, force: bool = False,
            verify: bool = True, only: Sequence[str] | None = None) -> dict[str, Any]:
     """Export (or reuse) the graphs of ``ckpt`` into ``out`` (all, or those named in ``only``), verify them, and
-    return the manifest."""
+    return the manifest. A re-run whose graphs are all reused, hash-checked, keeps their earlier verification."""
     settings = settings or ExportSettings()
     settings.check()
     unknown = sorted(set(only or ()) - set(COMPONENTS))
@@ -186,16 +198,7 @@ def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, f
     ckpt_hash = mf.checkpoint_hash(checkpoint)
     _log(f"[hash] {checkpoint.name}: {ckpt_hash[:12]} ({time.perf_counter() - t0:.1f} s)")
     out.mkdir(parents=True, exist_ok=True)
-    old = mf.read(out)
-    if old and old["checkpoint"]["sha256"] != ckpt_hash:
-        if not force:
-            raise ExportError(f"{out} holds an export of another checkpoint ({old['checkpoint']['name']}); "
-                              "choose another folder or pass --force to replace it")
-        for entry in old["components"].values():
-            for f in mf.graph_files(out, entry["file"]):
-                f.unlink(missing_ok=True)
-        (out / mf.MANIFEST).unlink()
-        old = None
+    old = _previous_export(out, ckpt_hash, force)
     components = load_components(checkpoint, device="cpu", dtype=torch.float32)
     dims = ModelDims.of(components)
     doc = {
@@ -209,35 +212,60 @@ def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, f
         "vae": {"scaling_factor": components.scaling_factor, "shift_factor": components.shift_factor},
         "components": dict((old or {}).get("components", {})),  # graphs of earlier runs stay listed
     }
-    specs = component_specs(dims, fused=settings.fused)
-    if only:
-        specs = [s for s in component_specs(dims, fused=True) if s.name in only]
-    for spec in specs:
-        key = {"dtype": dtype_name(settings.dtype_of(spec.name)), "opset": settings.opset,
-               "dynamic_hw": settings.dynamic_hw, **_versions()}
-        prev = (old or {}).get("components", {}).get(spec.name)
-        if prev and prev.get("key") == key:
-            try:
-                mf.check_files(out, prev)
-                doc["components"][spec.name] = prev
-                _log(f"[export] {spec.name}: cached ({spec.file}, hash ok)")
-                continue
-            except ExportError as e:
-                _log(f"[export] {spec.name}: re-exporting ({e})")
-        t = time.perf_counter()
-        doc["components"][spec.name] = {**export_component(spec, components, out, settings), "key": key}
-        size = sum(f.stat().st_size for f in mf.graph_files(out, spec.file)) / 2**20
-        _log(f"[export] {spec.name}: {spec.file} {size:,.1f} MB in {time.perf_counter() - t:.1f} s")
-        mf.write(out, doc)  # progress survives a crash: finished graphs are reused next time
+    specs = [s for s in component_specs(dims, fused=True) if s.name in only] if only else \
+        component_specs(dims, fused=settings.fused)
+    reused = [_export_or_reuse(spec, components, out, settings, old, doc) for spec in specs]
     doc["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    mf.write(out, doc)
-    if verify:
+    earlier = (old or {}).get("verification")
+    if all(reused) and earlier and earlier.get("passed") and set(doc["components"]) == set(old["components"]):
+        doc["verification"] = earlier  # the same files, hash-checked: verified already
+        _log("[verify] every graph reused (hash ok): earlier verification kept")
+    elif verify:
         from .verify import verify_export
 
         doc["verification"] = verify_export(out, components=components)
-        mf.write(out, doc)
+    mf.write(out, doc)
     _log(f"[done] {out} in {time.perf_counter() - t0:.1f} s")
     return doc
+
+
+def _previous_export(out: Path, ckpt_hash: str, force: bool) -> dict[str, Any] | None:
+    """The manifest already in ``out`` (its graphs can be reused), or None; another checkpoint's export is refused,
+    or with ``force`` removed."""
+    old = mf.read(out)
+    if old and old["checkpoint"]["sha256"] != ckpt_hash:
+        if not force:
+            raise ExportError(f"{out} holds an export of another checkpoint ({old['checkpoint']['name']}); "
+                              "choose another folder or pass --force to replace it")
+        for entry in old["components"].values():
+            for f in mf.graph_files(out, entry["file"]):
+                f.unlink(missing_ok=True)
+        (out / mf.MANIFEST).unlink()
+        old = None
+    return old
+
+
+def _export_or_reuse(spec: ComponentSpec, components: Components, out: Path, settings: ExportSettings,
+                     old: dict[str, Any] | None, doc: dict[str, Any]) -> bool:
+    """Export one graph into ``doc`` (and the manifest on disk: progress survives a crash), or reuse the earlier
+    one when it was made with the same settings and its files are intact; True when reused."""
+    key = {"dtype": dtype_name(settings.dtype_of(spec.name)), "opset": settings.opset,
+           "fp32_scopes": list(settings.fp32_scopes(spec.name)), "dynamic_hw": settings.dynamic_hw, **_versions()}
+    prev = (old or {}).get("components", {}).get(spec.name)
+    if prev and prev.get("key") == key:
+        try:
+            mf.check_files(out, prev)
+            doc["components"][spec.name] = prev
+            _log(f"[export] {spec.name}: cached ({spec.file}, hash ok)")
+            return True
+        except ExportError as e:
+            _log(f"[export] {spec.name}: re-exporting ({e})")
+    t = time.perf_counter()
+    doc["components"][spec.name] = {**export_component(spec, components, out, settings), "key": key}
+    size = sum(f.stat().st_size for f in mf.graph_files(out, spec.file)) / 2**20
+    _log(f"[export] {spec.name}: {spec.file} {size:,.1f} MB in {time.perf_counter() - t:.1f} s")
+    mf.write(out, doc)
+    return False
 
 
 def _versions() -> dict[str, str]:

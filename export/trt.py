@@ -3,12 +3,14 @@
     python -m export.trt --ckpt instaflow-0.9b -o DIR [--batch 1 | --min-batch 1 --max-batch 4]
                          [--height 512 --width 512] [--static] [--vae-fp32]
 
-Exports ONNX first (fp32 graphs, cached by hash: :mod:`export.onnx`), then builds one engine per graph with the
-TensorRT 10 Python API: optimisation profiles from the component specs, FP16 (the VAE optionally fp32), a timing
-cache kept in DIR, engine files named by ONNX hash + TensorRT version + GPU, and ``engines.json``, which the
-runtime's TensorRT backend reads. After the build each engine is compared with onnxruntime on random inputs.
-Without TensorRT or a GPU the ONNX export still happens; then one line names what is missing and the exit
-status is 2.
+Exports fp16 ONNX first (cached by hash: :mod:`export.onnx`; ``--vae-fp32`` keeps the decoder, and only the decoder,
+in fp32), then builds one engine per graph as a *strongly typed* network: the precision of every layer is the one
+the ONNX graph says, which is how TensorRT 11 builds all networks (it has no FP16 builder flag) and how TensorRT
+10.x builds them when asked (its ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``); no precision flag is set.
+Optimisation profiles come from the component specs (:mod:`runtime.specs`), a timing cache is kept in DIR, engine
+files are named by ONNX hash + TensorRT version + GPU, and ``engines.json`` is what the runtime's TensorRT backend
+reads. After the build each engine is compared with the fp32 PyTorch reference on fresh random inputs. Without
+TensorRT or a GPU the ONNX export still happens; then one line names what is missing and the exit status is 2.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from runtime import manifest as mf
 from runtime.cli import run_cli
 from runtime.errors import BackendUnavailableError, ExportError
 from runtime.files import atomic_write_bytes, atomic_write_json
+from runtime.checkpoints import resolve
+from runtime.models import load_components
 from runtime.specs import ComponentSpec, ModelDims, specs_by_name
 
+from .graphs import module_for
 from .onnx import ExportSettings, export
-TOLERANCE = 2e-2  # FP16 engines vs fp32 onnxruntime, max relative error
+from .verify import tolerance
 
 
 def _slug(text: str) -> str:
@@ -52,21 +57,28 @@ def require_tensorrt() -> Any:
     return trt
 
 
-def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str, tuple], fp16: bool,
-                 timing_cache: Path, workspace_gb: float = 8.0) -> None:
-    """Parse ``onnx_path``, build with one optimisation profile, write the serialized engine atomically."""
+def network_flags(trt: Any) -> int:
+    """Creation flags of a strongly typed network, by feature: TensorRT 10.x has the STRONGLY_TYPED flag (weak
+    typing is its default); TensorRT 11 deprecates it, strong typing being its only mode, and a TensorRT without the
+    flag is strongly typed already."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str, tuple], timing_cache: Path,
+                 workspace_gb: float = 8.0) -> None:
+    """Parse ``onnx_path`` into a strongly typed network, build it with one optimisation profile, and write the
+    serialized engine (and the updated timing cache) atomically."""
     from runtime.backends.tensorrt_backend import logger
 
     builder = trt.Builder(logger(trt))
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger(trt))
     if not parser.parse_from_file(str(onnx_path)):  # follows external data next to the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
     opt = builder.create_optimization_profile()
     for name, (lo, best, hi) in profile.items():
         opt.set_shape(name, lo, best, hi)
@@ -80,25 +92,27 @@ def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str
     atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
-def compare_engine(engine_path: Path, onnx_path: Path, spec: ComponentSpec, batch: int, hw: tuple[int, int],
+def compare_engine(engine_path: Path, module: Any, spec: ComponentSpec, batch: int, hw: tuple[int, int],
                    seed: int = 0) -> float:
-    """Max relative error of the engine vs onnxruntime (CPU, the fp32 graph) at the profile's opt shapes."""
+    """Max relative error of the engine vs the fp32 PyTorch ``module`` on the same fresh random inputs (rounded to
+    the engine's input types first), at ``batch`` and latent size ``hw``."""
     import torch
 
     from runtime.backends.tensorrt_backend import Engine
 
-    from .verify import max_rel_error, ort_session
+    from .verify import max_rel_error
 
-    feeds = spec.sample_inputs(batch, *hw, seed=seed)
-    ref = ort_session(onnx_path).run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     device = _engine_device()
     engine = Engine(engine_path, device=device)
+    inputs = engine.cast(list(spec.sample_inputs(batch, *hw, seed=seed).values()))
+    with torch.no_grad():
+        ref = module(*[x.cpu().float() if x.is_floating_point() else x.cpu() for x in inputs]).double().numpy()
     engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream()  # TensorRT wants an explicit stream, not the legacy default one
     with torch.cuda.stream(stream):
-        out = engine.run(engine.cast([feeds[n] for n in engine.inputs]), stream.cuda_stream)
+        out = engine.run(inputs, stream.cuda_stream)
     stream.synchronize()
-    return max_rel_error(out.float().cpu().numpy(), ref.astype(np.float64))
+    return max_rel_error(out.float().cpu().numpy(), ref)
 
 
 def _engine_device() -> Any:
@@ -110,15 +124,55 @@ def _engine_device() -> Any:
 def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, opt_batch: int | None = None,
           height: int | None = None, width: int | None = None, static: bool = False, vae_fp32: bool = False,
           force: bool = False) -> dict[str, Any]:
-    """ONNX export (cached), then TensorRT engines for every graph; returns the engines manifest."""
+    """fp16 ONNX export (cached), then TensorRT engines for every graph, each compared with PyTorch; returns the
+    engines manifest."""
     out = Path(out)
     if not 1 <= min_batch <= max_batch:
         raise ExportError(f"need 1 <= --min-batch <= --max-batch, got {min_batch} and {max_batch}")
-    doc = export(ckpt, out, ExportSettings(max_batch=max_batch, dynamic_hw=not static, fused=True), force=force)
+    settings = ExportSettings(fp16=True, vae_fp32=vae_fp32, max_batch=max_batch, dynamic_hw=not static, fused=True)
+    doc = export(ckpt, out, settings, force=force)
     trt = require_tensorrt()
     import torch
 
     dims = ModelDims.from_manifest(doc)
+    hw = _latent_size(dims, height, width, static, ckpt)
+    gpu = torch.cuda.get_device_name(0)
+    opt_batch = opt_batch or min_batch
+    timing_cache = out / f"timing.{_slug(trt.__version__)}.{_slug(gpu)}.cache"
+    specs = specs_by_name(dims)
+    components = load_components(resolve(doc["checkpoint"]["path"]), device="cpu", dtype=torch.float32)
+    engines: dict[str, Any] = {"format": mf.FORMAT, "tensorrt": trt.__version__, "gpu": gpu,
+                               "checkpoint": doc["checkpoint"], "latent": doc["latent"], "vae": doc["vae"],
+                               "text": doc["text"], "components": {}}
+    for name, entry in doc["components"].items():
+        profile = specs[name].profile(min_batch, opt_batch, max_batch, hw, None if static else dims.size_range(hw))
+        file = f"{name}.{entry['sha256'][:12]}.trt{_slug(trt.__version__)}.{_slug(gpu)}.plan"
+        t = time.perf_counter()
+        if (out / file).exists() and not force:
+            print(f"[build] {name}: cached {file}", flush=True)
+        else:
+            build_engine(trt, out / entry["file"], out / file, profile, timing_cache)
+            print(f"[build] {name}: {file} in {time.perf_counter() - t:.1f} s", flush=True)
+        err = compare_engine(out / file, module_for(name, components), specs[name], opt_batch, hw)
+        tol = tolerance(name, entry["dtype"])
+        ok = bool(np.isfinite(err) and err <= tol)
+        print(f"[check] {name}: max rel err vs PyTorch fp32 {err:.2e} (tol {tol:.0e}: {'ok' if ok else 'FAIL'})",
+              flush=True)
+        if not ok:
+            raise ExportError(f"engine {file} disagrees with PyTorch (max rel err {err:.2e} > {tol:.0e})")
+        engines["components"][name] = {
+            "file": file, "sha256": mf.sha256_file(out / file), "stamp": mf.stamp([out / file]),
+            "onnx_sha256": entry["sha256"], "precision": entry["dtype"], "fp32_scopes": entry["key"]["fp32_scopes"],
+            "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+            "inputs": entry["inputs"], "outputs": entry["outputs"], "max_rel_err": err,
+        }
+    atomic_write_json(out / mf.ENGINES, engines)
+    return engines
+
+
+def _latent_size(dims: ModelDims, height: int | None, width: int | None, static: bool, ckpt: str
+                 ) -> tuple[int, int]:
+    """The engines' optimal latent size from --height/--width (default: the checkpoint's), checked."""
     f = dims.vae_scale_factor
     h = height or dims.latent_size[0] * f
     w = width or dims.latent_size[1] * f
@@ -128,38 +182,7 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
     dims.check_latent_size(*hw, what=f"{ckpt}'s exported UNet")
     if static and hw != dims.latent_size:
         raise ExportError("--static engines are built at the checkpoint's default size; drop --height/--width")
-    gpu = torch.cuda.get_device_name(0)
-    opt_batch = opt_batch or min_batch
-    timing_cache = out / f"timing.{_slug(trt.__version__)}.{_slug(gpu)}.cache"
-    specs = specs_by_name(dims)
-    engines: dict[str, Any] = {"format": mf.FORMAT, "tensorrt": trt.__version__, "gpu": gpu,
-                               "checkpoint": doc["checkpoint"], "latent": doc["latent"], "vae": doc["vae"],
-                               "text": doc["text"], "components": {}}
-    for name, entry in doc["components"].items():
-        hw_range = None if static else dims.size_range(hw)
-        profile = specs[name].profile(min_batch, opt_batch, max_batch, hw, hw_range)  # guidance rule inside
-        onnx_hash = entry["sha256"]
-        fp16 = not (vae_fp32 and name in ("vae_decoder", "onestep"))
-        file = f"{name}.{onnx_hash[:12]}.trt{_slug(trt.__version__)}.{_slug(gpu)}.plan"
-        t = time.perf_counter()
-        if (out / file).exists() and not force:
-            print(f"[build] {name}: cached {file}", flush=True)
-        else:
-            build_engine(trt, out / entry["file"], out / file, profile, fp16, timing_cache)
-            print(f"[build] {name}: {file} in {time.perf_counter() - t:.1f} s", flush=True)
-        err = compare_engine(out / file, out / entry["file"], specs[name], opt_batch, hw)
-        ok = bool(np.isfinite(err) and err <= TOLERANCE)
-        print(f"[check] {name}: max rel err vs onnxruntime {err:.2e} ({'ok' if ok else 'FAIL'})", flush=True)
-        engines["components"][name] = {
-            "file": file, "sha256": mf.sha256_file(out / file), "stamp": mf.stamp([out / file]),
-            "onnx_sha256": onnx_hash, "fp16": fp16,
-            "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-            "inputs": entry["inputs"], "outputs": entry["outputs"], "max_rel_err": err,
-        }
-        if not ok:
-            raise ExportError(f"engine {file} disagrees with onnxruntime (max rel err {err:.2e})")
-    atomic_write_json(out / mf.ENGINES, engines)
-    return engines
+    return hw
 
 
 def main(argv: Sequence[str] | None = None) -> int:

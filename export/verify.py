@@ -2,8 +2,9 @@
 
     python -m export.verify DIR [--ckpt CKPT]
 
-fp32 graphs must agree to a max relative error of 1e-4, fp16 graphs to 1e-2 (max |ort - torch| / max |torch|);
-NaN fails. A table is printed; any failure prints one ``error:`` line and exits with status 2.
+fp32 graphs must agree to a max relative error of 1e-4, fp16 graphs to 1e-2 and the fp16 fused graph (UNet and
+decoder chained) to 3e-2 (max |ort - torch| / max |torch|); NaN fails. A table is printed; any failure prints one
+``error:`` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from runtime.specs import DTYPES, ModelDims, specs_by_name
 from .graphs import module_for
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
+#: the fused graph chains UNet and VAE decoder: fp16 rounding in the first is amplified by the second (max error on
+#: the tiny model: 2e-2, i.e. 5/255 of one pixel's value, with either decoder precision)
+FUSED_FP16_TOLERANCE = 3e-2
+
+
+def tolerance(component: str, dtype: str) -> float:
+    """Max relative error (max |out - ref| / max |ref|) allowed for a graph of this precision."""
+    return FUSED_FP16_TOLERANCE if component == "onestep" and dtype == "float16" else TOLERANCE[dtype]
 
 
 def ort_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
@@ -78,7 +87,7 @@ def verify_export(folder: str | Path, components: Components | None = None, batc
                 ref = module(*[v.float() if v.is_floating_point() else v for v in inputs.values()]).numpy()
             expected = spec.outputs[0].concrete(spec.symbols(b, h, w))
             err = max_rel_error(out, ref) if out.shape == ref.shape else float("inf")
-            tol = TOLERANCE[entry["dtype"]]
+            tol = tolerance(name, entry["dtype"])
             ok = tuple(out.shape) == expected and err <= tol
             rows.append({"component": name, "shape": f"B={b} {h}x{w}", "max_rel_err": err, "tol": tol,
                          "ok": ok, "ort_ms": 1e3 * ort_s, "out_shape": list(out.shape)})

@@ -199,9 +199,11 @@ def component_specs(dims: ModelDims, fused: bool = False) -> list[ComponentSpec]
                       (TensorSpec("image", image, "model"),), dims),
     ]
     if fused:
+        # the image leaves the fused graph in fp32 (it is in [0, 1]; the cast is free next to the decoder), so the
+        # graph's output type does not change with --vae-fp32
         specs.append(ComponentSpec("onestep", (TensorSpec("text_embeddings", emb, "model"),
                                                TensorSpec("noise", latent, "model")),
-                                   (TensorSpec("image", image, "model"),), dims))
+                                   (TensorSpec("image", image, "float32"),), dims))
     return specs
 
 

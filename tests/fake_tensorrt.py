@@ -1,11 +1,24 @@
-"""Stand-ins for the parts of the TensorRT 10 Python API and of cuda-python's runtime that instaflow-rt calls, so
+"""Stand-ins for the parts of the TensorRT Python API and of cuda-python's runtime that instaflow-rt calls, so
 that the engine build, the TensorRT backend and its CUDA-graph capture run on the CPU in tests.
 
-They keep the semantics that matter: an "engine" is the ONNX graph it was built from, run by onnxruntime; tensors
-are bound by raw address and read/written through those addresses when the context executes (as TensorRT does
-with device pointers), so a stale or freed buffer gives wrong results; a context needs its activation memory
-before it runs; and ``execute_async_v3`` on a stream being captured is recorded, not run, and runs at each
-``cudaGraphLaunch`` with whatever the bound buffers hold then. The real API is only on a GPU (tests/test_trt.py).
+Three API surfaces, read from NVIDIA/TensorRT's python bindings, chosen with :func:`use`:
+
+* ``10.8.0`` (10.0-10.11): weakly typed networks by default, ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``
+  on request, ``BuilderFlag.FP16`` for weakly typed networks;
+* ``10.16.0`` (10.12+): the same, ``BuilderFlag.FP16`` deprecated (a DeprecationWarning here);
+* ``11.1.0``: strong typing only (the STRONGLY_TYPED flag is kept but always on), no ``BuilderFlag.FP16``
+  (AttributeError, as in the real module).
+
+On every surface, ``BuilderFlag.FP16`` on a strongly typed network fails the build (the real builder rejects it).
+
+They keep the semantics that matter: an "engine" is the ONNX graph it was built from, run by onnxruntime, in the
+precision the build gave it (strongly typed: the ONNX graph's types; weakly typed with FP16: outputs rounded to
+fp16; weakly typed without: fp32); ``set_input_shape`` returns False outside the profile; tensors are bound by raw
+address and read/written through those addresses when the work runs (as TensorRT does with device pointers), so a
+stale or freed buffer gives wrong results; a context needs its activation memory before it runs; work is
+asynchronous: ``execute_async_v3`` and ``cudaGraphLaunch`` only enqueue on their stream, which runs when the stream
+is synchronised or another stream waits on it (so a missing wait reads stale outputs); and ``execute_async_v3`` on
+a stream being captured is recorded, not enqueued, and runs at each launch of the graph.
 """
 
 from __future__ import annotations
@@ -14,12 +27,13 @@ import ctypes
 import enum
 import json
 import types
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-__version__ = "10.99.0"
+__version__ = "10.16.0"
 
 float32, float16, int64, int32, bfloat16 = "float32", "float16", "int64", "int32", "bfloat16"
 _ONNX_TYPES = {"tensor(float)": float32, "tensor(float16)": float16, "tensor(int64)": int64,
@@ -27,7 +41,9 @@ _ONNX_TYPES = {"tensor(float)": float32, "tensor(float16)": float16, "tensor(int
 _NP = {float32: np.float32, float16: np.float16, int64: np.int64, int32: np.int32}
 ACTIVATION_BYTES = 4096
 CAPTURING: dict[int, list] = {}  # stream handle -> operations recorded while capturing
+PENDING: dict[int, list] = {}  # stream handle -> operations enqueued, not yet run
 LOG: list[tuple[str, Any]] = []  # (event, detail): what ran, for assertions
+SURFACES = ("10.8.0", "10.16.0", "11.1.0")
 
 
 class Logger:
@@ -41,8 +57,44 @@ class MemoryPoolType:
     WORKSPACE = "workspace"
 
 
-class BuilderFlag:
+class NetworkDefinitionCreationFlag(enum.IntEnum):
+    STRONGLY_TYPED = 0
+
+
+class _FlagsWithFP16(type):
+    """``BuilderFlag`` of TensorRT 10.12+: FP16 still there, deprecated."""
+
+    @property
+    def FP16(cls) -> str:  # noqa: N802 - the real name
+        warnings.warn("BuilderFlag.FP16 is deprecated: use strongly typed networks", DeprecationWarning, 2)
+        return "fp16"
+
+
+class _BuilderFlag10:
     FP16 = "fp16"
+    TF32 = "tf32"
+
+
+class _BuilderFlag1012(metaclass=_FlagsWithFP16):
+    TF32 = "tf32"
+
+
+class _BuilderFlag11:
+    TF32 = "tf32"
+
+
+BuilderFlag: Any = _BuilderFlag1012
+_ALWAYS_STRONG = False
+
+
+def use(version: str) -> None:
+    """Switch this module to one of :data:`SURFACES`."""
+    global __version__, BuilderFlag, _ALWAYS_STRONG
+    assert version in SURFACES, version
+    __version__ = version
+    major, minor = (int(x) for x in version.split(".")[:2])
+    BuilderFlag = _BuilderFlag11 if major >= 11 else (_BuilderFlag1012 if minor >= 12 else _BuilderFlag10)
+    _ALWAYS_STRONG = major >= 11
 
 
 class TensorIOMode:
@@ -57,7 +109,9 @@ class ExecutionContextAllocationStrategy:
 
 # ----------------------------------------------------------------------------------------------------- build
 class _Network:
-    onnx: str | None = None
+    def __init__(self, strongly_typed: bool) -> None:
+        self.onnx: str | None = None
+        self.strongly_typed = strongly_typed
 
 
 class OnnxParser:
@@ -124,8 +178,9 @@ class Builder:
         self.logger = logger
 
     def create_network(self, flags: int = 0) -> _Network:
-        assert flags == 0, "TensorRT 10 networks are explicit-batch; no flags"
-        return _Network()
+        strong_bit = 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        assert isinstance(flags, int) and not flags & ~strong_bit, f"unknown network flags {flags:#x}"
+        return _Network(strongly_typed=_ALWAYS_STRONG or bool(flags & strong_bit))
 
     def create_builder_config(self) -> _Config:
         return _Config()
@@ -133,11 +188,16 @@ class Builder:
     def create_optimization_profile(self) -> _Profile:
         return _Profile()
 
-    def build_serialized_network(self, network: _Network, config: _Config) -> bytes:
+    def build_serialized_network(self, network: _Network, config: _Config) -> bytes | None:
         assert network.onnx and len(config.profiles) == 1
+        fp16_flag = "fp16" in config.flags
+        if network.strongly_typed and fp16_flag:
+            LOG.append(("error", "FP16 builder flag on a strongly typed network"))
+            return None  # the real builder logs an API usage error and returns None
         LOG.append(("build", network.onnx))
+        precision = "onnx" if network.strongly_typed else ("fp16" if fp16_flag else "fp32")
         return json.dumps({"onnx": network.onnx, "profile": config.profiles[0].shapes,
-                           "fp16": BuilderFlag.FP16 in config.flags}).encode()
+                           "strongly_typed": network.strongly_typed, "precision": precision}).encode()
 
 
 # ------------------------------------------------------------------------------------------------------ run
@@ -228,6 +288,8 @@ class _Context:
 
         def run() -> None:
             results = self.engine.session.run(outputs, self._feeds())
+            if self.engine.doc["precision"] == "fp16":  # a weakly typed fp16 engine computes in fp16
+                results = [r.astype(np.float16).astype(r.dtype) if r.dtype.kind == "f" else r for r in results]
             for name, value in zip(outputs, results):
                 out = _view(self.addresses[name], value.shape, self.engine.io[name][1])
                 np.copyto(out, value.astype(out.dtype))
@@ -236,7 +298,7 @@ class _Context:
         if stream_handle in CAPTURING:
             CAPTURING[stream_handle].append(run)
         else:
-            run()
+            PENDING.setdefault(stream_handle, []).append(run)  # runs when the stream is synchronised or waited on
         return True
 
 
@@ -268,9 +330,16 @@ def _end(stream: int) -> tuple:
 
 def _launch(graph_exec: Any, stream: int) -> tuple:
     LOG.append(("launch", len(graph_exec.ops)))
-    for op in graph_exec.ops:
-        op()
+    PENDING.setdefault(stream, []).extend(graph_exec.ops)  # asynchronous, like any work on a stream
     return _ok()
+
+
+def flush(handle: int | None = None) -> None:
+    """Run what is enqueued on stream ``handle`` (all streams if None), in order."""
+    for h in ([handle] if handle is not None else list(PENDING)):
+        ops = PENDING.pop(h, [])
+        for op in ops:
+            op()
 
 
 cudart = types.SimpleNamespace(
@@ -294,10 +363,10 @@ class FakeStream:
         self.cuda_stream = handle
 
     def wait_stream(self, other: "FakeStream") -> None:
-        pass
+        flush(other.cuda_stream)  # work queued after this point sees other's results
 
     def synchronize(self) -> None:
-        pass
+        flush(self.cuda_stream)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FakeStream) and other.cuda_stream == self.cuda_stream
