@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from runtime import Pipeline
 from runtime.checkpoints import BUNDLED, resolve
 from runtime.cli import run_cli
-from runtime.models import TinySpec, build_tiny_components, load_components, save_checkpoint
+from runtime.models import load_components, save_checkpoint
+from runtime.testing import TinySpec, build_tiny_components
 
 from runtime.files import atomic_write_bytes, atomic_write_json
 

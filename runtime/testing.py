@@ -1,0 +1,178 @@
+"""Tiny and SD-shaped models built offline, for tests, benchmarks and the bundled placeholder (public: users build
+tiny models for their own tests with these).
+
+    >>> from runtime.testing import TinySpec, write_tiny_checkpoint          # doctest: +SKIP
+    >>> folder = write_tiny_checkpoint("/tmp/tiny-flow", TinySpec(), seed=0)  # doctest: +SKIP
+    >>> Pipeline.from_pretrained(folder)("a red circle")                       # doctest: +SKIP
+
+Every shape is a :class:`TinySpec` field; :data:`SD15_SPEC` has SD 1.5's real shapes (random weights: a valid
+latency subject, since latency does not depend on weight values).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .checkpoints import FLOW_PIPELINE_CLASS
+from .models import Components, save_checkpoint
+
+#: Words that get a token of their own in tiny tokenizers (the shapes-dataset grammar plus a few common words).
+TINY_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "at", "of", "in", "on", "photo", "cat", "dog", "fox", "watercolor",
+    "small", "large", "red", "green", "blue", "yellow", "circle", "square", "triangle",
+    "top", "bottom", "left", "right", "center",
+)
+
+
+@dataclass
+class TinySpec:
+    """Shapes of a tiny text-to-image flow. Every field can be changed to make unusual checkpoints for tests."""
+
+    sample_size: int | tuple[int, int] = 8  # latent height/width (int: square)
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    unet_groups: int | None = None  # GroupNorm groups; None: min(32, first channel count)
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_heads: int = 2
+    text_intermediate: int | None = None  # None: 2 x hidden
+    text_vocab: int | None = None  # embedding rows; None: the tokenizer's size (SD: 49408)
+    max_length: int = 16  # tokenizer window
+    vae_channels: tuple[int, ...] = (16, 32, 32)  # len - 1 = log2(VAE scale factor)
+    vae_layers: int = 1
+    vae_groups: int = 8
+    scaling_factor: float = 0.18215
+    words: Sequence[str] = field(default=TINY_WORDS)
+
+
+#: SD 1.5's real shapes (UNet 860M, CLIP ViT-L/14 text encoder, VAE f8), for benchmarks with random weights.
+SD15_SPEC = TinySpec(
+    sample_size=64, latent_channels=4, unet_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    attention_head_dim=8, unet_groups=32, text_hidden=768, text_layers=12, text_heads=12, text_intermediate=3072,
+    text_vocab=49408, max_length=77, vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32,
+)
+
+#: A small SD-shaped model for CPU benchmarks: 256x256 images, UNet (64, 128, 256) with 2 layers per block.
+SMALL_SD_SPEC = TinySpec(
+    sample_size=32, latent_channels=4, unet_channels=(64, 128, 256), layers_per_block=2, attention_head_dim=8,
+    unet_groups=32, text_hidden=256, text_layers=4, text_heads=4, text_intermediate=1024, max_length=77,
+    vae_channels=(32, 64, 128, 128), vae_layers=1, vae_groups=32,
+)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet: 256 printable characters standing for the 256 byte values."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b if b in keep else next(extra)) for b in range(256)]
+
+
+def write_tiny_tokenizer(folder: str | os.PathLike[str], words: Sequence[str], max_length: int) -> Any:
+    """Write a CLIP BPE tokenizer (byte-level alphabet + one merged token per word) and load it back.
+
+    Files are written and loaded with ``from_pretrained`` (ARCHITECTURE.md, "Conventions": transformers 5 ignores
+    ``vocab_file=``/``merges_file=`` arguments), and the loaded vocabulary size is checked.
+    """
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for tok in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[str] = []
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        current = symbols[0]
+        for sym in symbols[1:]:
+            merge = f"{current} {sym}"
+            if merge not in merges:
+                merges.append(merge)
+            current += sym
+            vocab.setdefault(current, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_length,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    if len(tokenizer) != len(vocab):
+        raise RuntimeError(f"tiny tokenizer loaded with {len(tokenizer)} tokens, wrote {len(vocab)}")
+    return tokenizer
+
+
+def build_tiny_components(spec: TinySpec | None = None, seed: int = 0, tokenizer_dir: str | None = None
+                          ) -> Components:
+    """Randomly initialised tiny components (deterministic for a seed). The tokenizer is written to
+    ``tokenizer_dir`` (a temporary folder when None)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = spec or TinySpec()
+    tok_dir = tokenizer_dir or tempfile.mkdtemp(prefix="instaflow-tok-")
+    tokenizer = write_tiny_tokenizer(tok_dir, spec.words, spec.max_length)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=max(len(tokenizer), spec.text_vocab or 0), hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate or 2 * spec.text_hidden,
+        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+        max_position_embeddings=spec.max_length, projection_dim=spec.text_hidden,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    n = len(spec.unet_channels)
+    sample_size = spec.sample_size if isinstance(spec.sample_size, int) else list(spec.sample_size)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=spec.latent_channels, out_channels=spec.latent_channels,
+        block_out_channels=tuple(spec.unet_channels), layers_per_block=spec.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=spec.text_hidden, attention_head_dim=spec.attention_head_dim,
+        norm_num_groups=spec.unet_groups or min(32, spec.unet_channels[0]),
+    )
+    k = len(spec.vae_channels)
+    scale = 2 ** (k - 1)
+    px = (sample_size if isinstance(sample_size, int) else max(sample_size)) * scale
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=spec.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * k, up_block_types=("UpDecoderBlock2D",) * k,
+        block_out_channels=tuple(spec.vae_channels), layers_per_block=spec.vae_layers, norm_num_groups=spec.vae_groups,
+        sample_size=px, scaling_factor=spec.scaling_factor,
+    )
+    return Components(tokenizer, text_encoder, unet, vae).eval()
+
+
+#: An SD-1.5-style noise schedule, for tiny diffusion-type teachers.
+SD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
+
+def write_tiny_checkpoint(folder: str | os.PathLike[str], spec: TinySpec | None = None, seed: int = 0,
+                          class_name: str = FLOW_PIPELINE_CLASS) -> Path:
+    """Build random tiny components and save them as a diffusers folder (a rectified flow unless told otherwise;
+    diffusion-type folders get an SD-style ``scheduler/``)."""
+    with tempfile.TemporaryDirectory() as tok_dir:
+        components = build_tiny_components(spec, seed=seed, tokenizer_dir=tok_dir)
+        sched = None if class_name == FLOW_PIPELINE_CLASS else SD_SCHEDULER_CONFIG
+        return save_checkpoint(components, folder, class_name=class_name, scheduler_config=sched)
