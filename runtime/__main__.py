@@ -105,9 +105,8 @@ def run(args: argparse.Namespace) -> int:
         save_png(image, path)
     t = out.timings
     print(f"{pipe!r} loaded in {load_s:.2f} s")
-    print(f"{len(paths)} image(s) {image.width}x{image.height}, {args.steps} step(s): "
-          f"encode {1e3 * t['encode']:.1f} ms | unet {1e3 * t['unet']:.1f} ms | decode {1e3 * t['decode']:.1f} ms"
-          f" | total {1e3 * t['total']:.1f} ms")
+    stages = " | ".join(f"{stage} {1e3 * seconds:.1f} ms" for stage, seconds in t.items())
+    print(f"{len(paths)} image(s) {image.width}x{image.height}, {args.steps} step(s): {stages}")
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -1,7 +1,10 @@
 """``Pipeline``: prompts -> tokens -> embeddings -> noise -> Euler step(s) -> decode -> images.
 
 This is the one implementation of the sampling logic; backends only run the networks. It follows the official
-InstaFlow ``RectifiedFlowPipeline`` exactly (see :mod:`runtime.flow` for the conventions).
+InstaFlow ``RectifiedFlowPipeline`` exactly (see :mod:`runtime.flow` for the conventions). A call runs the steps
+diffusers' pipelines run, each a public method: :meth:`Pipeline.check_inputs`, :meth:`~Pipeline.prepare_latents`,
+:meth:`~Pipeline.encode_prompt`, :meth:`~Pipeline.denoise` (or the fused :meth:`~Pipeline.one_step`),
+:meth:`~Pipeline.decode`, :meth:`~Pipeline.format_images`.
 """
 
 from __future__ import annotations
@@ -13,26 +16,21 @@ import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Sequence, Union
 
-import numpy as np
 import torch
 
 from . import flow
 from .backends import Backend, create
 from .checkpoints import Checkpoint, resolve
-from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError, NonFiniteOutputError
+from .errors import InvalidInputError, NonFiniteOutputError
+from .inputs import (OUTPUT_TYPES, OutputType, Request, check_guidance, check_noise_source, check_output_type,
+                     check_pixels, check_prompts, parse_device, parse_dtype, positive_int)
 from .models import Components, load_components
 
-OutputType = Literal["pil", "np", "pt", "latent"]
-OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
 Generator = Union[torch.Generator, Sequence[torch.Generator]]
 
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
+__all__ = ["OUTPUT_TYPES", "Pipeline", "PipelineOutput", "check_is_flow", "parse_device", "parse_dtype"]
 
 
 @dataclass
@@ -40,38 +38,14 @@ class PipelineOutput:
     """What a :class:`Pipeline` call returns.
 
     ``images`` is a list of PIL images (``"pil"``), a float32 NHWC array in [0, 1] (``"np"``), a float NCHW tensor in
-    [0, 1] (``"pt"``) or the final latents (``"latent"``). ``timings`` holds seconds per stage (``encode``,
-    ``unet``, ``decode``, ``total``); on a GPU they are exact only with ``Pipeline.profile = True``.
+    [0, 1] (``"pt"``) or the final latents (``"latent"``). ``timings`` holds seconds per stage as measured:
+    ``encode`` (noise and text embeddings), then ``unet`` and ``decode`` (decode and image conversion), or
+    ``unet+decode`` where the backend runs them fused, and ``total``; on a GPU they are exact only with
+    ``Pipeline.profile = True``.
     """
 
     images: Any
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """``None`` -> float16 on CUDA, float32 elsewhere; strings like ``"fp16"``/``"bf16"`` are accepted."""
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise InvalidInputError(f"unsupported dtype {dtype}; use float32, float16 or bfloat16")
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise InvalidInputError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
-
-
-def parse_device(device: torch.device | str | None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU. Asking for CUDA without a GPU is a one-line error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InvalidInputError(f"invalid device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"device {device!r} asked for, but CUDA is not available on this machine")
-    return dev
 
 
 class Pipeline:
@@ -159,7 +133,7 @@ class Pipeline:
             guidance_scale: classifier-free guidance weight ``w``; applied only when ``w > 1``
                 (``v = v_uncond + w * (v_cond - v_uncond)``). InstaFlow one-step uses 0 (no guidance).
             height, width: pixels; default the UNet's ``sample_size`` times the VAE scale factor. Must be positive
-                multiples of the VAE scale factor.
+                multiples of the VAE scale factor (exported graphs may take fewer sizes; they say so).
             num_images_per_prompt: images per prompt; the prompt is encoded once and its embedding repeated.
             seed: makes results reproducible: image ``j`` of the call uses noise from ``seed + j`` alone, so the
                 same image comes out whatever the batch size.
@@ -168,96 +142,68 @@ class Pipeline:
             output_type: ``"pil"`` (list of PIL images), ``"np"`` (float32 NHWC in [0, 1]), ``"pt"`` (float NCHW
                 in [0, 1]) or ``"latent"`` (final latents).
         """
-        # 0. check inputs
+        # 1. check every input before any work
+        req = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+                                num_images_per_prompt, output_type, seed=seed, generator=generator, latents=latents)
+        clock = _Clock(self)
+        # 2. initial noise
+        x = self.prepare_latents(req.num_images, self.latent_shape(req.height, req.width), seed=seed,
+                                 generator=generator, latents=latents)
+        # 3. text embeddings -> the guidance context
+        context = self.encode_prompt(req.prompts, req.negatives if req.cfg else None, req.num_images_per_prompt)
+        clock.lap("encode")
+        # 4. + 5. denoise and decode: in one fused call where the backend has one, else step by step
+        if self._fused(req):
+            images = self.format_images(self.one_step(context, x), req.output_type)
+            clock.lap("unet+decode")
+        else:
+            x = self.denoise(x, context, req.num_inference_steps, req.guidance_scale)
+            clock.lap("unet")
+            if req.output_type == "latent":
+                images = self.check_finite(x, "latents")
+            else:
+                images = self.format_images(self.decode(x), req.output_type)
+                clock.lap("decode")
+        return PipelineOutput(images=images, timings=clock.finish())
+
+    def _fused(self, req: Request) -> bool:
+        return (req.num_inference_steps == 1 and not req.cfg and req.output_type != "latent"
+                and bool(getattr(self.backend, "has_one_step", False)))
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def check_inputs(self, prompt: Any, negative_prompt: Any = None, num_inference_steps: Any = 1,
+                     guidance_scale: Any = 0.0, height: Any = None, width: Any = None,
+                     num_images_per_prompt: Any = 1, output_type: Any = "pil", *, seed: Any = None,
+                     generator: Any = None, latents: Any = None) -> Request:
+        """Check and normalise a call's arguments (one line for any mistake, before any work)."""
         prompts, negatives = check_prompts(prompt, negative_prompt)
-        steps = _positive_int(num_inference_steps, "num_inference_steps")
-        per_prompt = _positive_int(num_images_per_prompt, "num_images_per_prompt")
-        height, width = self.check_size(height, width)
-        if output_type not in OUTPUT_TYPES:
-            raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
-            raise InvalidInputError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        cfg = flow.uses_cfg(float(guidance_scale))
-        n_images = len(prompts) * per_prompt
+        req = Request(prompts, negatives, positive_int(num_inference_steps, "num_inference_steps"),
+                      check_guidance(guidance_scale), *self.check_size(height, width),
+                      positive_int(num_images_per_prompt, "num_images_per_prompt"), check_output_type(output_type))
         check_batch = getattr(self.backend, "check_batch", None)  # engines built for a largest batch
         if check_batch is not None:
-            check_batch(n_images)
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
+            check_batch(req.num_images)
+        check_noise_source(req.num_images, self.latent_shape(req.height, req.width), seed, generator, latents)
+        return req
 
-        # 1. initial noise (checked before any network runs)
-        latent_shape = (self.components.latent_channels, height // self.scale, width // self.scale)
-        x = self.prepare_latents(n_images, latent_shape, seed=seed, generator=generator, latents=latents)
-
-        # 2. text embeddings: one encoder call for all distinct texts (prompts, plus negatives with guidance)
-        embeddings = self.encode(prompts + negatives if cfg else prompts)
-        cond = embeddings[: len(prompts)].repeat_interleave(per_prompt, dim=0)
-        if cfg:
-            uncond = embeddings[len(prompts):].repeat_interleave(per_prompt, dim=0)
-            context = torch.cat([uncond, cond])
-        else:
-            context = cond
-        timings["encode"] = self._lap(start)
-
-        # 3+4. the fused one-step graph, where the backend has one: embeddings + noise -> images in [0, 1]
-        if steps == 1 and not cfg and output_type != "latent" and getattr(self.backend, "has_one_step", False):
-            with self._run_lock:
-                unit = self.backend.one_step(context, x)
-            timings["unet"] = self._lap(start) - timings["encode"]
-            images = self.format_images(unit, output_type)
-            return self._finish(images, timings, start)
-
-        # 3. Euler steps along the flow
-        def velocity(z: torch.Tensor, t: float) -> torch.Tensor:
-            z_in = torch.cat([z, z]) if cfg else z
-            t_in = torch.full((z_in.shape[0],), t, device=self.device, dtype=torch.float32)
-            with self._run_lock:
-                v = self.backend.velocity(z_in, t_in, context).float()
-            if cfg:
-                v_uncond, v_cond = v.chunk(2)
-                v = flow.guided(v_uncond, v_cond, float(guidance_scale))
-            return v
-
-        x = flow.sample(velocity, x, steps)
-        timings["unet"] = self._lap(start) - timings["encode"]
-
-        # 4. decode and post-process
-        if output_type == "latent":
-            images = x
-            _check_finite(images, "latents")
-        else:
-            with self._run_lock:
-                decoded = self.backend.decode(flow.vae_input(x, self.components.scaling_factor,
-                                                             self.components.shift_factor))
-            images = self.postprocess(decoded, output_type)
-        return self._finish(images, timings, start)
-
-    def _finish(self, images: Any, timings: dict[str, float], start: float) -> PipelineOutput:
-        timings["total"] = self._lap(start)
-        timings["decode"] = timings["total"] - timings["encode"] - timings["unet"]
-        return PipelineOutput(images=images, timings=timings)
-
-    # ------------------------------------------------------------------------------------------------ stages
     @property
     def scale(self) -> int:
         """Pixels per latent cell (VAE scale factor)."""
         return self.components.vae_scale_factor
 
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        """Default and validate the image size in pixels."""
+        """Default and validate the image size in pixels (and ask the backend, whose graphs may take fewer)."""
         default_h, default_w = self.components.default_size
-        height = default_h if height is None else height
-        width = default_w if width is None else width
-        for label, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise InvalidTypeError(f"{label} must be an int, got {type(v).__name__}")
-            if v <= 0 or v % self.scale:
-                raise InvalidInputError(
-                    f"{label} must be a positive multiple of the VAE scale factor {self.scale}, got {v}")
-        check = getattr(self.backend, "check_size", None)  # exported graphs take fewer sizes than the torch UNet
+        h, w = check_pixels(default_h if height is None else height, default_w if width is None else width,
+                            self.scale)
+        check = getattr(self.backend, "check_size", None)
         if check is not None:
-            check(int(height), int(width))
-        return int(height), int(width)
+            check(h, w)
+        return h, w
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of one image's latents."""
+        return (self.components.latent_channels, height // self.scale, width // self.scale)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask ``[B, L]``, padded to the tokenizer window; longer prompts are truncated
@@ -274,28 +220,46 @@ class Pipeline:
         mask = torch.tensor(enc["attention_mask"], dtype=torch.long)
         return ids.to(self.device), mask.to(self.device)
 
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+    def encode(self, texts: Sequence[str], separately: bool = False) -> torch.Tensor:
         """Text embeddings ``[len(texts), L, D]``: each distinct text not in the LRU cache is encoded, all in one
-        text-encoder call; cached texts skip the encoder."""
+        text-encoder call (``separately``: each in a call of its own, so that its embedding does not depend on
+        which texts shared the batch, as batched matrix products may round differently); cached texts skip the
+        encoder."""
         with self._cache_lock:
             found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
             for t in found:
                 self._cache.move_to_end(t)
         missing = [t for t in dict.fromkeys(texts) if t not in found]
-        if missing:
-            ids, mask = self.tokenize(missing)
+        batches = [[t] for t in missing] if separately else ([missing] if missing else [])
+        for batch in batches:
+            ids, mask = self.tokenize(batch)
             with self._run_lock:
                 emb = self.backend.encode(ids, mask)
-            new = dict(zip(missing, emb.unbind(0)))
+            new = dict(zip(batch, emb.unbind(0)))
             found.update(new)
-            if self.embedding_cache_size > 0:
-                with self._cache_lock:
-                    self._cache.update(new)
-                    while len(self._cache) > self.embedding_cache_size:
-                        self._cache.popitem(last=False)
-            if len(missing) == len(texts):
+            self._remember(new)
+            if len(batch) == len(texts):
                 return emb
         return torch.stack([found[t] for t in texts])
+
+    def _remember(self, new: dict[str, torch.Tensor]) -> None:
+        if self.embedding_cache_size > 0:
+            with self._cache_lock:
+                self._cache.update(new)
+                while len(self._cache) > self.embedding_cache_size:
+                    self._cache.popitem(last=False)
+
+    def encode_prompt(self, prompts: Sequence[str], negatives: Sequence[str] | None = None,
+                      num_images_per_prompt: int = 1, separately: bool = False) -> torch.Tensor:
+        """The conditioning context of a call: prompt embeddings repeated per image, ``[n, L, D]``; with
+        ``negatives`` (guidance) ``[uncond, cond]``, ``[2n, L, D]``, from one text-encoder call for all texts."""
+        prompts = list(prompts)
+        embeddings = self.encode(prompts + list(negatives or []), separately=separately)
+        cond = embeddings[: len(prompts)].repeat_interleave(num_images_per_prompt, dim=0)
+        if negatives is None:
+            return cond
+        uncond = embeddings[len(prompts):].repeat_interleave(num_images_per_prompt, dim=0)
+        return torch.cat([uncond, cond])
 
     def clear_cache(self) -> None:
         """Forget cached prompt embeddings."""
@@ -309,44 +273,50 @@ class Pipeline:
         Noise is drawn on the CPU (identical on every device): image ``j`` from ``seed + j`` when ``seed`` is
         given, else from ``generator`` (one, or one per image), else from torch's global generator.
         """
-        full = (n, *shape)
-        given = [k for k, v in (("seed", seed), ("generator", generator), ("latents", latents)) if v is not None]
-        if len(given) > 1:
-            raise InvalidInputError(f"give only one of seed, generator and latents (got {', '.join(given)})")
+        check_noise_source(n, shape, seed, generator, latents)
         if latents is not None:
-            if not isinstance(latents, torch.Tensor):
-                raise InvalidTypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
-            if tuple(latents.shape) != full:
-                raise InvalidInputError(f"latents must have shape {list(full)}, got {list(latents.shape)}")
-            if not latents.is_floating_point():
-                raise InvalidInputError(f"latents must be a floating-point tensor, got {latents.dtype}")
             return latents.to(device=self.device, dtype=torch.float32)
         if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-                raise InvalidTypeError(f"seed must be an int, got {type(seed).__name__}")
-            gens = [torch.Generator().manual_seed(int(seed) + j) for j in range(n)]
-        elif isinstance(generator, (list, tuple)):
-            if len(generator) != n:
-                raise InvalidInputError(f"got {len(generator)} generators for {n} images")
-            gens = list(generator)
-        else:
-            gens = None
-        if gens is None:
-            noise = torch.randn(full, generator=generator, dtype=torch.float32,
-                                device=generator.device if generator is not None else "cpu")
-        else:
+            generator = [torch.Generator().manual_seed(int(seed) + j) for j in range(n)]
+        if isinstance(generator, (list, tuple)):
             noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32, device=g.device)
-                                 for g in gens])
+                                 for g in generator])
+        else:
+            noise = torch.randn((n, *shape), generator=generator, dtype=torch.float32,
+                                device=generator.device if generator is not None else "cpu")
         return noise.to(self.device)
 
-    def postprocess(self, decoded: torch.Tensor, output_type: str) -> Any:
-        """VAE output in [-1, 1] -> the requested image type; NaN/inf (fp16 overflow) raises."""
-        return self.format_images(flow.to_unit_range(decoded.float()), output_type)
+    def velocity(self, latents: torch.Tensor, t: float, context: torch.Tensor,
+                 guidance_scale: float = 0.0) -> torch.Tensor:
+        """The (guided) velocity at ``latents`` for UNet time ``t``, in float32; ``context`` from
+        :meth:`encode_prompt` (``[uncond, cond]`` when ``guidance_scale > 1``)."""
+        cfg = flow.uses_cfg(guidance_scale)
+        z = torch.cat([latents, latents]) if cfg else latents
+        t_in = torch.full((z.shape[0],), t, device=self.device, dtype=torch.float32)
+        with self._run_lock:
+            v = self.backend.velocity(z, t_in, context).float()
+        return flow.guided(*v.chunk(2), guidance_scale) if cfg else v
+
+    def denoise(self, latents: torch.Tensor, context: torch.Tensor, num_inference_steps: int,
+                guidance_scale: float = 0.0) -> torch.Tensor:
+        """Integrate the flow from noise to image latents with ``num_inference_steps`` Euler steps."""
+        return flow.sample(lambda z, t: self.velocity(z, t, context, guidance_scale), latents, num_inference_steps)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Image latents -> images in [0, 1], float32 NCHW."""
+        c = self.components
+        with self._run_lock:
+            decoded = self.backend.decode(flow.vae_input(latents, c.scaling_factor, c.shift_factor))
+        return flow.to_unit_range(decoded.float())
+
+    def one_step(self, context: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The backend's fused hot path (one Euler step + decode) -> images in [0, 1]."""
+        with self._run_lock:
+            return self.backend.one_step(context, noise)
 
     def format_images(self, images: torch.Tensor, output_type: str) -> Any:
         """Images in [0, 1], NCHW -> ``"pt"`` (float32 tensor), ``"np"`` (NHWC float32) or ``"pil"``."""
-        _check_finite(images, "image")
-        images = images.float()
+        images = self.check_finite(images, "image").float()
         if output_type == "pt":
             return images
         if output_type == "np":
@@ -356,10 +326,14 @@ class Pipeline:
         arr = images.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a if a.shape[-1] != 1 else a[..., 0]) for a in arr]
 
-    def _lap(self, start: float) -> float:
-        if self.profile and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - start
+    def check_finite(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        """``x``, or one line when it holds NaN/inf, saying what is known of the cause."""
+        if not bool(torch.isfinite(x).all()):
+            hint = ("fp16 overflow is the usual cause: retry with dtype=torch.float32"
+                    if self.dtype == torch.float16 else
+                    f"in {str(self.dtype).replace('torch.', '')}: check the checkpoint's weights and the inputs")
+            raise NonFiniteOutputError(f"the generated {what} contains NaN/inf ({hint})")
+        return x
 
     def __repr__(self) -> str:
         h, w = self.components.default_size
@@ -377,44 +351,22 @@ def check_is_flow(checkpoint: Checkpoint, treat_as_flow: bool = False) -> None:
             "`train`, or pass treat_as_flow=True (e.g. for random test models)")
 
 
-def check_prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
-    """Normalise prompts to lists; negatives default to "" and a single string applies to every prompt."""
-    if prompt is None:
-        raise InvalidInputError("prompt is required (a string or a list of strings), got None")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)):
-        raise InvalidTypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-    if not prompts:
-        raise InvalidInputError("prompt is an empty list; give at least one prompt")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise InvalidTypeError(f"prompt[{bad[0]}] is a {type(prompts[bad[0]]).__name__}, not a string")
-    if negative_prompt is None:
-        negatives = [""] * len(prompts)
-    elif isinstance(negative_prompt, str):
-        negatives = [negative_prompt] * len(prompts)
-    elif isinstance(negative_prompt, (list, tuple)):
-        if len(negative_prompt) != len(prompts):
-            raise InvalidInputError(
-                f"negative_prompt has {len(negative_prompt)} entries but there are {len(prompts)} prompts")
-        if not all(isinstance(p, str) for p in negative_prompt):
-            raise InvalidTypeError("negative_prompt must hold strings only")
-        negatives = list(negative_prompt)
-    else:
-        raise InvalidTypeError(
-            f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}")
-    return list(prompts), negatives
+class _Clock:
+    """Stage timings of one call: each :meth:`lap` measures the time since the previous one (on a GPU exactly
+    only with ``Pipeline.profile = True``, which synchronises at each lap)."""
 
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe = pipe
+        self.start = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
 
-def _positive_int(value: Any, label: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidTypeError(f"{label} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise InvalidInputError(f"{label} must be >= 1, got {value}")
-    return int(value)
+    def lap(self, stage: str) -> None:
+        if self.pipe.profile and self.pipe.device.type == "cuda":
+            torch.cuda.synchronize(self.pipe.device)
+        now = time.perf_counter()
+        self.timings[stage] = now - self.last
+        self.last = now
 
-
-def _check_finite(x: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise NonFiniteOutputError(
-            f"the generated {what} contains NaN/inf (fp16 overflow?); retry with dtype=torch.float32")
+    def finish(self) -> dict[str, float]:
+        self.timings["total"] = self.last - self.start
+        return self.timings

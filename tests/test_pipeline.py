@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from runtime import (BackendUnavailableError, InstaFlowError, InvalidInputError, InvalidTypeError,
-                     NonFiniteOutputError, Pipeline)
+                     NonFiniteOutputError, Pipeline, flow)
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -153,11 +154,55 @@ def test_long_prompt_truncated_with_warning(tiny_pipe):
     assert out.shape == (1, 3, 32, 32)
 
 
-def test_timings_cover_the_stages(tiny_pipe):
-    t = tiny_pipe("a cat", seed=0).timings
+class _SlowBackend:
+    """The torch backend with a known delay in one stage, and a fused path on request."""
+
+    def __init__(self, inner, slow: str, fused: bool = False, delay: float = 0.06) -> None:
+        self.inner, self.slow, self.delay, self.has_one_step = inner, slow, delay, fused
+        self.name, self.device, self.dtype = "slow", inner.device, inner.dtype
+
+    def _wait(self, stage: str) -> None:
+        if stage == self.slow:
+            time.sleep(self.delay)
+
+    def encode(self, ids, mask=None):
+        self._wait("encode")
+        return self.inner.encode(ids, mask)
+
+    def velocity(self, x, t, emb):
+        self._wait("unet")
+        return self.inner.velocity(x, t, emb)
+
+    def decode(self, z):
+        self._wait("decode")
+        return self.inner.decode(z)
+
+    def one_step(self, emb, noise):
+        self._wait("one_step")
+        c = self.inner.components
+        return flow.one_step_image(lambda x, t: self.inner.velocity(x, t, emb).float(),
+                                   lambda z: self.inner.decode(z).float(), noise, c.scaling_factor, c.shift_factor)
+
+
+@pytest.mark.parametrize("slow", ["encode", "unet", "decode"])
+def test_timings_put_the_time_where_it_was_spent(tiny_pipe, slow):
+    pipe = Pipeline(tiny_pipe.components, device="cpu", backend=_SlowBackend(tiny_pipe.backend, slow),
+                    embedding_cache_size=0)
+    t = pipe("a cat", seed=0).timings
     assert set(t) == {"encode", "unet", "decode", "total"}
-    assert all(v >= 0 for v in t.values())
-    assert t["total"] == pytest.approx(t["encode"] + t["unet"] + t["decode"])
+    assert t[slow] >= 0.06 and all(v < 0.06 for k, v in t.items() if k not in (slow, "total"))
+    assert t["total"] >= 0.06
+
+
+def test_timings_of_the_fused_path_are_named_for_what_was_measured(tiny_pipe):
+    pipe = Pipeline(tiny_pipe.components, device="cpu", backend=_SlowBackend(tiny_pipe.backend, "one_step", True),
+                    embedding_cache_size=0)
+    t = pipe("a cat", seed=0).timings
+    assert set(t) == {"encode", "unet+decode", "total"} and t["unet+decode"] >= 0.06 and t["encode"] < 0.06
+    ref = tiny_pipe("a cat", seed=0, output_type="pt").images
+    torch.testing.assert_close(pipe("a cat", seed=0, output_type="pt").images, ref)
+    guided = pipe("a cat", seed=0, guidance_scale=2.0).timings  # guidance: the step-by-step path
+    assert set(guided) == {"encode", "unet", "decode", "total"}
 
 
 def test_text_encoder_runs_once_per_distinct_text(tiny_pipe, monkeypatch):
@@ -251,8 +296,9 @@ def test_nan_output_is_reported(tiny_pipe):
     with torch.no_grad():
         components.vae.decoder.conv_out.bias.fill_(float("nan"))
     broken = Pipeline(components, device="cpu")
-    with pytest.raises(NonFiniteOutputError, match="NaN"):
+    with pytest.raises(NonFiniteOutputError, match=r"NaN/inf \(in float32: check the checkpoint's weights") as info:
         broken("a red circle", seed=0)
+    assert "fp16" not in str(info.value)  # fp32 cannot overflow like fp16: the message says what is known
 
 
 def test_diffusion_checkpoint_refused_unless_treated_as_flow(sd_style_ckpt):
@@ -277,3 +323,14 @@ def test_bundled_tiny_model_loads_and_generates():
     assert pipe.name == "tiny"
     out = pipe("a red circle at the top left", seed=0)
     assert out.images[0].size == pipe.components.default_size[::-1]
+
+
+def test_numpy_scalars_are_numbers(tiny_pipe):
+    """guidance_scale=np.float32(1.5), steps and sizes as numpy ints: what a product passing numbers through numpy
+    sends; equal to the Python numbers."""
+    a = tiny_pipe("a cat", seed=0, guidance_scale=np.float32(1.5), num_inference_steps=np.int64(2),
+                  height=np.int32(32), output_type="pt").images
+    b = tiny_pipe("a cat", seed=0, guidance_scale=1.5, num_inference_steps=2, height=32, output_type="pt").images
+    torch.testing.assert_close(a, b)
+    with pytest.raises(InvalidTypeError, match="guidance_scale must be a number, got bool"):
+        tiny_pipe("a cat", guidance_scale=True)

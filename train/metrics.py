@@ -36,11 +36,10 @@ def straightness(velocity: VelocityField, z0: torch.Tensor, steps: int = 25) -> 
 
 def pipeline_velocity(pipe: Pipeline, prompts: Sequence[str]) -> VelocityField:
     """The conditional velocity field of a pipeline's UNet (no guidance), in flow time."""
-    emb = pipe.encode(list(prompts))
+    context = pipe.encode_prompt(list(prompts))
 
     def v(z: torch.Tensor, t: float) -> torch.Tensor:
-        tt = torch.full((z.shape[0],), float(flow.unet_time(t)), device=z.device)
-        return pipe.backend.velocity(z, tt, emb).float()
+        return pipe.velocity(z, float(flow.unet_time(t)), context)
 
     return v
 

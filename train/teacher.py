@@ -46,26 +46,19 @@ class Teacher:
     def solve(self, noise: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """X1 for a batch of noise ``[n, C, h, w]`` (float32) and n prompts; no host syncs inside the ODE loop."""
         noise = noise.to(self.pipe.device, torch.float32)
-        self._encode_alone(list(prompts) + [""])
+        prompts = list(prompts)
+        cfg = flow.uses_cfg(self.guidance)
+        # each text encoded in a call of its own: on the CPU a batched matrix product can round differently with
+        # the batch's other rows, and pair i must not depend on which prompts shared its batch, rank or run
+        context = self.pipe.encode_prompt(prompts, [""] * len(prompts) if cfg else None, separately=True)
         if self.kind == "flow":
-            return self.pipe(list(prompts), num_inference_steps=self.steps, guidance_scale=self.guidance,
-                             latents=noise, output_type="latent").images
-        return self._solve_diffusion(noise, list(prompts))
+            x = self.pipe.denoise(noise, context, self.steps, self.guidance)
+            return self.pipe.check_finite(x, "latents")
+        return self._solve_diffusion(noise, context, cfg)
 
-    def _encode_alone(self, texts: list[str]) -> None:
-        """Encode each new text in a batch of its own (then it is served from the pipeline's cache): on the CPU a
-        batched matrix product can round differently with the batch's other rows, and pair i must not depend on
-        which prompts happened to share its batch, rank or resumed run."""
-        for t in dict.fromkeys(texts):
-            if t not in self.pipe._cache:
-                self.pipe.encode([t])
-
-    def _solve_diffusion(self, noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def _solve_diffusion(self, noise: torch.Tensor, context: torch.Tensor, cfg: bool) -> torch.Tensor:
         from diffusers import DPMSolverMultistepScheduler
 
-        cfg = flow.uses_cfg(self.guidance)
-        emb = self.pipe.encode(prompts + [""] * len(prompts) if cfg else prompts)
-        context = torch.cat([emb[len(prompts):], emb[: len(prompts)]]) if cfg else emb
         scheduler = DPMSolverMultistepScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(self.steps, device=self.pipe.device)
         unet, dtype = self.pipe.components.unet, self.pipe.dtype
