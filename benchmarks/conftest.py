@@ -74,11 +74,11 @@ def pytest_configure(config):
 
 @pytest.fixture
 def measure(benchmark, request):
-    """``measure(subject, case, fn, rounds, warmup=1, device=None)``: time ``fn`` with pytest-benchmark, record
+    """``measure(subject, case, fn, rounds, warmup=1)``: time ``fn`` with pytest-benchmark, record
     the median (and the peak memory of one extra call) in the session store."""
     quick = request.config.getoption("--bench-quick")
 
-    def run(subject, case: str, fn, rounds: int, warmup: int = 1, sync=None):
+    def run(subject, case: str, fn, rounds: int, warmup: int = 1):
         import torch
 
         device = subject.pipe.device

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import os
 import platform
-import resource
 import threading
 import time
 from dataclasses import dataclass
@@ -180,10 +179,6 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int, int]:
     with PeakRSS() as m:
         fn()
     return m.peak, m.peak
-
-
-def max_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def now() -> str:

@@ -1,6 +1,6 @@
 """Export text encoder, UNet and VAE decoder (and optionally the fused one-step graph) to ONNX, then verify.
 
-    python -m export.onnx --ckpt CKPT -o DIR [--fp16 [--vae-fp32]] [--opset 17] [--max-batch 4] [--dynamic-hw]
+    python -m export.onnx --ckpt CKPT -o DIR [--fp16 [--vae-fp32]] [--opset 17] [--dynamic-hw]
                           [--fused] [--force]
 
 Graphs are exported with PyTorch's TorchScript-based exporter (``dynamo=False``) and explicit ``dynamic_axes``
@@ -47,7 +47,6 @@ class ExportSettings:
     fp16: bool = False
     vae_fp32: bool = False  # with fp16: keep the VAE decoder in fp32 (fp16 overflow gives NaN/black images)
     opset: int = DEFAULT_OPSET
-    max_batch: int = 4
     dynamic_hw: bool = False
     fused: bool = False
 
@@ -65,8 +64,6 @@ class ExportSettings:
     def check(self) -> None:
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ExportError(f"unsupported opset {self.opset}; choose {MIN_OPSET}..{MAX_OPSET}")
-        if self.max_batch < 1:
-            raise ExportError(f"--max-batch must be >= 1, got {self.max_batch}")
         if self.vae_fp32 and not self.fp16:
             raise ExportError("--vae-fp32 only makes sense with --fp16")
 
@@ -281,7 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (for GPUs)")
     p.add_argument("--vae-fp32", action="store_true", help="with --fp16: keep the VAE decoder fp32")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset [{DEFAULT_OPSET}]")
-    p.add_argument("--max-batch", type=int, default=4, help="largest batch the engines will be built for [4]")
     p.add_argument("--dynamic-hw", action="store_true", help="dynamic height/width (default: static)")
     p.add_argument("--fused", action="store_true", help="also export onestep.onnx: (embeddings, noise) -> image")
     p.add_argument("--force", action="store_true", help="replace an export of another checkpoint in the folder")
@@ -292,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> ExportSettings:
-    return ExportSettings(fp16=args.fp16, vae_fp32=args.vae_fp32, opset=args.opset, max_batch=args.max_batch,
+    return ExportSettings(fp16=args.fp16, vae_fp32=args.vae_fp32, opset=args.opset,
                           dynamic_hw=args.dynamic_hw, fused=args.fused)
 
 

@@ -129,7 +129,7 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
     out = Path(out)
     if not 1 <= min_batch <= max_batch:
         raise ExportError(f"need 1 <= --min-batch <= --max-batch, got {min_batch} and {max_batch}")
-    settings = ExportSettings(fp16=True, vae_fp32=vae_fp32, max_batch=max_batch, dynamic_hw=not static, fused=True)
+    settings = ExportSettings(fp16=True, vae_fp32=vae_fp32, dynamic_hw=not static, fused=True)
     doc = export(ckpt, out, settings, force=force)
     trt = require_tensorrt()
     import torch

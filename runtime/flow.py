@@ -22,7 +22,8 @@ import torch
 #: UNet time at the noise end of the trajectory (flow time t = 0).
 T_MAX = 1000.0
 
-Velocity = Callable[[torch.Tensor, float], torch.Tensor]
+#: ``(latents, UNet time in [0, 1000]) -> velocity`` (already guided): what :func:`sample` integrates.
+UnetTimeVelocity = Callable[[torch.Tensor, float], torch.Tensor]
 #: ``(latents [B, C, h, w], UNet times [B]) -> velocity``: a network call with its conditioning bound.
 Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,7 +55,7 @@ def euler_step(latents: torch.Tensor, velocity: torch.Tensor, dt: float) -> torc
     return latents + dt * velocity
 
 
-def sample(velocity: Velocity, latents: torch.Tensor, num_steps: int) -> torch.Tensor:
+def sample(velocity: UnetTimeVelocity, latents: torch.Tensor, num_steps: int) -> torch.Tensor:
     """Integrate the flow from noise ``latents`` (t = 0) to t = 1 with ``num_steps`` Euler steps.
 
     ``velocity(x, t_unet)`` returns the (already guided) velocity at ``x`` for UNet time ``t_unet``.

@@ -7,7 +7,10 @@ forgotten input copy gives stale images, a forgotten clone gives aliased results
 
 from __future__ import annotations
 
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -17,12 +20,16 @@ from runtime.backends.graphs import Captured, GraphCache
 from runtime.backends.torch_backend import TorchBackend
 
 
-def stand_in_capture(fn, log):
+def stand_in_capture(fn, log, delay: float = 0.0):
+    """A capture that runs only when replayed; ``delay`` passes between the replay's launch and its reading of the
+    static inputs (a GPU's asynchrony), so that unserialised callers would overwrite each other's inputs."""
+
     def capture(statics):
         log.append(tuple(tuple(t.shape) for t in statics))
         out = torch.full_like(fn(*statics), float("nan"))  # a captured graph has not run yet
 
         def replay():
+            time.sleep(delay)
             out.copy_(fn(*statics))
 
         return Captured(statics, out, replay)
@@ -63,12 +70,22 @@ def test_graph_cache_one_graph_per_shape_and_dtype_lru():
 
 
 def test_graph_cache_threads_equal_sequential():
-    cache = GraphCache(stand_in_capture(lambda x: x.sin() * x, []))
-    inputs = [torch.randn(3, 5) for _ in range(64)]
-    with ThreadPoolExecutor(4) as pool:
-        parallel = list(pool.map(cache, inputs))
-    for x, y in zip(inputs, parallel):
+    """Threads share one graph's static buffers: copy-in, replay and copy-out must be one critical section. The
+    stand-in replay sleeps mid-way, so without the cache's lock these threads interleave and results mix (checked
+    below by running the same workload with the lock disabled)."""
+    inputs = [torch.randn(3, 5) for _ in range(32)]
+
+    def run(cache):
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(cache, inputs))
+
+    cache = GraphCache(stand_in_capture(lambda x: x.sin() * x, [], delay=0.002))
+    for x, y in zip(inputs, run(cache)):
         torch.testing.assert_close(y, x.sin() * x)
+    unlocked = GraphCache(stand_in_capture(lambda x: x.sin() * x, [], delay=0.002))
+    unlocked.lock = nullcontext()  # what a cache without the lock would do: the test can tell
+    mixed = run(unlocked)
+    assert any(not torch.allclose(y, x.sin() * x) for x, y in zip(inputs, mixed))
 
 
 @pytest.fixture()
@@ -114,5 +131,8 @@ def test_text_encoder_that_cannot_be_captured_runs_eagerly(tiny_pipe, graphed_pi
     with pytest.warns(RuntimeWarning, match=r"text encoder cannot be captured .* \(operation not permitted"):
         b = graphed_pipe("a red circle", seed=5, output_type="pt").images
     torch.testing.assert_close(b, tiny_pipe("a red circle", seed=5, output_type="pt").images, atol=1e-5, rtol=1e-5)
-    assert graphed_pipe.backend._encode_graphs is None  # decided once
-    graphed_pipe("a blue square", seed=5)
+    assert graphed_pipe.backend._encode_graphs is None  # decided once: no second warning, same images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        c = graphed_pipe("a blue square", seed=5, output_type="pt").images
+    torch.testing.assert_close(c, tiny_pipe("a blue square", seed=5, output_type="pt").images, atol=1e-5, rtol=1e-5)

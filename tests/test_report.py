@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.report import main, render
+from benchmarks.report import main, render_markdown
 
 
 def _doc(gpu: bool, ours: float, eager: float, diffusers: float, sd: float) -> dict:
@@ -30,16 +30,16 @@ def _row(text: str, ratio: str) -> str:
 
 
 def test_gpu_targets_apply_on_gpu_only():
-    cpu = render([_doc(False, ours=0.30, eager=0.0, diffusers=0.33, sd=5.0)], None)
+    cpu = render_markdown([_doc(False, ours=0.30, eager=0.0, diffusers=0.33, sd=5.0)], None)
     assert _row(cpu, "ours/sd_25step_cfg").endswith("| yes |")  # 16.7x: meets the CPU's 15x
     assert "one step end to end" not in cpu and "No GPU results in this report yet" in cpu
-    gpu = render([_doc(True, ours=0.020, eager=0.045, diffusers=0.050, sd=0.45)], None)
+    gpu = render_markdown([_doc(True, ours=0.020, eager=0.045, diffusers=0.050, sd=0.45)], None)
     assert "## NVIDIA H100 80GB HBM3" in gpu and "No GPU results" not in gpu
     assert _row(gpu, "ours/sd_25step_cfg").endswith("| no |")  # 22.5x: short of the GPU's 25x
     assert _row(gpu, "ours/diffusers_1step").endswith("| no |")  # 2.5x: short of 3x
     assert _row(gpu, "ours/ours_eager").endswith("| yes |")
     assert "one step end to end: 20.0 ms (target <= 15.0 ms: NOT met)" in gpu
-    fast = render([_doc(True, ours=0.012, eager=0.045, diffusers=0.050, sd=0.45)], None)
+    fast = render_markdown([_doc(True, ours=0.012, eager=0.045, diffusers=0.050, sd=0.45)], None)
     assert "(target <= 15.0 ms: met)" in fast and _row(fast, "ours/sd_25step_cfg").endswith("| yes |")
     assert "throughput at batch 8 (ours): 166.7 images/s" in fast
     assert "throughput at batch 8 (diffusers' single step): 40.0 images/s" in fast

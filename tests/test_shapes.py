@@ -10,7 +10,7 @@ import torch
 
 from runtime import Pipeline
 from runtime.checkpoints import BUNDLED
-from train.data import ATTRIBUTES, all_labels, make_dataset, parse_caption, render
+from train.data import ATTRIBUTES, all_labels, make_dataset, draw_shape, parse_caption
 
 
 def test_dataset_is_deterministic_and_follows_the_grammar():
@@ -26,7 +26,7 @@ def test_dataset_is_deterministic_and_follows_the_grammar():
 def test_shape_lands_in_its_quadrant_with_its_colour():
     rng = np.random.default_rng(0)
     for lab in all_labels():
-        img = render(lab, rng).astype(float)
+        img = draw_shape(lab, rng).astype(float)
         mask = img.max(-1) > 60
         ys, xs = np.nonzero(mask)
         cx, cy = xs.mean(), ys.mean()

@@ -101,8 +101,8 @@ def test_pairs_kill_and_resume(sd_style_ckpt, prompts_file, sd_pairs, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not list(out.glob("shard-*.safetensors")) or list(out.glob("*.sha256"))
-    assert len(list(out.glob("*.sha256"))) < 3, "the run finished before it was killed"
+    finished = len(list(out.glob("*.sha256")))  # a shard is finished once its checksum sidecar is written
+    assert 1 <= finished < 3, f"{finished} of 3 shards finished: the kill did not land mid-run"
     r = subprocess.run([sys.executable, *_pairs_cmd(sd_style_ckpt, prompts_file, out)], env=_env(), cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -228,7 +228,6 @@ def test_metrics_on_a_checkpoint(tiny_pipe):
 
 def test_whole_chain_smoke(sd_style_ckpt, prompts_file, tmp_path):
     """pairs (SD-style teacher) -> reflow -> pairs from the 2-RF -> distill -> the runtime loads the student."""
-    start = time.perf_counter()
     generate(str(sd_style_ckpt), str(prompts_file), tmp_path / "p1", num_pairs=16, batch_size=8, steps=4)
     rf = Trainer(TrainConfig(pairs=str(tmp_path / "p1"), out=str(tmp_path / "rf"), max_steps=5, batch_size=8,
                              lr=1e-3), reflow_loss, "reflow").run()
@@ -239,7 +238,6 @@ def test_whole_chain_smoke(sd_style_ckpt, prompts_file, tmp_path):
     pipe = Pipeline.from_pretrained(student)
     out = pipe(["a red circle at the top left", "a blue square"], seed=0)
     assert len(out.images) == 2 and out.images[0].size == (32, 32)
-    assert time.perf_counter() - start < 180
 
 
 def test_reflow_under_torchrun_two_processes(sd_pairs, tmp_path):

@@ -48,10 +48,10 @@ def test_tensorrt_backend_unavailable_is_one_line(tiny_ckpt, tmp_path):
 @pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT and a GPU")
 def test_engines_build_and_match_torch(tiny_ckpt, tmp_path):
     from export.trt import build
-    from runtime import InvalidInputError, Pipeline
+    from runtime import ExportError, InvalidInputError, Pipeline
 
     engines = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=2)
-    assert all(e["max_rel_err"] <= 2e-2 for e in engines["components"].values())
+    assert all(e["max_rel_err"] <= 3e-2 for e in engines["components"].values())
     ref = Pipeline.from_pretrained(tiny_ckpt, device="cpu")
     from runtime.backends.tensorrt_backend import _have_cuda_python
 
@@ -65,12 +65,12 @@ def test_engines_build_and_match_torch(tiny_ckpt, tmp_path):
                 a = ref(prompts, seed=0, output_type="pt", **kwargs).images
                 b = trt_pipe(prompts, seed=0, output_type="pt", **kwargs).images.cpu()
                 assert (a - b).abs().max() < 3e-2, (cuda_graph, kwargs, prompts)
-        with pytest.raises(InvalidInputError, match="outside what the"):
+        with pytest.raises(InvalidInputError, match="3 images in one call"):
             trt_pipe(["a"] * 3, seed=0)
-    with pytest.raises(Exception, match="built for"):
-        doc = json.loads((tmp_path / "engines.json").read_text())
-        doc["gpu"] = "another GPU"
-        (tmp_path / "engines.json").write_text(json.dumps(doc))
+    doc = json.loads((tmp_path / "engines.json").read_text())
+    doc["gpu"] = "another GPU"
+    (tmp_path / "engines.json").write_text(json.dumps(doc))
+    with pytest.raises(ExportError, match="built for another GPU"):
         Pipeline.from_pretrained(tiny_ckpt, device="cuda", backend="tensorrt", export_dir=tmp_path)
 
 

@@ -60,7 +60,7 @@ def parse_caption(caption: str) -> Label:
     raise ValueError(f"not a shapes caption: {caption!r}")
 
 
-def render(label: Label, rng: np.random.Generator) -> np.ndarray:
+def draw_shape(label: Label, rng: np.random.Generator) -> np.ndarray:
     """One 32x32x3 uint8 image of ``label`` with jitter drawn from ``rng``."""
     bg = rng.integers(0, 30)
     img = np.full((IMAGE, IMAGE, 3), bg, dtype=np.float32)
@@ -88,4 +88,4 @@ def make_dataset(n: int, seed: int) -> tuple[np.ndarray, list[Label]]:
     labels_all = all_labels()
     order = np.concatenate([rng.permutation(len(labels_all)) for _ in range(-(-n // len(labels_all)))])[:n]
     labels = [labels_all[i] for i in order]
-    return np.stack([render(lb, rng) for lb in labels]), labels
+    return np.stack([draw_shape(lb, rng) for lb in labels]), labels

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -90,17 +92,65 @@ def pseudo_huber_loss(b: Batch) -> torch.Tensor:
     return (torch.sqrt((pred - b.x1) ** 2 + c * c) - c).mean()
 
 
+@dataclass
+class _Run:
+    """What one training run holds while it runs."""
+
+    dist: Dist
+    device: torch.device
+    pairs: PairSet
+    checkpoint: Any
+    components: Components
+    unet: torch.nn.Module
+    model: torch.nn.Module  # the UNet, wrapped in DDP on several ranks
+    encoder: Pipeline  # text embeddings (cached per prompt)
+    opt: Any
+    sched: Any
+    ema: list[torch.Tensor] | None
+    gen: torch.Generator
+    empty: torch.Tensor  # the embedding of "" (text dropout)
+
+
 class Trainer:
+    """One stage (reflow or distillation): the loop reads top to bottom in :meth:`run`."""
+
     def __init__(self, cfg: TrainConfig, loss: Loss, stage: str) -> None:
         self.cfg, self.loss_fn, self.stage = cfg, loss, stage
 
     def run(self) -> Path:
+        cfg = self.cfg
+        self._check_config()
+        r = self._setup()
+        state_dir = Path(cfg.out) / "state"
+        step = self._resume(state_dir, r.unet, r.opt, r.sched, r.ema, r.gen)
+        amp = self._autocast(r.device)
+        bar = progress(cfg.max_steps, self.stage, enabled=r.dist.main, unit="step")
+        bar.update(step)
+        t0, done0 = time.perf_counter(), step
+        self.losses: list[float] = []
+        while step < cfg.max_steps:
+            total = self._train_step(r, amp)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", steps_s=f"{(step - done0) / (time.perf_counter() - t0):.2f}")
+            self.losses.append(total)
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                self._save_state(r.dist, state_dir, step, r.unet, r.opt, r.sched, r.ema, r.gen)
+        bar.close()
+        self.steps_per_s = (step - done0) / max(time.perf_counter() - t0, 1e-9)
+        return self._write_model(r, step)
+
+    def _check_config(self) -> None:
         cfg = self.cfg
         for name in ("max_steps", "batch_size", "grad_accum", "save_every"):
             if getattr(cfg, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0.0 <= cfg.text_dropout < 1.0:
             raise TrainError(f"--text-dropout must be in [0, 1), got {cfg.text_dropout}")
+
+    def _setup(self) -> _Run:
+        """Ranks, pairs, the model to train (from ``--init`` or the pairs' teacher), optimizer, schedule, EMA."""
+        cfg = self.cfg
         d = init_distributed()
         dev = device_for(d)
         pairs = PairSet(cfg.pairs)
@@ -121,67 +171,58 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
         ema = [p.detach().clone() for p in unet.parameters()] if cfg.ema > 0 else None
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)
-        out = Path(cfg.out)
-        state_dir = out / "state"
-        step = self._resume(state_dir, unet, opt, sched, ema, gen)
-        amp = self._autocast(dev)
-        empty = encoder.encode([""])[0]
-        bar = progress(cfg.max_steps, self.stage, enabled=d.main, unit="step")
-        bar.update(step)
-        t0, done0 = time.perf_counter(), step
-        self.losses: list[float] = []
-        while step < cfg.max_steps:
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                idx = torch.randint(len(pairs), (cfg.batch_size,), generator=gen)
-                with torch.no_grad():
-                    emb = encoder.encode(pairs.texts(idx)).clone()
-                drop = torch.rand(cfg.batch_size, generator=gen) < cfg.text_dropout
-                emb[drop.to(dev)] = empty
-                x1 = pairs.x1[idx].to(dev)
-                x0 = (torch.randn(x1.shape, generator=gen).to(dev) if cfg.fresh_noise else pairs.x0[idx].to(dev))
-                batch = Batch(model, x0, x1, emb, gen, comps)
-                sync = micro == cfg.grad_accum - 1 or d.world == 1
-                ctx = model.no_sync() if not sync else _null()
-                with ctx, amp:
-                    loss = self.loss_fn(batch) / cfg.grad_accum
-                loss.backward()
-                total += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                with torch.no_grad():
-                    for e, p in zip(ema, unet.parameters()):
-                        e.lerp_(p.detach(), 1.0 - cfg.ema)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}", steps_s=f"{(step - done0) / (time.perf_counter() - t0):.2f}")
-            self.losses.append(total)
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                self._save_state(d, state_dir, step, unet, opt, sched, ema, gen)
-        bar.close()
-        self.steps_per_s = (step - done0) / max(time.perf_counter() - t0, 1e-9)
-        if ema is not None:
+        return _Run(d, dev, pairs, checkpoint, comps, unet, model, encoder, opt, sched, ema, gen,
+                    empty=encoder.encode([""])[0])
+
+    def _train_step(self, r: _Run, amp: Any) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the loss."""
+        cfg, total = self.cfg, 0.0
+        for micro in range(cfg.grad_accum):
+            idx = torch.randint(len(r.pairs), (cfg.batch_size,), generator=r.gen)
             with torch.no_grad():
-                for e, p in zip(ema, unet.parameters()):
+                emb = r.encoder.encode(r.pairs.texts(idx)).clone()
+            drop = torch.rand(cfg.batch_size, generator=r.gen) < cfg.text_dropout
+            emb[drop.to(r.device)] = r.empty
+            x1 = r.pairs.x1[idx].to(r.device)
+            x0 = (torch.randn(x1.shape, generator=r.gen).to(r.device) if cfg.fresh_noise
+                  else r.pairs.x0[idx].to(r.device))
+            batch = Batch(r.model, x0, x1, emb, r.gen, r.components)
+            sync = micro == cfg.grad_accum - 1 or r.dist.world == 1
+            with (nullcontext() if sync else r.model.no_sync()), amp:
+                loss = self.loss_fn(batch) / cfg.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(r.unet.parameters(), 1.0)
+        r.opt.step()
+        r.sched.step()
+        r.opt.zero_grad(set_to_none=True)
+        if r.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(r.ema, r.unet.parameters()):
+                    e.lerp_(p.detach(), 1.0 - cfg.ema)
+        return total
+
+    def _write_model(self, r: _Run, step: int) -> Path:
+        """The trained UNet (its EMA weights when EMA is on) as a diffusers folder, written by rank 0."""
+        if r.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(r.ema, r.unet.parameters()):
                     p.copy_(e)
-        model_dir = out / "model"
-        if d.main:
-            unet.eval()
-            info = {"stage": self.stage, "init": checkpoint.name, "pairs": str(cfg.pairs), "steps": step,
-                    "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, **cfg.extra}
-            save_checkpoint(comps, model_dir, extra={"_instaflow": info})
+        model_dir = Path(self.cfg.out) / "model"
+        if r.dist.main:
+            r.unet.eval()
+            info = {"stage": self.stage, "init": r.checkpoint.name, "pairs": str(self.cfg.pairs), "steps": step,
+                    "config": {k: v for k, v in asdict(self.cfg).items() if k != "extra"}, **self.cfg.extra}
+            save_checkpoint(r.components, model_dir, extra={"_instaflow": info})
             print(f"wrote {model_dir} ({step} steps)", flush=True)
-        d.barrier()
+        r.dist.barrier()
         return model_dir
 
     # ------------------------------------------------------------------------------------------ state
     def _autocast(self, dev: torch.device) -> Any:
         mp = self.cfg.mixed_precision
         if dev.type != "cuda" or mp == "no":
-            return _null()
+            return nullcontext()
         dtype = torch.float16 if mp == "fp16" else torch.bfloat16
         return torch.autocast("cuda", dtype=dtype)
 
@@ -217,19 +258,11 @@ class Trainer:
         if ema is not None and state["ema"] is not None:
             for e, s in zip(ema, state["ema"]):
                 e.copy_(s)
-        rank = int(__import__("os").environ.get("RANK", "0"))
+        rank = int(os.environ.get("RANK", "0"))
         gens = state["generators"]
         gen.set_state(gens[rank] if rank < len(gens) else gens[0])
         print(f"resumed {self.stage} from {states[-1].name}", flush=True)
         return int(state["step"])
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 def add_common_args(p: Any, defaults: TrainConfig) -> None:

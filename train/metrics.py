@@ -20,10 +20,11 @@ from runtime.cli import run_cli
 
 from .common import load_prompts
 
-VelocityField = Callable[[torch.Tensor, float], torch.Tensor]  # (z, flow time t in [0, 1]) -> v
+#: ``(z, flow time t in [0, 1]) -> v``: flow time, unlike :data:`runtime.flow.UnetTimeVelocity`
+FlowTimeVelocity = Callable[[torch.Tensor, float], torch.Tensor]
 
 
-def straightness(velocity: VelocityField, z0: torch.Tensor, steps: int = 25) -> float:
+def straightness(velocity: FlowTimeVelocity, z0: torch.Tensor, steps: int = 25) -> float:
     """S(Z) on the ``steps``-step Euler trajectory of ``velocity`` from ``z0``."""
     z, vs, dt = z0, [], 1.0 / steps
     for i in range(steps):
@@ -34,7 +35,7 @@ def straightness(velocity: VelocityField, z0: torch.Tensor, steps: int = 25) -> 
     return float(torch.stack([((direction - v) ** 2).mean() for v in vs]).mean())
 
 
-def pipeline_velocity(pipe: Pipeline, prompts: Sequence[str]) -> VelocityField:
+def pipeline_velocity(pipe: Pipeline, prompts: Sequence[str]) -> FlowTimeVelocity:
     """The conditional velocity field of a pipeline's UNet (no guidance), in flow time."""
     context = pipe.encode_prompt(list(prompts))
 

@@ -84,6 +84,8 @@ class TorchBackend:
     # ------------------------------------------------------------------------------------------ one step
     @property
     def has_one_step(self) -> bool:
+        """A fused one-step path pays off only as one captured CUDA graph; eagerly it is the pipeline's own
+        step-by-step path, so it is offered exactly when ``cuda_graph`` is on."""
         return self.cuda_graph
 
     def _one_step_eager(self, embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
