@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidInputError
 
 #: Short names for the public checkpoints (hub ids).
 ALIASES: dict[str, str] = {
@@ -220,3 +220,12 @@ def _from_hub(name: str, repo: str, components: tuple[str, ...]) -> Path:
 def _offline() -> bool:
     flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
     return any((f or "").strip().lower() in {"1", "true", "yes", "on"} for f in flags)
+
+
+def check_is_flow(checkpoint: Checkpoint, treat_as_flow: bool = False) -> None:
+    """Refuse a diffusion checkpoint (its UNet predicts noise, not a velocity) unless told otherwise."""
+    if not checkpoint.is_flow and not treat_as_flow:
+        kind = checkpoint.class_name or "no _class_name"
+        raise InvalidInputError(
+            f"{checkpoint.name} is a diffusion model ({kind}), not a rectified flow: use it as a teacher in "
+            "`train`, or pass treat_as_flow=True (e.g. for random test models)")

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import warnings
-from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
@@ -22,11 +20,13 @@ import torch
 
 from . import flow
 from .backends import Backend, create
-from .checkpoints import Checkpoint, resolve
-from .errors import InvalidInputError, NonFiniteOutputError
+from .checkpoints import Checkpoint, check_is_flow, resolve
+from .embeddings import EmbeddingCache
+from .errors import NonFiniteOutputError
 from .inputs import (OUTPUT_TYPES, OutputType, Request, check_guidance, check_noise_source, check_output_type,
                      check_pixels, check_prompts, parse_device, parse_dtype, positive_int)
 from .models import Components, load_components
+from .timing import StageClock
 
 Generator = Union[torch.Generator, Sequence[torch.Generator]]
 
@@ -72,9 +72,7 @@ class Pipeline:
         #: When True, stages are synchronised on the GPU so that ``timings`` are exact (costs a little speed).
         self.profile = False
         #: Prompt-embedding cache: text -> embedding row; repeated prompts skip the text encoder (0 disables).
-        self.embedding_cache_size = embedding_cache_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._cache_lock = threading.Lock()
+        self._embeddings = EmbeddingCache(embedding_cache_size)
         # backends with shared mutable state (CUDA graphs, TensorRT contexts) run one call at a time
         self._run_lock = nullcontext() if getattr(self.backend, "thread_safe", True) else threading.Lock()
 
@@ -145,7 +143,7 @@ class Pipeline:
         # 1. check every input before any work
         req = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                                 num_images_per_prompt, output_type, seed=seed, generator=generator, latents=latents)
-        clock = _Clock(self)
+        clock = StageClock(sync=self.device if self.profile and self.device.type == "cuda" else None)
         # 2. initial noise
         x = self.prepare_latents(req.num_images, self.latent_shape(req.height, req.width), seed=seed,
                                  generator=generator, latents=latents)
@@ -225,10 +223,7 @@ class Pipeline:
         text-encoder call (``separately``: each in a call of its own, so that its embedding does not depend on
         which texts shared the batch, as batched matrix products may round differently); cached texts skip the
         encoder."""
-        with self._cache_lock:
-            found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
-            for t in found:
-                self._cache.move_to_end(t)
+        found = self._embeddings.get(texts)
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         batches = [[t] for t in missing] if separately else ([missing] if missing else [])
         for batch in batches:
@@ -237,17 +232,10 @@ class Pipeline:
                 emb = self.backend.encode(ids, mask)
             new = dict(zip(batch, emb.unbind(0)))
             found.update(new)
-            self._remember(new)
+            self._embeddings.put(new)
             if len(batch) == len(texts):
                 return emb
         return torch.stack([found[t] for t in texts])
-
-    def _remember(self, new: dict[str, torch.Tensor]) -> None:
-        if self.embedding_cache_size > 0:
-            with self._cache_lock:
-                self._cache.update(new)
-                while len(self._cache) > self.embedding_cache_size:
-                    self._cache.popitem(last=False)
 
     def encode_prompt(self, prompts: Sequence[str], negatives: Sequence[str] | None = None,
                       num_images_per_prompt: int = 1, separately: bool = False) -> torch.Tensor:
@@ -261,10 +249,18 @@ class Pipeline:
         uncond = embeddings[len(prompts):].repeat_interleave(num_images_per_prompt, dim=0)
         return torch.cat([uncond, cond])
 
+    @property
+    def embedding_cache_size(self) -> int:
+        """How many prompt embeddings are cached (LRU); 0 disables the cache."""
+        return self._embeddings.size
+
+    @embedding_cache_size.setter
+    def embedding_cache_size(self, size: int) -> None:
+        self._embeddings.size = size
+
     def clear_cache(self) -> None:
         """Forget cached prompt embeddings."""
-        with self._cache_lock:
-            self._cache.clear()
+        self._embeddings.clear()
 
     def prepare_latents(self, n: int, shape: tuple[int, int, int], *, seed: int | None = None,
                         generator: Generator | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
@@ -342,31 +338,3 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def check_is_flow(checkpoint: Checkpoint, treat_as_flow: bool = False) -> None:
-    """Refuse a diffusion checkpoint (its UNet predicts noise, not a velocity) unless told otherwise."""
-    if not checkpoint.is_flow and not treat_as_flow:
-        kind = checkpoint.class_name or "no _class_name"
-        raise InvalidInputError(
-            f"{checkpoint.name} is a diffusion model ({kind}), not a rectified flow: use it as a teacher in "
-            "`train`, or pass treat_as_flow=True (e.g. for random test models)")
-
-
-class _Clock:
-    """Stage timings of one call: each :meth:`lap` measures the time since the previous one (on a GPU exactly
-    only with ``Pipeline.profile = True``, which synchronises at each lap)."""
-
-    def __init__(self, pipe: Pipeline) -> None:
-        self.pipe = pipe
-        self.start = self.last = time.perf_counter()
-        self.timings: dict[str, float] = {}
-
-    def lap(self, stage: str) -> None:
-        if self.pipe.profile and self.pipe.device.type == "cuda":
-            torch.cuda.synchronize(self.pipe.device)
-        now = time.perf_counter()
-        self.timings[stage] = now - self.last
-        self.last = now
-
-    def finish(self) -> dict[str, float]:
-        self.timings["total"] = self.last - self.start
-        return self.timings

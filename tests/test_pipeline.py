@@ -227,15 +227,22 @@ def test_text_encoder_runs_once_per_distinct_text(tiny_pipe, monkeypatch):
 
 
 def test_embedding_cache_is_bounded(tiny_pipe, monkeypatch):
+    """An LRU of embedding_cache_size prompts: the least recently used one is encoded again; 0 disables it."""
+    encoded = []
+    real = tiny_pipe.backend.encode
+    monkeypatch.setattr(tiny_pipe.backend, "encode", lambda ids, mask=None: encoded.append(len(ids)) or real(ids, mask))
     monkeypatch.setattr(tiny_pipe, "embedding_cache_size", 2)
     tiny_pipe.clear_cache()
-    for p in ("one", "two", "three"):
+    for p in ("one", "two", "three", "two", "three"):
         tiny_pipe(p, seed=0)
-    assert list(tiny_pipe._cache) == ["two", "three"]
+    assert len(encoded) == 3  # "two" and "three" came from the cache the second time
+    tiny_pipe("one", seed=0)
+    assert len(encoded) == 4  # "one" was dropped (least recently used)
     monkeypatch.setattr(tiny_pipe, "embedding_cache_size", 0)
     tiny_pipe.clear_cache()
     tiny_pipe("four", seed=0)
-    assert not tiny_pipe._cache
+    tiny_pipe("four", seed=0)
+    assert len(encoded) == 6
 
 
 def test_four_threads_match_sequential_calls(tiny_pipe):

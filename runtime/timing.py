@@ -1,0 +1,28 @@
+"""Stage timings of one pipeline call."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class StageClock:
+    """Each :meth:`lap` measures the time since the previous one; ``sync``: a CUDA device to synchronise at each
+    lap, so that asynchronous GPU work is counted in the stage that launched it (``Pipeline.profile = True``)."""
+
+    def __init__(self, sync: torch.device | None = None) -> None:
+        self.sync = sync
+        self.start = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        if self.sync is not None:
+            torch.cuda.synchronize(self.sync)
+        now = time.perf_counter()
+        self.timings[stage] = now - self.last
+        self.last = now
+
+    def finish(self) -> dict[str, float]:
+        self.timings["total"] = self.last - self.start
+        return self.timings
