@@ -48,6 +48,9 @@ def render_markdown(docs: list[dict], chart: str | None) -> str:
         if "variants" in doc:
             lines += render_layouts(doc)
             continue
+        if "steps" in doc:
+            lines += render_fullsize(doc)
+            continue
         m = doc["machine"]
         hw = m.get("gpu") or f"{m['cpu']} ({m['cores']} cores)"
         lines += [f"## {hw} — {doc['date']}", "",
@@ -88,7 +91,7 @@ def render_markdown(docs: list[dict], chart: str | None) -> str:
                     met = "" if limit is None else ("yes" if v <= limit else "no")
                     lines.append(f"| {k} | {v:.3f}{speed} | {what} | {met} |")
             lines.append("")
-    if not any("gpu" in doc.get("machine", {}) for doc in docs):
+    if not any("gpu" in doc.get("machine", {}) and "subjects" in doc for doc in docs):
         lines += ["## GPU", "", "No GPU results in this report yet. On a machine with a CUDA GPU: "
                   "`bash benchmarks/gpu_prepare.sh` here (wheels the GPU image lacks), then "
                   "`bash benchmarks/gpu_run.sh OUT` there, then `python -m benchmarks.report --results "
@@ -96,6 +99,18 @@ def render_markdown(docs: list[dict], chart: str | None) -> str:
     if chart:
         lines += [f"![per-stage medians]({chart})", ""]
     return "\n".join(lines)
+
+
+def render_fullsize(doc: dict) -> list[str]:
+    """The ``fullsize`` test tier: every main command at SD-1.5 size on the CPU, time and peak RSS per step."""
+    m = doc.get("machine", {})
+    lines = [f"## Full size on the CPU — {m.get('cpu', 'unknown CPU')} ({m.get('cores', '?')} cores), {doc['date']}",
+             "", "`pytest -m fullsize tests/test_fullsize.py`: an SD-1.5-shaped rectified flow with random weights "
+             "(UNet 860M, CLIP ViT-L/14, AutoencoderKL), 512x512, fp32 unless the step says otherwise.", "",
+             "| step | seconds | peak RSS GB |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {r['seconds']:,.1f} | {r['peak_rss_bytes'] / 2**30:,.1f} |"
+              for name, r in doc["steps"].items()]
+    return lines + [""]
 
 
 def render_layouts(doc: dict) -> list[str]:

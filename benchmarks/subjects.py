@@ -135,16 +135,19 @@ class RawStages:
 
 
 class PeakRSS:
-    """Peak resident memory growth (bytes) while the block runs, sampled every millisecond on a thread."""
+    """Peak resident memory growth (bytes, :attr:`peak`) over the resident memory at the start (:attr:`base`)
+    while the block runs, sampled every ``interval`` seconds on a thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 0.001) -> None:
         import psutil
 
         self._proc = psutil.Process()
         self.peak = 0
+        self.base = 0
+        self.interval = interval
 
     def __enter__(self) -> "PeakRSS":
-        self._base = self._proc.memory_info().rss
+        self.base = self._proc.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -152,13 +155,13 @@ class PeakRSS:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss - self._base)
-            time.sleep(0.001)
+            self.peak = max(self.peak, self._proc.memory_info().rss - self.base)
+            time.sleep(self.interval)
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss - self._base)
+        self.peak = max(self.peak, self._proc.memory_info().rss - self.base)
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int, int]:

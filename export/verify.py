@@ -57,9 +57,13 @@ def max_rel_error(out: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(out.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
 
 
-def verify_export(folder: str | Path, components: Components | None = None, batches: Sequence[int] = (1, 3),
+def verify_export(folder: str | Path, components: Components | None = None, batches: Sequence[int] = (1, 2),
                   seed: int = 1234) -> dict[str, Any]:
-    """Compare each graph of an export folder with PyTorch; raise :class:`ExportError` on any failure."""
+    """Compare each graph of an export folder with PyTorch; raise :class:`ExportError` on any failure.
+
+    Each graph runs at ``batches`` (two batch sizes show the batch axis is dynamic) at the default size, and with
+    dynamic sizes once more at batch 1 and a second, non-square size the UNet takes. At SD-1.5 size on 2 CPU cores
+    that is a few minutes for the fp32 graphs (the fp16 ones run slower in onnxruntime on a CPU)."""
     folder = Path(folder)
     doc = mf.read(folder)
     if doc is None:
@@ -70,7 +74,7 @@ def verify_export(folder: str | Path, components: Components | None = None, batc
     specs = specs_by_name(dims)
     shapes = [(b, *dims.latent_size) for b in batches]
     if doc["settings"]["dynamic_hw"]:
-        shapes.append((2, *dims.other_size()))  # another (non-square) size the UNet's downsamplings can take
+        shapes.append((1, *dims.other_size()))  # another (non-square) size the UNet's downsamplings can take
     rows, failures = [], []
     for name, entry in doc["components"].items():
         mf.check_files(folder, entry, full=True)  # verification always hashes in full

@@ -22,12 +22,13 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     gpu = torch.cuda.is_available()
-    slow = "slow" in (config.getoption("-m") or "")
+    selected = config.getoption("-m") or ""
     for item in items:
         if "gpu" in item.keywords and not gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-        if "slow" in item.keywords and not slow:
-            item.add_marker(pytest.mark.skip(reason="slow: run with -m slow"))
+        for tier in ("slow", "fullsize"):  # opt-in tiers: minutes (slow) to an hour (fullsize) of CPU time
+            if tier in item.keywords and tier not in selected:
+                item.add_marker(pytest.mark.skip(reason=f"{tier}: run with -m {tier}"))
 
 
 @pytest.fixture(scope="session")

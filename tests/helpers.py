@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
 import torch
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
 
 def assert_threads_match_sequential(pipe: Any, jobs: list[dict], threads: int = 4, tol: float = 0.0) -> None:
@@ -18,3 +22,33 @@ def assert_threads_match_sequential(pipe: Any, jobs: list[dict], threads: int = 
     sequential = [pipe(**kw).images for kw in jobs]
     for a, b in zip(parallel, sequential):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def install_fake_tensorrt(monkeypatch: Any, version: str = "11.1.0") -> Any:
+    """The TensorRT (API surface ``version``) and cuda-python stand-ins of tests/fake_tensorrt.py, plus
+    torch.cuda's stream surface."""
+    import sys
+
+    import fake_tensorrt as fake
+
+    import export.trt as export_trt
+    from runtime.backends import graphs, tensorrt_backend
+
+    if HAVE_TRT:
+        pytest.skip("the real TensorRT is here")
+    fake.use(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    for module in (graphs, tensorrt_backend):
+        monkeypatch.setattr(module, "cudart", lambda: fake.cudart)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "Stream", fake.FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", fake.fake_stream_context)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fake.DEFAULT_STREAM)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: fake.flush())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    monkeypatch.setattr(export_trt, "_engine_device", lambda: torch.device("cpu"))
+    fake.LOG.clear()
+    fake.PENDING.clear()
+    fake.CAPTURING.clear()
+    return fake

@@ -59,10 +59,14 @@ def test_report_cli_writes_markdown_and_chart(tmp_path):
                                    "command": "python -m benchmarks.layouts", "subject": "SD-1.5 shapes",
                                    "variants": {"unet_cl+vae_cl": {"median_s": 0.0348, "min_s": 0.0340},
                                                 "compiled unet_cl+vae_nchw": {"median_s": 0.015, "min_s": 0.0149}}}))
+    fullsize = tmp_path / "fullsize.json"
+    fullsize.write_text(json.dumps({"date": "2026-11-27 10:00 UTC", "machine": {"cpu": "Some CPU", "cores": "2"},
+                                    "steps": {"one step, 512x512": {"seconds": 52.04, "peak_rss_bytes": 5.7 * 2**30}}}))
     out = tmp_path / "new" / "RESULTS.md"  # a folder that does not exist yet
-    assert main(["--results", *paths, str(layouts), "--out", str(out)]) == 0
+    assert main(["--results", *paths, str(layouts), str(fullsize), "--out", str(out)]) == 0
     text = out.read_text()
-    assert text.count("\n## ") == 2 and (out.parent / "stages.png").stat().st_size > 1000
+    assert text.count("\n## ") == 3 and (out.parent / "stages.png").stat().st_size > 1000
     assert "### Memory layouts and torch.compile — NVIDIA H200, 2026-11-27 08:28 UTC" in text
     assert "| compiled unet_cl+vae_nchw | 15.0 | 14.9 |" in text
+    assert "## Full size on the CPU — Some CPU (2 cores)" in text and "| one step, 512x512 | 52.0 | 5.7 |" in text
     assert main(["--results", str(tmp_path / "missing.json"), "--out", str(out)]) == 2

@@ -5,7 +5,6 @@ against the stand-ins of tests/fake_tensorrt.py (ONNX graphs run by onnxruntime 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,8 +12,7 @@ import pytest
 import torch
 
 from export.trt import main
-
-HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+from helpers import HAVE_TRT, install_fake_tensorrt
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT and a GPU are present")
@@ -75,40 +73,10 @@ def test_engines_build_and_match_torch(tiny_ckpt, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ fake TensorRT (CPU)
-def _install_fake(monkeypatch, version: str):
-    """The TensorRT (API surface ``version``) and cuda-python stand-ins of tests/fake_tensorrt.py, plus
-    torch.cuda's stream surface."""
-    import sys
-
-    import fake_tensorrt as fake
-
-    import export.trt as export_trt
-    from runtime.backends import graphs, tensorrt_backend
-
-    if HAVE_TRT:
-        pytest.skip("the real TensorRT is here")
-    fake.use(version)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    for module in (graphs, tensorrt_backend):
-        monkeypatch.setattr(module, "cudart", lambda: fake.cudart)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    monkeypatch.setattr(torch.cuda, "Stream", fake.FakeStream)
-    monkeypatch.setattr(torch.cuda, "stream", fake.fake_stream_context)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fake.DEFAULT_STREAM)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: fake.flush())
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
-    monkeypatch.setattr(export_trt, "_engine_device", lambda: torch.device("cpu"))
-    fake.LOG.clear()
-    fake.PENDING.clear()
-    fake.CAPTURING.clear()
-    return fake
-
-
 @pytest.fixture(params=["10.8.0", "10.16.0", "11.1.0"])
 def fake_gpu(monkeypatch, request):
     """The stand-ins, once per TensorRT API surface (10.0-10.11, 10.12+, 11.x)."""
-    fake = _install_fake(monkeypatch, request.param)
+    fake = install_fake_tensorrt(monkeypatch, request.param)
     yield fake
     fake.use("10.16.0")
 
@@ -116,7 +84,7 @@ def fake_gpu(monkeypatch, request):
 @pytest.fixture()
 def fake_gpu_latest(monkeypatch):
     """The stand-ins on one surface, for tests that do not depend on the TensorRT version."""
-    fake = _install_fake(monkeypatch, "11.1.0")
+    fake = install_fake_tensorrt(monkeypatch, "11.1.0")
     yield fake
     fake.use("10.16.0")
 
