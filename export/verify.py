@@ -29,8 +29,10 @@ from runtime.specs import DTYPES, ModelDims, specs_by_name
 from .graphs import module_for
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
-#: the fused graph chains UNet and VAE decoder: fp16 rounding in the first is amplified by the second (max error on
-#: the tiny model: 2e-2, i.e. 5/255 of one pixel's value, with either decoder precision)
+#: The fused graph ends in an image, and its worst pixel is where fp16 rounding moves an edge by a fraction of a
+#: pixel: on the bundled model (hard-edged shapes) 6e-4 to 2e-2 (5/255) depending on the sample, whichever part is
+#: kept in fp32 (the time embedding, the norms, softmax, the whole UNet or the whole decoder: measured, none brings
+#: the worst sample under 1e-2), while the UNet graph alone stays under 3e-3. So images get their own bound.
 FUSED_FP16_TOLERANCE = 3e-2
 
 
