@@ -91,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--num-images must be >= 1, got {args.num_images}")
     if args.steps < 1:
         raise InvalidInputError(f"--steps must be >= 1, got {args.steps}")
+    from .inputs import Limits
+
+    Limits().check_images(len(args.prompts) * args.num_images)  # before one output path is made or probed
     paths = output_paths(args.output, len(args.prompts) * args.num_images)
     check_writable(paths)
     t0 = time.perf_counter()

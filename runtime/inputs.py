@@ -22,6 +22,34 @@ _DTYPES = {
 }
 
 
+@dataclass
+class Limits:
+    """What one call may ask for, checked before anything is allocated: a product embedding the pipeline (or the
+    HTTP service) must survive any request. Raise them for bigger jobs (``pipe.limits.max_images = 256``)."""
+
+    max_pixels: int = 2048 * 2048  # per image: SD 1.5 works at 512x512; this is 16 times that
+    max_side: int = 4096  # pixels, either side
+    max_images: int = 64  # per call: prompts x num_images_per_prompt
+    max_steps: int = 1000  # Euler steps (a 2-rectified flow needs 2-25)
+
+    def check_images(self, n: int) -> None:
+        if n > self.max_images:
+            raise InvalidInputError(f"{n} images in one call is over this pipeline's limit of {self.max_images} "
+                                    "(split the call, or raise pipe.limits.max_images)")
+
+    def check(self, req: "Request") -> None:
+        if req.num_inference_steps > self.max_steps:
+            raise InvalidInputError(f"num_inference_steps={req.num_inference_steps} is over this pipeline's limit "
+                                    f"of {self.max_steps} (raise pipe.limits.max_steps to allow it)")
+        self.check_images(req.num_images)
+        if max(req.height, req.width) > self.max_side:
+            raise InvalidInputError(f"{req.height}x{req.width} px: a side over this pipeline's limit of "
+                                    f"{self.max_side} px (raise pipe.limits.max_side)")
+        if req.height * req.width > self.max_pixels:
+            raise InvalidInputError(f"{req.height}x{req.width} px is over this pipeline's limit of "
+                                    f"{self.max_pixels:,} pixels per image (raise pipe.limits.max_pixels)")
+
+
 @dataclass(frozen=True)
 class Request:
     """A checked call: prompts as lists, sizes defaulted, numbers normalised."""
@@ -85,6 +113,9 @@ def check_prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[st
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
         raise InvalidTypeError(f"prompt[{bad[0]}] is a {type(prompts[bad[0]]).__name__}, not a string")
+    for label, texts in (("prompt", prompts), ("negative_prompt", negative_prompt)):
+        if isinstance(texts, (list, tuple)):
+            _check_text(label, texts)
     if negative_prompt is None:
         negatives = [""] * len(prompts)
     elif isinstance(negative_prompt, str):
@@ -100,6 +131,17 @@ def check_prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[st
         raise InvalidTypeError(
             f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}")
     return list(prompts), negatives
+
+
+def _check_text(label: str, texts: Sequence[Any]) -> None:
+    """Text the tokenizer can take: a lone surrogate (what Python makes of invalid UTF-8) cannot be encoded."""
+    for i, t in enumerate(texts):
+        try:
+            if isinstance(t, str):
+                t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidInputError(f"{label}[{i}] is not valid text: it holds a lone surrogate ({t[e.start]!r} at "
+                                    f"position {e.start}; invalid UTF-8 input?)") from None
 
 
 def positive_int(value: Any, label: str) -> int:
@@ -149,7 +191,16 @@ def check_noise_source(n: int, shape: Sequence[int], seed: Any, generator: Any, 
             raise InvalidInputError(f"latents must have shape {list(full)}, got {list(latents.shape)}")
         if not latents.is_floating_point():
             raise InvalidInputError(f"latents must be a floating-point tensor, got {latents.dtype}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise InvalidTypeError(f"seed must be an int, got {type(seed).__name__}")
-    if isinstance(generator, (list, tuple)) and len(generator) != n:
-        raise InvalidInputError(f"got {len(generator)} generators for {n} images")
+        if latents.device.type == "meta":
+            raise InvalidInputError("latents are on the meta device: they hold no values")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise InvalidTypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not -(2**63) <= int(seed) <= 2**64 - n:  # image j uses seed + j: every one must be a 64-bit seed
+            raise InvalidInputError(f"seed must be in [-2**63, 2**64 - {n}] for {n} image(s), got {seed}")
+    if generator is not None:
+        gens = generator if isinstance(generator, (list, tuple)) else [generator]
+        if not all(isinstance(g, torch.Generator) for g in gens):
+            raise InvalidTypeError("generator must be a torch.Generator or a list of them, one per image")
+        if isinstance(generator, (list, tuple)) and len(generator) != n:
+            raise InvalidInputError(f"got {len(generator)} generators for {n} images")

@@ -23,7 +23,7 @@ from .backends import Backend, create
 from .checkpoints import Checkpoint, check_is_flow, resolve
 from .embeddings import EmbeddingCache
 from .errors import NonFiniteOutputError
-from .inputs import (OUTPUT_TYPES, OutputType, Request, check_guidance, check_noise_source, check_output_type,
+from .inputs import (OUTPUT_TYPES, Limits, OutputType, Request, check_guidance, check_noise_source, check_output_type,
                      check_pixels, check_prompts, parse_device, parse_dtype, positive_int)
 from .models import Components, load_components
 from .timing import StageClock
@@ -61,7 +61,7 @@ class Pipeline:
     def __init__(self, components: Components, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | str | None = None, backend: str | Backend = "torch", name: str = "",
                  checkpoint: Checkpoint | None = None, export_dir: str | os.PathLike[str] | None = None,
-                 embedding_cache_size: int = 256, **backend_options: Any) -> None:
+                 embedding_cache_size: int = 256, limits: Limits | None = None, **backend_options: Any) -> None:
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype, self.device)
         self.components = components
@@ -71,6 +71,8 @@ class Pipeline:
                                  if isinstance(backend, str) else backend)
         #: When True, stages are synchronised on the GPU so that ``timings`` are exact (costs a little speed).
         self.profile = False
+        #: What one call may ask for (pixels per image, images per call, steps); see :class:`~runtime.inputs.Limits`.
+        self.limits = limits or Limits()
         #: Prompt-embedding cache: text -> embedding row; repeated prompts skip the text encoder (0 disables).
         self._embeddings = EmbeddingCache(embedding_cache_size)
         # backends with shared mutable state (CUDA graphs, TensorRT contexts) run one call at a time
@@ -178,6 +180,7 @@ class Pipeline:
         req = Request(prompts, negatives, positive_int(num_inference_steps, "num_inference_steps"),
                       check_guidance(guidance_scale), *self.check_size(height, width),
                       positive_int(num_images_per_prompt, "num_images_per_prompt"), check_output_type(output_type))
+        self.limits.check(req)  # bounded work, before anything is allocated
         check_batch = getattr(self.backend, "check_batch", None)  # engines built for a largest batch
         if check_batch is not None:
             check_batch(req.num_images)

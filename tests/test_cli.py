@@ -79,3 +79,19 @@ def test_cli_subprocess_no_traceback(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert "XCLiu/instaflow_0_9B_from_sd_1_5" in r.stderr and "huggingface-cli download" in r.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([b"a \xff cat"], b"is not valid text: it holds a lone surrogate"),  # invalid UTF-8 on the command line
+    ([b"x", b"--num-images", b"1000000"], b"1000000 images in one call is over this pipeline's limit of 64"),
+    ([b"x", b"--seed", str(2**64).encode()], b"seed must be in"),
+])
+def test_cli_hostile_arguments_subprocess(tiny_ckpt, tmp_path, argv, message):
+    """Through a real process (argv as bytes, as a shell passes them): one line, exit 2, no traceback, quickly
+    (a million output paths are never made or probed)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable.encode(), b"-m", b"runtime", *argv, b"--ckpt", str(tiny_ckpt).encode(), b"-o",
+           str(tmp_path / "o.png").encode()]
+    r = subprocess.run(cmd, capture_output=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2 and b"Traceback" not in r.stderr, r.stderr[-500:]
+    assert r.stderr.startswith(b"error: ") and message in r.stderr and r.stderr.count(b"\n") == 1

@@ -356,3 +356,39 @@ def test_numpy_scalars_are_numbers(tiny_pipe):
     torch.testing.assert_close(a, b)
     with pytest.raises(InvalidTypeError, match="guidance_scale must be a number, got bool"):
         tiny_pipe("a cat", guidance_scale=True)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(height=100000, width=100000), "a side over this pipeline's limit of 4096 px"),
+    (dict(height=100000, width=32), "a side over this pipeline's limit"),
+    (dict(height=4096, width=4096), "over this pipeline's limit of 4,194,304 pixels"),
+    (dict(num_inference_steps=10**9), "num_inference_steps=1000000000 is over this pipeline's limit of 1000"),
+    (dict(num_images_per_prompt=10**6), "1000000 images in one call is over this pipeline's limit of 64"),
+    (dict(prompt=["a cat"] * 10**5), "100000 images in one call"),
+    (dict(seed=2**64), r"seed must be in \[-2\*\*63, 2\*\*64 - 1\]"),
+    (dict(seed=-(2**63) - 1), r"seed must be in"),
+    (dict(seed=2**64 - 1, num_images_per_prompt=2), r"seed must be in \[-2\*\*63, 2\*\*64 - 2\] for 2 image"),
+    (dict(generator="x"), "generator must be a torch.Generator"),
+    (dict(latents=torch.empty(1, 4, 8, 8, device="meta")), "meta device"),
+    (dict(prompt="a \udcff cat"), r"prompt\[0\] is not valid text: it holds a lone surrogate"),
+    (dict(negative_prompt=["ok", "\ud800"], prompt=["a", "b"], guidance_scale=2.0), r"negative_prompt\[1\]"),
+])
+def test_hostile_input_is_one_line_before_any_work(tiny_pipe, monkeypatch, kwargs, match):
+    """Unbounded or malformed requests are refused in one line before anything is allocated or any network runs."""
+    ran = []
+    monkeypatch.setattr(tiny_pipe, "prepare_latents", lambda *a, **k: ran.append("latents"))
+    monkeypatch.setattr(tiny_pipe.backend, "encode", lambda *a, **k: ran.append("encode"))
+    kwargs = {"prompt": "a cat", **kwargs}
+    with pytest.raises(InstaFlowError, match=match) as info:
+        tiny_pipe(**kwargs)
+    assert "\n" not in str(info.value) and ran == []
+
+
+def test_limits_can_be_raised(tiny_pipe):
+    from runtime.inputs import Limits
+
+    pipe = Pipeline(tiny_pipe.components, device="cpu", limits=Limits(max_images=2))
+    with pytest.raises(InvalidInputError, match="3 images in one call is over this pipeline's limit of 2"):
+        pipe(["a", "b", "c"], seed=0)
+    pipe.limits.max_images = 3
+    assert len(pipe(["a", "b", "c"], seed=0).images) == 3
