@@ -31,7 +31,7 @@ from runtime.models import Components, load_components
 
 from runtime import manifest as mf
 from runtime.errors import ExportError
-from runtime.specs import COMPONENTS, ComponentSpec, ModelDims, component_specs, dtype_name
+from runtime.specs import COMPONENTS, ComponentSpec, ModelDims, component_specs, dtype_name, specs_by_name
 
 from .graphs import module_for
 
@@ -212,15 +212,21 @@ def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, f
     specs = [s for s in component_specs(dims, fused=True) if s.name in only] if only else \
         component_specs(dims, fused=settings.fused)
     reused = [_export_or_reuse(spec, components, out, settings, old, doc) for spec in specs]
+    _drop_stale(out, doc, settings, keep={s.name for s in specs})
+    mf.write(out, doc)
     doc["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     earlier = (old or {}).get("verification")
     if all(reused) and earlier and earlier.get("passed") and set(doc["components"]) == set(old["components"]):
         doc["verification"] = earlier  # the same files, hash-checked: verified already
         _log("[verify] every graph reused (hash ok): earlier verification kept")
     elif verify:
-        from .verify import verify_export
+        from .verify import verify_and_record
 
-        doc["verification"] = verify_export(out, components=components)
+        doc.pop("verification", None)
+        mf.write(out, doc)
+        doc = verify_and_record(out, components=components)  # a failure is recorded, then raised
+    else:
+        doc.pop("verification", None)  # --no-verify: the caller's explicit choice, recorded as no verification
     mf.write(out, doc)
     _log(f"[done] {out} in {time.perf_counter() - t0:.1f} s")
     return doc
@@ -228,7 +234,11 @@ def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, f
 
 def _previous_export(out: Path, ckpt_hash: str, force: bool) -> dict[str, Any] | None:
     """The manifest already in ``out`` (its graphs can be reused), or None; another checkpoint's export is refused,
-    or with ``force`` removed."""
+    or with ``force`` removed. Temporary folders of an export that was killed are removed."""
+    for name in COMPONENTS:
+        for tmp in out.glob(f".{name}.*"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
     old = mf.read(out)
     if old and old["checkpoint"]["sha256"] != ckpt_hash:
         if not force:
@@ -242,12 +252,32 @@ def _previous_export(out: Path, ckpt_hash: str, force: bool) -> dict[str, Any] |
     return old
 
 
+def _component_key(spec: ComponentSpec, settings: ExportSettings) -> dict[str, Any]:
+    """What a graph was made with; a graph is reused only when this matches."""
+    return {"dtype": dtype_name(settings.dtype_of(spec.name)), "opset": settings.opset,
+            "fp32_scopes": list(settings.fp32_scopes(spec.name)), "dynamic_hw": settings.dynamic_hw, **_versions()}
+
+
+def _drop_stale(out: Path, doc: dict[str, Any], settings: ExportSettings, keep: set[str]) -> None:
+    """Graphs of earlier runs stay only if they were made with the current settings (another ``--only`` run);
+    others (e.g. a static fused graph after a ``--dynamic-hw`` re-export without ``--fused``) are deleted, so the
+    manifest describes exactly what the folder holds, all of one kind."""
+    specs = specs_by_name(ModelDims.from_manifest(doc))
+    for name in [n for n in doc["components"] if n not in keep]:
+        entry = doc["components"][name]
+        if name in specs and entry.get("key") == _component_key(specs[name], settings):
+            continue
+        for f in mf.graph_files(out, entry["file"]):
+            f.unlink(missing_ok=True)
+        del doc["components"][name]
+        _log(f"[export] {name}: removed (made with other settings)")
+
+
 def _export_or_reuse(spec: ComponentSpec, components: Components, out: Path, settings: ExportSettings,
                      old: dict[str, Any] | None, doc: dict[str, Any]) -> bool:
     """Export one graph into ``doc`` (and the manifest on disk: progress survives a crash), or reuse the earlier
     one when it was made with the same settings and its files are intact; True when reused."""
-    key = {"dtype": dtype_name(settings.dtype_of(spec.name)), "opset": settings.opset,
-           "fp32_scopes": list(settings.fp32_scopes(spec.name)), "dynamic_hw": settings.dynamic_hw, **_versions()}
+    key = _component_key(spec, settings)
     prev = (old or {}).get("components", {}).get(spec.name)
     if prev and prev.get("key") == key:
         try:

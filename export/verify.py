@@ -106,6 +106,24 @@ def verify_export(folder: str | Path, components: Components | None = None, batc
     return {"passed": True, "rows": rows}
 
 
+def verify_and_record(folder: str | Path, components: Components | None = None) -> dict[str, Any]:
+    """:func:`verify_export`, with the outcome written into the folder's manifest (the backends refuse an export
+    that failed); the manifest returned."""
+    folder = Path(folder)
+    try:
+        result = verify_export(folder, components=components)
+    except ExportError as e:
+        doc = mf.read(folder)
+        if doc is not None:
+            doc["verification"] = {"passed": False, "error": str(e)}
+            mf.write(folder, doc)
+        raise
+    doc = mf.read(folder)
+    doc["verification"] = result
+    mf.write(folder, doc)
+    return doc
+
+
 def _print_table(rows: list[dict[str, Any]]) -> None:
     print(f"{'component':<14}{'inputs':<16}{'max rel err':>12}{'tol':>8}{'ort ms':>9}  result")
     for r in rows:
@@ -120,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     def job() -> None:
         comps = load_components(resolve(args.ckpt), device="cpu", dtype=torch.float32) if args.ckpt else None
-        verify_export(args.folder, components=comps)
-        print("all graphs verified")
+        verify_and_record(args.folder, components=comps)
+        print("all graphs verified (recorded in the manifest)")
 
     return run_cli(job)
 

@@ -167,6 +167,19 @@ def default_export_dir(ckpt: Checkpoint, kind: str = "onnx") -> Path:
     return cache_root() / kind / f"{safe}-{fingerprint(ckpt)[:12]}"
 
 
+def usable_export_problem(doc: dict[str, Any], folder: Path) -> str | None:
+    """Why the ONNX export in ``folder`` must not be run (interrupted, or failed its verification), or None. An
+    export made with ``--no-verify`` is the caller's explicit choice and is usable."""
+    missing = [n for n in ("text_encoder", "unet", "vae_decoder") if n not in doc.get("components", {})]
+    if missing:
+        return f"the export in {folder} lacks the {', '.join(missing)} graph(s) (interrupted?); re-run the export"
+    verification = doc.get("verification")
+    if verification is not None and not verification.get("passed"):
+        return (f"the export in {folder} failed its verification ({str(verification.get('error', ''))[:160]}); "
+                "re-export it, or verify it again with `python -m export.verify`")
+    return None
+
+
 def check_export_matches(doc: dict[str, Any], ckpt: Checkpoint, folder: Path) -> None:
     """Refuse an export made from another checkpoint (one line)."""
     made_from = doc.get("checkpoint", {})

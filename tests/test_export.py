@@ -215,3 +215,52 @@ def test_vae_fp32_keeps_the_fused_unet_in_fp16(tiny_ckpt, tmp_path):
     unet = {i.data_type for i in init if i.name.startswith("unet.")}
     vae = {i.data_type for i in init if i.name.startswith("vae_decoder.")}
     assert unet == {onnx.TensorProto.FLOAT16} and vae == {onnx.TensorProto.FLOAT}
+
+
+def test_reexport_leaves_a_folder_the_manifest_describes(tiny_ckpt, tmp_path):
+    """A static fused export, then a --dynamic-hw export without --fused into the same folder: the static fused
+    graph is removed (file and entry), so everything listed is of one kind and verified; temp folders of a killed
+    export are cleaned up."""
+    export(str(tiny_ckpt), tmp_path, ExportSettings(fused=True), verify=False)
+    killed = tmp_path / ".unet.abc123"
+    killed.mkdir()
+    (killed / "unet.onnx").write_bytes(b"")
+    doc = export(str(tiny_ckpt), tmp_path, ExportSettings(dynamic_hw=True))
+    assert set(doc["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert not (tmp_path / "onestep.onnx").exists() and not killed.exists()
+    assert all(e["key"]["dynamic_hw"] for e in doc["components"].values()) and doc["verification"]["passed"]
+    on_disk = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(on_disk["components"]) == set(doc["components"])
+
+
+def test_failed_verification_is_recorded_and_the_export_refused(tiny_ckpt, tmp_path, monkeypatch):
+    """An export that fails its verification is not used: the onnxruntime backend refuses it in one line, auto
+    falls back to torch with a warning, and `python -m export.verify` records a later pass."""
+    import export.verify as verify_module
+    from runtime import Pipeline
+
+    export(str(tiny_ckpt), tmp_path, ExportSettings(), verify=False)
+    monkeypatch.setattr(verify_module, "TOLERANCE", {"float32": 0.0, "float16": 0.0})  # every graph fails
+    with pytest.raises(ExportError, match="verification failed"):
+        export(str(tiny_ckpt), tmp_path, ExportSettings())
+    assert json.loads((tmp_path / "manifest.json").read_text())["verification"]["passed"] is False
+    with pytest.raises(ExportError, match="failed its verification") as info:
+        Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path)
+    assert "\n" not in str(info.value)
+    with pytest.warns(RuntimeWarning, match="onnxruntime not used .*failed its verification"):
+        assert Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path).backend.name == "torch"
+    monkeypatch.undo()
+    from export.verify import main as verify_main
+
+    assert verify_main([str(tmp_path)]) == 0
+    assert Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path).backend.name == "onnxruntime"
+
+
+def test_auto_falls_back_from_an_interrupted_export(tiny_ckpt, tmp_path):
+    from runtime import Pipeline
+
+    export(str(tiny_ckpt), tmp_path, ExportSettings(), verify=False, only=["text_encoder"])
+    with pytest.warns(RuntimeWarning, match="lacks the unet, vae_decoder graph"):
+        assert Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path).backend.name == "torch"
+    with pytest.raises(ExportError, match="lacks the unet, vae_decoder graph"):
+        Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path)

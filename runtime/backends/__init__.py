@@ -118,10 +118,18 @@ def resolve_auto(device: torch.device, checkpoint: "Checkpoint | None",
         import onnxruntime  # noqa: F401
     except ImportError:
         return "torch"
-    doc = mf.read(folder) if (folder / mf.MANIFEST).is_file() else None
-    if doc and doc.get("checkpoint", {}).get("fingerprint") == mf.fingerprint(checkpoint):
-        return "onnxruntime"
-    return "torch"
+    try:
+        doc = mf.read(folder) if (folder / mf.MANIFEST).is_file() else None
+    except ExportError as e:
+        warnings.warn(f"onnxruntime not used ({e}); running torch instead", RuntimeWarning, stacklevel=3)
+        return "torch"
+    if not doc or doc.get("checkpoint", {}).get("fingerprint") != mf.fingerprint(checkpoint):
+        return "torch"
+    problem = mf.usable_export_problem(doc, folder)
+    if problem:  # auto falls back; an explicit backend="onnxruntime" keeps the one-line error
+        warnings.warn(f"onnxruntime not used ({problem}); running torch instead", RuntimeWarning, stacklevel=3)
+        return "torch"
+    return "onnxruntime"
 
 
 __all__ = ["BACKENDS", "Backend", "check_name", "choose", "create", "resolve_auto"]

@@ -181,9 +181,9 @@ class OnnxRuntimeBackend:
                 f"no ONNX export of {checkpoint.name} in {folder}; make one with "
                 f"`python -m export.onnx --ckpt {checkpoint.name} -o {folder} --fused`")
         mf.check_export_matches(doc, checkpoint, folder)
-        missing = [n for n in ("text_encoder", "unet", "vae_decoder") if n not in doc["components"]]
-        if missing:
-            raise ExportError(f"{folder} lacks the {', '.join(missing)} graph(s); re-run the export")
+        problem = mf.usable_export_problem(doc, folder)
+        if problem:
+            raise ExportError(problem)
         self.folder, self.device = folder, device
         self.dtype = DTYPES[doc["components"]["unet"]["dtype"]]
         self.dims = ModelDims.from_manifest(doc)
