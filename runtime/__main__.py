@@ -32,21 +32,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available]")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 [fp16 on cuda, fp32 on cpu]")
     p.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt | auto [torch]")
+    p.add_argument("--export-dir", default=None,
+                   help="folder of the ONNX export / TensorRT engines (onnxruntime, tensorrt, auto) [the export cache]")
     p.add_argument("--treat-as-flow", action="store_true",
                    help="load a diffusion-type checkpoint as if it were a flow (random test models)")
-    p.add_argument("-o", "--output", default="out.png", help="output PNG path [out.png]")
+    p.add_argument("-o", "--output", default="out.png",
+                   help="output image; .png, .jpg/.jpeg or .webp (no suffix: .png) [out.png]")
     return p
 
 
+#: output suffix -> the PIL format written
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
 def output_paths(output: str | os.PathLike[str], n: int) -> list[Path]:
-    """``out.png`` for one image; ``out-0.png`` ... ``out-{n-1}.png`` for several."""
+    """``out.png`` for one image; ``out-0.png`` ... ``out-{n-1}.png`` for several. The suffix names the format
+    (:data:`FORMATS`); no suffix means PNG; another suffix is refused."""
+    from .errors import InvalidInputError
+
     out = Path(output)
     if out.is_dir():
-        from .errors import InvalidInputError
-
         raise InvalidInputError(f"output path is a directory: {out} (give a file name such as {out / 'out.png'})")
-    if out.suffix.lower() != ".png":
+    if not out.suffix:
         out = out.with_name(out.name + ".png")
+    if out.suffix.lower() not in FORMATS:
+        raise InvalidInputError(f"cannot write {out.suffix!r} images; name the output .png, .jpg or .webp")
     if n == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
@@ -72,14 +82,15 @@ def check_writable(paths: Sequence[Path]) -> None:
             raise InvalidInputError(f"output path is not writable: {path}") from None
 
 
-def save_png(image, path: Path) -> None:
-    """Encode in memory, then write atomically (see :mod:`runtime.files`)."""
+def save_image(image, path: Path) -> None:
+    """Encode in memory in the format the suffix names, then write atomically (see :mod:`runtime.files`)."""
     import io
 
     from .files import atomic_write_bytes
 
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    fmt = FORMATS[path.suffix.lower()]
+    image.save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -97,15 +108,18 @@ def run(args: argparse.Namespace) -> int:
     paths = output_paths(args.output, len(args.prompts) * args.num_images)
     check_writable(paths)
     t0 = time.perf_counter()
+    if args.negative is not None and not args.guidance > 1:
+        warn_line(f"--negative is used only with guidance: it has no effect with --guidance {args.guidance:g} "
+                  "(pass --guidance > 1, e.g. 1.5)")
     pipe = Pipeline.from_pretrained(args.ckpt, device=args.device, dtype=args.dtype, backend=args.backend,
-                                    treat_as_flow=args.treat_as_flow)
+                                    treat_as_flow=args.treat_as_flow, export_dir=args.export_dir)
     load_s = time.perf_counter() - t0
     pipe.profile = True
     kwargs = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, num_images_per_prompt=args.num_images, seed=args.seed)
     out = pipe(args.prompts, **kwargs)
     for image, path in zip(out.images, paths):
-        save_png(image, path)
+        save_image(image, path)
     t = out.timings
     print(f"{pipe!r} loaded in {load_s:.2f} s")
     stages = " | ".join(f"{stage} {1e3 * seconds:.1f} ms" for stage, seconds in t.items())
@@ -115,12 +129,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def warn_line(message: str) -> None:
+    """A warning as one line on stderr (the CLI's users need the message, not Python's file and line)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .cli import run_cli
 
     with warnings.catch_warnings():
-        warnings.simplefilter("default", UserWarning)
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, *rest, **kw: warn_line(str(message))
         return run_cli(lambda: run(args))
 
 

@@ -12,9 +12,10 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -83,12 +84,41 @@ class Components:
 
 
 def quiet_loading() -> None:
-    """Turn off transformers'/diffusers' per-file progress bars (for command-line tools)."""
+    """Turn off transformers'/diffusers' per-file progress bars for the whole process (command-line tools)."""
     import diffusers.utils.logging
     import transformers.utils.logging
 
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
+
+
+#: ``INSTAFLOW_VERBOSE=1`` shows the libraries' loading progress bars and warnings again
+VERBOSE_ENV = "INSTAFLOW_VERBOSE"
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Loading without transformers'/diffusers' progress bars and info/warning chatter (such as diffusers'
+    "modules that should be kept in float32" when casting to fp16), restored afterwards; verbose on request."""
+    if os.environ.get(VERBOSE_ENV) == "1":
+        yield
+        return
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    saved = (tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled(), tlog.get_verbosity(),
+             dlog.get_verbosity())
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        (tlog.enable_progress_bar if saved[0] else tlog.disable_progress_bar)()
+        (dlog.enable_progress_bar if saved[1] else dlog.disable_progress_bar)()
+        tlog.set_verbosity(saved[2])
+        dlog.set_verbosity(saved[3])
 
 
 def token_window(tokenizer: Any, text_encoder: torch.nn.Module) -> int:
@@ -144,6 +174,12 @@ def load_components(
     the three networks are then stand-ins that carry ``.config`` and nothing else.
     Other sub-folders (``scheduler/``, ``safety_checker/``, ``feature_extractor/``) are ignored on purpose.
     """
+    with quiet():
+        return _load_components(ckpt, device, dtype, weights)
+
+
+def _load_components(ckpt: Checkpoint, device: torch.device | str, dtype: torch.dtype, weights: bool
+                     ) -> Components:
     if not weights:
         c = Components(
             tokenizer=load_tokenizer(ckpt.component("tokenizer")),

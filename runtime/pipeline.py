@@ -214,8 +214,8 @@ class Pipeline:
         enc = tok(list(texts), padding="max_length", max_length=n, truncation=False)
         if any(len(ids) > n for ids in enc["input_ids"]):
             too_long = [t for t, ids in zip(texts, enc["input_ids"]) if len(ids) > n]
-            warnings.warn(f"{len(too_long)} prompt(s) longer than the {n}-token window were truncated: "
-                          f"{too_long[0][:80]!r}", UserWarning, stacklevel=3)
+            warnings.warn(f"{len(too_long)} prompt(s) longer than the {n}-token window were cut to their first {n} "
+                          f"tokens: {too_long[0][:80]!r}", UserWarning, stacklevel=3)
             enc = tok(list(texts), padding="max_length", max_length=n, truncation=True)
         ids = torch.tensor(enc["input_ids"], dtype=torch.long)
         mask = torch.tensor(enc["attention_mask"], dtype=torch.long)

@@ -95,3 +95,28 @@ def test_cli_hostile_arguments_subprocess(tiny_ckpt, tmp_path, argv, message):
     r = subprocess.run(cmd, capture_output=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 2 and b"Traceback" not in r.stderr, r.stderr[-500:]
     assert r.stderr.startswith(b"error: ") and message in r.stderr and r.stderr.count(b"\n") == 1
+
+
+def test_cli_output_formats_warnings_and_export_dir(tiny_ckpt, tmp_path, capsys):
+    """-o names the format (JPEG, WebP, PNG; others refused); warnings are one line; --export-dir is used."""
+    assert main(["a cat", "--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "x.jpg")]) == 0
+    assert Image.open(tmp_path / "x.jpg").format == "JPEG" and not (tmp_path / "x.jpg.png").exists()
+    assert main(["a cat", "--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "x.webp")]) == 0
+    assert Image.open(tmp_path / "x.webp").format == "WEBP"
+    capsys.readouterr()
+    assert main(["a cat", "--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "x.gif")]) == 2
+    assert "cannot write '.gif' images" in capsys.readouterr().err
+    long = " ".join(["red circle"] * 40)
+    assert main([long, "--negative", "blurry", "--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "w.png")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("warning: --negative is used only with guidance") for line in err)
+    assert any(line.startswith("warning: 1 prompt(s) longer than the 16-token window were cut to their first 16")
+               for line in err)
+    assert all(line.startswith("warning: ") for line in err)  # no Python file/line/source echo
+
+    from export.onnx import ExportSettings, export
+
+    export(str(tiny_ckpt), tmp_path / "onnx", ExportSettings(), verify=False)
+    assert main(["a cat", "--ckpt", str(tiny_ckpt), "--backend", "onnxruntime", "--export-dir", str(tmp_path / "onnx"),
+                 "-o", str(tmp_path / "ort.png")]) == 0
+    assert "backend=onnxruntime" in capsys.readouterr().out

@@ -148,7 +148,7 @@ def test_generators(tiny_pipe):
 
 def test_long_prompt_truncated_with_warning(tiny_pipe):
     long = " ".join(["red circle"] * 40)
-    with pytest.warns(UserWarning, match="truncated"):
+    with pytest.warns(UserWarning, match="longer than the 16-token window were cut to their first 16 tokens"):
         out = tiny_pipe(long, seed=0, output_type="pt").images
     assert out.shape == (1, 3, 32, 32)
 
