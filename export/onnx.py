@@ -13,6 +13,7 @@ hash, each file's hash, tensors, opset and tool versions; re-running with the sa
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -194,7 +195,7 @@ def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, f
     checkpoint = resolve(ckpt)
     ckpt_hash = mf.checkpoint_hash(checkpoint)
     _log(f"[hash] {checkpoint.name}: {ckpt_hash[:12]} ({time.perf_counter() - t0:.1f} s)")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     old = _previous_export(out, ckpt_hash, force)
     components = load_components(checkpoint, device="cpu", dtype=torch.float32)
     dims = ModelDims.of(components)
@@ -232,6 +233,17 @@ def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, f
     return doc
 
 
+def _check_writable(out: Path) -> None:
+    """Create ``out`` and probe it with a real file, so that a read-only folder is one line before minutes of work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ExportError(f"cannot write into {out}: {e.strerror or e}") from None
+
+
 def _previous_export(out: Path, ckpt_hash: str, force: bool) -> dict[str, Any] | None:
     """The manifest already in ``out`` (its graphs can be reused), or None; another checkpoint's export is refused,
     or with ``force`` removed. Temporary folders of an export that was killed are removed."""
@@ -239,8 +251,14 @@ def _previous_export(out: Path, ckpt_hash: str, force: bool) -> dict[str, Any] |
         for tmp in out.glob(f".{name}.*"):
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
-    old = mf.read(out)
-    if old and old["checkpoint"]["sha256"] != ckpt_hash:
+    try:
+        old = mf.read(out)
+    except ExportError:
+        if not force:
+            raise
+        (out / mf.MANIFEST).unlink()  # --force replaces a damaged or foreign manifest
+        old = None
+    if old and old["checkpoint"].get("sha256") != ckpt_hash:
         if not force:
             raise ExportError(f"{out} holds an export of another checkpoint ({old['checkpoint']['name']}); "
                               "choose another folder or pass --force to replace it")

@@ -92,6 +92,9 @@ def resolve(ckpt: str | os.PathLike[str], components: Iterable[str] = PIPELINE_C
     Raises :class:`~runtime.errors.CheckpointError` with a one-line message otherwise.
     """
     components = tuple(components)
+    if not isinstance(ckpt, (str, os.PathLike)):
+        raise CheckpointError(f"checkpoint must be a name or a folder path (str or os.PathLike), got "
+                              f"{type(ckpt).__name__}")
     name = os.fspath(ckpt)
     if not name:
         raise CheckpointError("empty checkpoint name")

@@ -96,6 +96,11 @@ def read(folder: Path) -> dict[str, Any] | None:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ExportError(f"{path} is not an instaflow-rt export manifest of format {FORMAT} (made by another "
                           "version?); re-run the export into a new folder, or with --force")
+    missing = [k for k in ("checkpoint", "components", "latent", "text", "settings")
+               if not isinstance(doc.get(k), dict)]
+    if missing:
+        raise ExportError(f"{path} is damaged (no {', '.join(missing)}); re-run the export into a new folder, or "
+                          "with --force")
     return doc
 
 

@@ -180,17 +180,18 @@ def load_components(
 
 def _load_components(ckpt: Checkpoint, device: torch.device | str, dtype: torch.dtype, weights: bool
                      ) -> Components:
+    tokenizer = load_tokenizer(ckpt.component("tokenizer"))
+    configs = Components(  # configs first: a broken one is the checkpoint's fault, said before gigabytes are read
+        tokenizer=tokenizer,
+        text_encoder=_config_only(ckpt.component("text_encoder"), transformers_config=True),
+        unet=_config_only(ckpt.component("unet")),
+        vae=_config_only(ckpt.component("vae")),
+    )
+    check_compatible(configs, ckpt.name)
     if not weights:
-        c = Components(
-            tokenizer=load_tokenizer(ckpt.component("tokenizer")),
-            text_encoder=_config_only(ckpt.component("text_encoder"), transformers_config=True),
-            unet=_config_only(ckpt.component("unet")),
-            vae=_config_only(ckpt.component("vae")),
-        )
-        check_compatible(c, ckpt.name)
-        return c
+        return configs
     c = Components(
-        tokenizer=load_tokenizer(ckpt.component("tokenizer")),
+        tokenizer=tokenizer,
         text_encoder=load_text_encoder(ckpt.component("text_encoder")),
         unet=load_unet(ckpt.component("unet")),
         vae=load_vae(ckpt.component("vae")),
@@ -220,12 +221,22 @@ def check_compatible(c: Components, name: str) -> None:
     problems = []
     if n_tokens < 3 or n_tokens > te.vocab_size:
         problems.append(f"tokenizer has {n_tokens} tokens but the text encoder's vocabulary is {te.vocab_size}")
-    cross = unet.cross_attention_dim
+    # raw config.json files may leave out what diffusers fills in with its defaults (given here)
+    cross = getattr(unet, "cross_attention_dim", 1280)
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
     if cross != te.hidden_size:
         problems.append(f"UNet cross-attention dim {cross} != text encoder hidden size {te.hidden_size}")
-    if unet.in_channels != vae.latent_channels or unet.out_channels != vae.latent_channels:
-        problems.append(f"UNet channels {unet.in_channels}->{unet.out_channels} != VAE latents {vae.latent_channels}")
+    unet_in, unet_out = getattr(unet, "in_channels", 4), getattr(unet, "out_channels", 4)
+    latents = getattr(vae, "latent_channels", 4)
+    if unet_in != latents or unet_out != latents:
+        problems.append(f"UNet channels {unet_in}->{unet_out} != VAE latents {latents}")
+    blocks = getattr(vae, "block_out_channels", (64,))
+    if not isinstance(blocks, (list, tuple)) or not blocks:
+        problems.append(f"VAE block_out_channels is {blocks!r}: a decoder needs at least one block")
+    size = getattr(unet, "sample_size", None)
+    sizes = [size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else [None]
+    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+        problems.append(f"UNet sample_size is {size!r}: the default image size needs a positive latent size")
     if problems:
         raise CheckpointError(f"checkpoint {name!r} is inconsistent: " + "; ".join(problems))
 

@@ -140,3 +140,28 @@ def test_alias_missing_offline_is_one_clear_line(tmp_path, monkeypatch):
     msg = str(info.value)
     assert "XCLiu/instaflow_0_9B_from_sd_1_5" in msg and "huggingface-cli download" in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("ckpt", [None, 42, ["tiny"]])
+def test_checkpoint_of_the_wrong_type_is_one_line(ckpt):
+    with pytest.raises(CheckpointError, match="checkpoint must be a name or a folder path") as info:
+        Pipeline.from_pretrained(ckpt)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("component, key, value, match", [
+    ("vae", "block_out_channels", [], r"VAE block_out_channels is \[\]"),
+    ("unet", "sample_size", 0, "UNet sample_size is 0: the default image size needs a positive latent size"),
+])
+def test_broken_configs_blame_the_checkpoint(tiny_ckpt, tmp_path, component, key, value, match):
+    """Configs that would fail deep inside torch (or be reported as the caller's size being wrong) are the
+    checkpoint's fault, said in one line at load time."""
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, folder)
+    config = folder / component / "config.json"
+    doc = json.loads(config.read_text())
+    doc[key] = value
+    config.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=match) as info:
+        Pipeline.from_pretrained(folder)
+    assert "is inconsistent" in str(info.value) and "\n" not in str(info.value)

@@ -264,3 +264,30 @@ def test_auto_falls_back_from_an_interrupted_export(tiny_ckpt, tmp_path):
         assert Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path).backend.name == "torch"
     with pytest.raises(ExportError, match="lacks the unet, vae_decoder graph"):
         Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path)
+
+
+def test_damaged_manifest_and_read_only_folder(tiny_ckpt, tmp_path):
+    """A manifest without its sections and a folder that cannot be written are one line each; --force replaces the
+    damaged manifest."""
+    import os
+
+    from runtime import Pipeline
+
+    export(str(tiny_ckpt), tmp_path / "e", ExportSettings(), verify=False, only=["vae_decoder"])
+    path = tmp_path / "e" / "manifest.json"
+    doc = json.loads(path.read_text())
+    del doc["components"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ExportError, match=r"manifest.json is damaged \(no components\)"):
+        Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path / "e")
+    with pytest.raises(ExportError, match="is damaged"):
+        export(str(tiny_ckpt), tmp_path / "e", ExportSettings(), verify=False, only=["vae_decoder"])
+    redone = export(str(tiny_ckpt), tmp_path / "e", ExportSettings(), verify=False, only=["vae_decoder"], force=True)
+    assert set(redone["components"]) == {"vae_decoder"}
+    # a folder that cannot be written: /proc refuses new entries even for root; a 0o500 folder for other users
+    target = Path("/proc/instaflow-export") if os.geteuid() == 0 else tmp_path / "ro"
+    if os.geteuid() != 0:
+        target.mkdir(mode=0o500)
+    with pytest.raises(ExportError, match=f"cannot write into {target}") as info:
+        export(str(tiny_ckpt), target / "out" if os.geteuid() != 0 else target, ExportSettings(), verify=False)
+    assert "\n" not in str(info.value)
