@@ -392,3 +392,41 @@ def test_limits_can_be_raised(tiny_pipe):
         pipe(["a", "b", "c"], seed=0)
     pipe.limits.max_images = 3
     assert len(pipe(["a", "b", "c"], seed=0).images) == 3
+
+
+def test_random_hostile_calls_return_or_raise_one_line(tiny_pipe):
+    """Property-style: 150 calls with arguments drawn from hostile values (wrong types, huge and negative numbers,
+    NaN, surrogates, bad tensors). Each call returns images or raises an InstaFlowError in one line; none raises
+    anything else, and memory stays bounded (the limits are checked before any allocation)."""
+    import random
+    import resource
+
+    values = {
+        "prompt": ["a cat", "", ["a", "b"], [], None, 5, ["a", 3], "x" * 10_000, "\ud800", ["ok"] * 10**5, b"bytes"],
+        "negative_prompt": [None, "blurry", ["a"], ["a", "b", "c"], 7, ["\udcff"]],
+        "num_inference_steps": [1, 2, 0, -1, 10**9, 2.5, True, "3", np.int64(2), None],
+        "guidance_scale": [0.0, 1.5, float("nan"), float("inf"), -3.0, np.float32(2.0), "1.5", None, True],
+        "height": [None, 32, 0, -32, 31, 10**6, 4096, np.int32(32), 32.0, "32"],
+        "width": [None, 32, 8, 33, 10**6, -8],
+        "num_images_per_prompt": [1, 2, 0, 10**6, -1, 1.0, None],
+        "seed": [None, 0, -1, 2**64, -(2**63) - 1, 2**64 - 1, "0", 1.5],
+        "generator": [None, torch.Generator().manual_seed(0), "x", [torch.Generator()], [1, 2]],
+        "latents": [None, torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.zeros(1, 4, 8, 8, dtype=torch.long),
+                    torch.empty(1, 4, 8, 8, device="meta"), "noise", torch.full((1, 4, 8, 8), float("nan"))],
+        "output_type": ["pil", "np", "pt", "latent", "jpg", None, 3],
+    }
+    rng = random.Random(0)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(150):
+        keys = rng.sample(sorted(values), rng.choice([0, 1, 1, 2, 3]))  # a few arguments at a time go wild
+        kwargs = {"prompt": "a cat", **{k: rng.choice(values[k]) for k in keys}}
+        try:
+            tiny_pipe(**kwargs)
+            outcomes["ok"] += 1
+        except InstaFlowError as e:
+            assert "\n" not in str(e), (kwargs, str(e))
+            outcomes["refused"] += 1
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    assert outcomes["ok"] > 15 and outcomes["refused"] > 50, outcomes  # both paths were exercised
+    assert grown_mb < 1024, f"peak RSS grew by {grown_mb:.0f} MB"
