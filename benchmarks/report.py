@@ -110,6 +110,8 @@ def render_fullsize(doc: dict) -> list[str]:
              "| step | seconds | peak RSS GB |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {r['seconds']:,.1f} | {r['peak_rss_bytes'] / 2**30:,.1f} |"
               for name, r in doc["steps"].items()]
+    if doc.get("note"):
+        lines += ["", f"Note: {doc['note']}."]
     return lines + [""]
 
 
