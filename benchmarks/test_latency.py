@@ -126,7 +126,8 @@ def ort_pipe(subject, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"ort-{subject.name}")
     ckpt = save_checkpoint(subject.components, root / "ckpt")
     export(str(ckpt), root / "onnx", ExportSettings(fused=True), verify=False)
-    return Pipeline.from_pretrained(ckpt, backend="onnxruntime", export_dir=root / "onnx", **OURS)
+    return Pipeline.from_pretrained(ckpt, backend="onnxruntime", export_dir=root / "onnx", allow_unverified=True,
+                                    **OURS)  # compared with the torch backend's images below instead
 
 
 def test_ours_1step_onnxruntime(measure, subject, ort_pipe):

@@ -172,9 +172,10 @@ def default_export_dir(ckpt: Checkpoint, kind: str = "onnx") -> Path:
     return cache_root() / kind / f"{safe}-{fingerprint(ckpt)[:12]}"
 
 
-def usable_export_problem(doc: dict[str, Any], folder: Path) -> str | None:
-    """Why the ONNX export in ``folder`` must not be run (interrupted, or failed its verification), or None. An
-    export made with ``--no-verify`` is the caller's explicit choice and is usable."""
+def usable_export_problem(doc: dict[str, Any], folder: Path, allow_unverified: bool = False) -> str | None:
+    """Why the ONNX export in ``folder`` must not be run, or None: interrupted, failed its verification, or never
+    verified (``--no-verify``, or a verification that was killed). Only an export that passed is run, unless the
+    caller explicitly allows an unverified one (``allow_unverified``); a failed one is never run."""
     missing = [n for n in ("text_encoder", "unet", "vae_decoder") if n not in doc.get("components", {})]
     if missing:
         return f"the export in {folder} lacks the {', '.join(missing)} graph(s) (interrupted?); re-run the export"
@@ -182,6 +183,10 @@ def usable_export_problem(doc: dict[str, Any], folder: Path) -> str | None:
     if verification is not None and not verification.get("passed"):
         return (f"the export in {folder} failed its verification ({str(verification.get('error', ''))[:160]}); "
                 "re-export it, or verify it again with `python -m export.verify`")
+    if verification is None and not allow_unverified:
+        return (f"the export in {folder} was never verified (made with --no-verify, or its verification was "
+                f"interrupted); verify it with `python -m export.verify {folder}`, or run it anyway with "
+                "allow_unverified=True (CLI: --allow-unverified)")
     return None
 
 

@@ -15,14 +15,14 @@ from runtime.backends import resolve_auto
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "tiny"
-    export(str(tiny_ckpt), out, ExportSettings(fused=True), verify=False)
+    export(str(tiny_ckpt), out, ExportSettings(fused=True))  # verified: only verified exports are run
     return out
 
 
 @pytest.fixture(scope="module")
 def odd_onnx(odd_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "odd"
-    export(str(odd_ckpt), out, ExportSettings(), verify=False)  # no fused graph: the step runs in the pipeline
+    export(str(odd_ckpt), out, ExportSettings())  # verified; no fused graph: the step runs in the pipeline
     return out
 
 
@@ -189,7 +189,7 @@ def test_onnxruntime_refuses_sizes_its_graphs_cannot_take(tiny_ckpt, tiny_onnx, 
     with pytest.raises(InvalidInputError, match=r"fixed size of 32x32 px, got 48x32; re-export with --dynamic-hw"):
         static("a cat", height=48, width=32)
     export(str(tiny_ckpt), tmp_path, ExportSettings(dynamic_hw=True), verify=False)
-    dynamic = Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path)
+    dynamic = Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path, allow_unverified=True)
     assert dynamic("a cat", height=48, width=16, seed=0, output_type="pt").images.shape == (1, 3, 48, 16)
     with pytest.raises(InvalidInputError, match=r"multiples of 8 px \(its UNet downsamples 2x\), got 44x32"):
         dynamic("a cat", height=44, width=32)
@@ -204,12 +204,30 @@ def test_loading_an_export_trusts_untouched_files_and_hashes_changed_ones(tiny_c
     hashed = []
     real = mf.sha256_file
     monkeypatch.setattr(mf, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
-    Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path)
+    Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path, allow_unverified=True)
     assert hashed == []
     unet = tmp_path / "unet.onnx"
     data = bytearray(unet.read_bytes())
     data[-10] ^= 0xFF  # same size, other content
     unet.write_bytes(bytes(data))
     with pytest.raises(ExportError, match="unet.onnx does not match its manifest hash"):
-        Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path)
+        Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path, allow_unverified=True)
     assert "unet.onnx" in hashed
+
+
+def test_only_verified_exports_run_unless_the_caller_allows_it(tiny_ckpt, tmp_path):
+    """An export never verified (--no-verify, or a verification that was killed) is refused in one line by
+    onnxruntime, skipped with one warning by auto, and run only with allow_unverified=True; export.verify then
+    makes it usable."""
+    from export.verify import verify_and_record
+
+    export(str(tiny_ckpt), tmp_path, ExportSettings(), verify=False)
+    with pytest.raises(ExportError, match=r"was never verified .*python -m export.verify .*allow_unverified=True"):
+        Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="onnxruntime not used .*never verified"):
+        assert Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path).backend.name == "torch"
+    allowed = Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path, allow_unverified=True)
+    assert allowed.backend.name == "onnxruntime"
+    assert allowed("a cat", seed=0, output_type="pt").images.shape == (1, 3, 32, 32)
+    verify_and_record(tmp_path)
+    assert Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path).backend.name == "onnxruntime"

@@ -117,6 +117,10 @@ def test_cli_output_formats_warnings_and_export_dir(tiny_ckpt, tmp_path, capsys)
     from export.onnx import ExportSettings, export
 
     export(str(tiny_ckpt), tmp_path / "onnx", ExportSettings(), verify=False)
-    assert main(["a cat", "--ckpt", str(tiny_ckpt), "--backend", "onnxruntime", "--export-dir", str(tmp_path / "onnx"),
-                 "-o", str(tmp_path / "ort.png")]) == 0
+    ort = ["a cat", "--ckpt", str(tiny_ckpt), "--backend", "onnxruntime", "--export-dir", str(tmp_path / "onnx"),
+           "-o", str(tmp_path / "ort.png")]
+    assert main(ort) == 2  # never verified: refused in one line
+    err = capsys.readouterr().err
+    assert err.startswith("error: the export in ") and "--allow-unverified" in err and len(err.splitlines()) == 1
+    assert main(ort + ["--allow-unverified"]) == 0
     assert "backend=onnxruntime" in capsys.readouterr().out

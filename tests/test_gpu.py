@@ -78,7 +78,7 @@ def test_onnxruntime_cuda_matches_torch(tiny_ckpt, tmp_path, cuda_graph):
     export(str(tiny_ckpt), tmp_path, ExportSettings(fused=True), verify=False)
     ref = Pipeline.from_pretrained(tiny_ckpt, device="cpu")
     ort_pipe = Pipeline.from_pretrained(tiny_ckpt, device="cuda", backend="onnxruntime", export_dir=tmp_path,
-                                        cuda_graph=cuda_graph)
+                                        cuda_graph=cuda_graph, allow_unverified=True)  # compared here instead
     for kwargs in (dict(), dict(num_inference_steps=3, guidance_scale=1.5)):
         for seed in (0, 1):  # the second call replays the graph with new inputs
             a = ref(["a cat", "a dog"], seed=seed, output_type="pt", **kwargs).images

@@ -68,7 +68,11 @@ def choose(name: str, device: torch.device, checkpoint: "Checkpoint | None",
     check_name(name)
     if name != "auto":
         return name, options
-    name = resolve_auto(device, checkpoint, export_dir)
+    options = dict(options)
+    allow_unverified = bool(options.pop("allow_unverified", False))  # an onnxruntime option, asked of auto
+    name = resolve_auto(device, checkpoint, export_dir, allow_unverified)
+    if name == "onnxruntime" and allow_unverified:
+        options["allow_unverified"] = True
     if name == "torch":  # channels-last on the CPU too: see channels_last/ours in benchmarks/RESULTS.md
         options = {"cuda_graph": device.type == "cuda", "channels_last": True, **options}
     return name, options
@@ -87,7 +91,7 @@ def _check_options(cls: type, name: str, options: dict[str, Any]) -> None:
 
 
 def resolve_auto(device: torch.device, checkpoint: "Checkpoint | None",
-                 export_dir: str | os.PathLike[str] | None) -> str:
+                 export_dir: str | os.PathLike[str] | None, allow_unverified: bool = False) -> str:
     """The backend ``auto`` stands for on this machine, for this checkpoint."""
     if checkpoint is None:
         return "torch"
@@ -125,7 +129,7 @@ def resolve_auto(device: torch.device, checkpoint: "Checkpoint | None",
         return "torch"
     if not doc or doc.get("checkpoint", {}).get("fingerprint") != mf.fingerprint(checkpoint):
         return "torch"
-    problem = mf.usable_export_problem(doc, folder)
+    problem = mf.usable_export_problem(doc, folder, allow_unverified)
     if problem:  # auto falls back; an explicit backend="onnxruntime" keeps the one-line error
         warnings.warn(f"onnxruntime not used ({problem}); running torch instead", RuntimeWarning, stacklevel=3)
         return "torch"

@@ -164,14 +164,16 @@ class OnnxRuntimeBackend:
     ``providers``: onnxruntime's provider list, or one of the names in :data:`PROVIDERS` (``"cpu"``, ``"cuda"``,
     ``"tensorrt"``); default: CUDA on a CUDA device, else CPU. ``cuda_graph=True`` (CUDA only) replays
     onnxruntime's CUDA graphs, one per input shape. ``threads``: intra-op threads on the CPU (default: one per
-    physical core). ``io_binding``: bind torch's buffers in place (default: on a GPU only).
+    physical core). ``io_binding``: bind torch's buffers in place (default: on a GPU only). ``allow_unverified``:
+    run an export that was never verified (``--no-verify``); by default only a verified export is run.
     """
 
     name = "onnxruntime"
 
     def __init__(self, checkpoint: "Checkpoint", export_dir: str | os.PathLike[str] | None, device: torch.device,
                  dtype: torch.dtype, providers: str | Sequence[Any] | None = None, threads: int | None = None,
-                 cuda_graph: bool = False, max_graphs: int = 16, io_binding: bool | None = None) -> None:
+                 cuda_graph: bool = False, max_graphs: int = 16, io_binding: bool | None = None,
+                 allow_unverified: bool = False) -> None:
         from .. import manifest as mf
 
         folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint)
@@ -181,7 +183,7 @@ class OnnxRuntimeBackend:
                 f"no ONNX export of {checkpoint.name} in {folder}; make one with "
                 f"`python -m export.onnx --ckpt {checkpoint.name} -o {folder} --fused`")
         mf.check_export_matches(doc, checkpoint, folder)
-        problem = mf.usable_export_problem(doc, folder)
+        problem = mf.usable_export_problem(doc, folder, allow_unverified)
         if problem:
             raise ExportError(problem)
         self.folder, self.device = folder, device
