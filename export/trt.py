@@ -33,7 +33,7 @@ from runtime.specs import ComponentSpec, ModelDims, specs_by_name
 
 from .graphs import module_for
 from .onnx import ExportSettings, export
-from .verify import tolerance
+from .verify import TOLERANCE, Velocity, max_rel_error, reference, uses_unet_velocity
 
 
 def _slug(text: str) -> str:
@@ -93,26 +93,39 @@ def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str
 
 
 def compare_engine(engine_path: Path, module: Any, spec: ComponentSpec, batch: int, hw: tuple[int, int],
-                   seed: int = 0) -> float:
+                   seed: int = 0, velocity: Velocity | None = None) -> float:
     """Max relative error of the engine vs the fp32 PyTorch ``module`` on the same fresh random inputs (rounded to
-    the engine's input types first), at ``batch`` and latent size ``hw``."""
+    the engine's input types first), at ``batch`` and latent size ``hw``; ``velocity``: see
+    :func:`export.verify.reference` (the fp16 one-step engine)."""
+    engine = _open_engine(engine_path)
+    inputs = engine.cast(list(spec.sample_inputs(batch, *hw, seed=seed).values()))
+    return max_rel_error(_run_engine(engine, inputs).float().cpu().numpy(), reference(module, inputs, velocity))
+
+
+def _open_engine(path: Path) -> Any:
     import torch
 
     from runtime.backends.tensorrt_backend import Engine
 
-    from .verify import max_rel_error
+    engine = Engine(path, device=_engine_device())
+    engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8, device=engine.device)
+    return engine
 
-    device = _engine_device()
-    engine = Engine(engine_path, device=device)
-    inputs = engine.cast(list(spec.sample_inputs(batch, *hw, seed=seed).values()))
-    with torch.no_grad():
-        ref = module(*[x.cpu().float() if x.is_floating_point() else x.cpu() for x in inputs]).double().numpy()
-    engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8, device=device)
+
+def _run_engine(engine: Any, inputs: list[Any]) -> Any:
+    import torch
+
     stream = torch.cuda.Stream()  # TensorRT wants an explicit stream, not the legacy default one
     with torch.cuda.stream(stream):
         out = engine.run(inputs, stream.cuda_stream)
     stream.synchronize()
-    return max_rel_error(out.float().cpu().numpy(), ref)
+    return out
+
+
+def engine_velocity(engine_path: Path) -> Velocity:
+    """:data:`~export.verify.Velocity` of a built UNet engine."""
+    engine = _open_engine(engine_path)
+    return lambda *inputs: _run_engine(engine, engine.cast(list(inputs))).float().cpu()
 
 
 def _engine_device() -> Any:
@@ -144,7 +157,8 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
     engines: dict[str, Any] = {"format": mf.FORMAT, "tensorrt": trt.__version__, "gpu": gpu,
                                "checkpoint": doc["checkpoint"], "latent": doc["latent"], "vae": doc["vae"],
                                "text": doc["text"], "components": {}}
-    for name, entry in doc["components"].items():
+    for name in sorted(doc["components"], key=lambda n: n == "onestep"):  # the UNet's engine first: see reference()
+        entry = doc["components"][name]
         profile = specs[name].profile(min_batch, opt_batch, max_batch, hw, None if static else dims.size_range(hw))
         file = f"{name}.{entry['sha256'][:12]}.trt{_slug(trt.__version__)}.{_slug(gpu)}.plan"
         t = time.perf_counter()
@@ -153,8 +167,11 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
         else:
             build_engine(trt, out / entry["file"], out / file, profile, timing_cache)
             print(f"[build] {name}: {file} in {time.perf_counter() - t:.1f} s", flush=True)
-        err = compare_engine(out / file, module_for(name, components), specs[name], opt_batch, hw)
-        tol = tolerance(name, entry["dtype"])
+        velocity = None
+        if uses_unet_velocity(name, entry["dtype"]):
+            velocity = engine_velocity(out / engines["components"]["unet"]["file"])
+        err = compare_engine(out / file, module_for(name, components), specs[name], opt_batch, hw, velocity=velocity)
+        tol = TOLERANCE[entry["dtype"]]
         ok = bool(np.isfinite(err) and err <= tol)
         print(f"[check] {name}: max rel err vs PyTorch fp32 {err:.2e} (tol {tol:.0e}: {'ok' if ok else 'FAIL'})",
               flush=True)

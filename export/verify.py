@@ -2,9 +2,9 @@
 
     python -m export.verify DIR [--ckpt CKPT]
 
-fp32 graphs must agree to a max relative error of 1e-4, fp16 graphs to 1e-2 and the fp16 fused graph (UNet and
-decoder chained) to 3e-2 (max |ort - torch| / max |torch|); NaN fails. A table is printed; any failure prints one
-``error:`` line and exits with status 2.
+fp32 graphs must agree to a max relative error of 1e-4 and fp16 graphs to 1e-2 (max |ort - torch| / max |torch|);
+NaN fails. An fp16 fused graph is compared part by part (see :func:`reference`). A table is printed; any failure
+prints one ``error:`` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,21 +24,50 @@ from runtime.models import Components, load_components
 
 from runtime import manifest as mf
 from runtime.errors import ExportError
-from runtime.specs import DTYPES, ModelDims, specs_by_name
+from runtime import flow
+from runtime.specs import DTYPES, ComponentSpec, ModelDims, specs_by_name
 
 from .graphs import module_for
 
+#: Max relative error (max |out - ref| / max |ref|) allowed for a graph of this precision.
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
-#: The fused graph ends in an image, and its worst pixel is where fp16 rounding moves an edge by a fraction of a
-#: pixel: on the bundled model (hard-edged shapes) 6e-4 to 2e-2 (5/255) depending on the sample, whichever part is
-#: kept in fp32 (the time embedding, the norms, softmax, the whole UNet or the whole decoder: measured, none brings
-#: the worst sample under 1e-2), while the UNet graph alone stays under 3e-3. So images get their own bound.
-FUSED_FP16_TOLERANCE = 3e-2
+
+#: ``velocity(sample, timestep, text_embeddings) -> v`` in fp32, computed by an exported fp16 UNet (graph or engine)
+Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def tolerance(component: str, dtype: str) -> float:
-    """Max relative error (max |out - ref| / max |ref|) allowed for a graph of this precision."""
-    return FUSED_FP16_TOLERANCE if component == "onestep" and dtype == "float16" else TOLERANCE[dtype]
+def uses_unet_velocity(component: str, dtype: str) -> bool:
+    """Whether :func:`reference` takes the exported UNet's velocity for this graph (the fp16 fused graph)."""
+    return component == "onestep" and dtype == "float16"
+
+
+def reference(module: torch.nn.Module, inputs: Sequence[torch.Tensor], velocity: Velocity | None = None
+              ) -> np.ndarray:
+    """PyTorch's fp32 output of ``module`` for ``inputs`` (an exported graph's inputs, already rounded to its types).
+
+    For the fp16 fused graph, ``velocity`` is the export's own fp16 UNet (itself compared with PyTorch at 1e-2) and
+    only the rest (Euler step, scaling, decode) runs in fp32 here. Compared end to end with the fp32 chain, its
+    worst pixel is off by up to 2.3e-2 on the bundled model, and no layer is at fault (measured): the fp16 UNet's
+    velocity error (3.4e-3 on that sample) becomes 2.4e-2 through an fp32 decoder too (the decoder amplifies latent
+    differences about 8x at the shapes' hard edges), while the fp16 decoder on the same latents adds 3e-4. Checking
+    each part where its error arises keeps the fp16 bound at 1e-2 (the fused graph then agrees to about 1.5e-3)."""
+    floats = [x.cpu().float() if x.is_floating_point() else x.cpu() for x in inputs]
+    with torch.no_grad():
+        if velocity is None:
+            return module(*floats).double().numpy()
+        embeddings, noise = floats
+        image = flow.one_step_image(lambda x, t: velocity(x, t, embeddings).float(), module.vae_decoder, noise,
+                                    module.scaling, module.shift)
+        return image.double().numpy()
+
+
+def ort_velocity(session: Any, spec: ComponentSpec, dtype: torch.dtype) -> Velocity:
+    """:data:`Velocity` of an onnxruntime session of the exported UNet (inputs cast to the graph's types)."""
+    def velocity(sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        feeds = {t.name: x.to(t.torch_dtype(dtype)).numpy()
+                 for t, x in zip(spec.inputs, (sample, timestep, embeddings))}
+        return torch.from_numpy(session.run(None, feeds)[0]).float()
+    return velocity
 
 
 def ort_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
@@ -84,16 +113,16 @@ def verify_export(folder: str | Path, components: Components | None = None, batc
         dtype = DTYPES[entry["dtype"]]
         session = ort_session(folder / entry["file"])
         module = module_for(name, components).to(torch.float32)
+        velocity = _unet_velocity(folder, doc, specs) if uses_unet_velocity(name, entry["dtype"]) else None
         for b, h, w in shapes:
             inputs = spec.sample_inputs(b, h, w, dtype=dtype, seed=seed + b)
             t = time.perf_counter()
             out = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
             ort_s = time.perf_counter() - t
-            with torch.no_grad():  # reference in fp32 from the same (possibly fp16-rounded) inputs
-                ref = module(*[v.float() if v.is_floating_point() else v for v in inputs.values()]).numpy()
+            ref = reference(module, list(inputs.values()), velocity)  # fp32, from the same (rounded) inputs
             expected = spec.outputs[0].concrete(spec.symbols(b, h, w))
             err = max_rel_error(out, ref) if out.shape == ref.shape else float("inf")
-            tol = tolerance(name, entry["dtype"])
+            tol = TOLERANCE[entry["dtype"]]
             ok = tuple(out.shape) == expected and err <= tol
             rows.append({"component": name, "shape": f"B={b} {h}x{w}", "max_rel_err": err, "tol": tol,
                          "ok": ok, "ort_ms": 1e3 * ort_s, "out_shape": list(out.shape)})
@@ -104,6 +133,14 @@ def verify_export(folder: str | Path, components: Components | None = None, batc
     if failures:
         raise ExportError("verification failed: " + "; ".join(failures))
     return {"passed": True, "rows": rows}
+
+
+def _unet_velocity(folder: Path, doc: dict[str, Any], specs: dict[str, ComponentSpec]) -> Velocity:
+    entry = doc["components"].get("unet")
+    if entry is None:
+        raise ExportError(f"{folder}: the fp16 fused graph is verified with the export's own UNet graph, which is "
+                          "missing; export the unet too")
+    return ort_velocity(ort_session(folder / entry["file"]), specs["unet"], DTYPES[entry["dtype"]])
 
 
 def verify_and_record(folder: str | Path, components: Components | None = None) -> dict[str, Any]:

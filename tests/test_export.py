@@ -89,7 +89,8 @@ def test_fp16_dynamic_hw_odd_shapes(odd_ckpt, odd_pipe, tmp_path):
     assert fused.shape == (1, 3, 12, 20) and fused.dtype == np.float32
     assert np.abs(fused - ref).max() < 2e-2
     # fully fp16 (no --vae-fp32): the fused graph takes fp16 inputs
-    doc = export(str(odd_ckpt), tmp_path / "odd16", ExportSettings(fp16=True, fused=True), only=["onestep"])
+    doc = export(str(odd_ckpt), tmp_path / "odd16", ExportSettings(fp16=True, fused=True),
+                 only=["unet", "onestep"])  # the fused fp16 graph is verified with the export's own UNet
     assert doc["components"]["onestep"]["dtype"] == "float16"
     fused16 = ort_session(tmp_path / "odd16" / "onestep.onnx").run(
         None, {"text_embeddings": emb.astype(np.float16), "noise": noise.numpy().astype(np.float16)})[0]
@@ -170,6 +171,7 @@ def test_fp16_of_a_graph_with_external_data(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_BYTES", 4096)  # every graph counts as large
     doc = export(str(tiny_ckpt), tmp_path, ExportSettings(fp16=True, fused=True))
     assert doc["verification"]["passed"]
+    assert max(r["tol"] for r in doc["verification"]["rows"]) == 1e-2  # the fused graph too: no looser bound
     for name in ("unet", "vae_decoder", "onestep"):
         entry = doc["components"][name]
         assert entry["external_data"] and entry["dtype"] == "float16"
@@ -291,3 +293,29 @@ def test_damaged_manifest_and_read_only_folder(tiny_ckpt, tmp_path):
     with pytest.raises(ExportError, match=f"cannot write into {target}") as info:
         export(str(tiny_ckpt), target / "out" if os.geteuid() != 0 else target, ExportSettings(), verify=False)
     assert "\n" not in str(info.value)
+
+
+def test_fp16_fused_graph_is_checked_part_by_part(tmp_path):
+    """On the bundled model (hard-edged shapes), the fp16 fused graph's reference takes the velocity of the export's own fp16 UNet graph and runs the rest in
+    fp32: the graph agrees within the fp16 bound (1e-2) on samples where end to end vs the fp32 chain it does not
+    (the decoder amplifies the UNet's fp16 error), and a wrong velocity or a wrong graph still fails."""
+    from export.graphs import module_for
+    from export.verify import TOLERANCE, max_rel_error, ort_velocity, reference
+    from runtime.checkpoints import resolve
+    from runtime.models import load_components
+    from runtime.specs import ModelDims, specs_by_name
+
+    export("tiny", tmp_path, ExportSettings(fp16=True, fused=True), verify=False, only=["unet", "onestep"])
+    comps = load_components(resolve("tiny"), device="cpu", dtype=torch.float32)
+    specs = specs_by_name(ModelDims.of(comps))
+    fused, module = ort_session(tmp_path / "onestep.onnx"), module_for("onestep", comps)
+    velocity = ort_velocity(ort_session(tmp_path / "unet.onnx"), specs["unet"], torch.float16)
+    end_to_end = []
+    for seed in range(1230, 1250):
+        inputs = specs["onestep"].sample_inputs(2, dtype=torch.float16, seed=seed)
+        out = fused.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        assert max_rel_error(out, reference(module, list(inputs.values()), velocity)) < TOLERANCE["float16"]
+        end_to_end.append(max_rel_error(out, reference(module, list(inputs.values()))))
+    assert max(end_to_end) > TOLERANCE["float16"]  # what the end-to-end bound would have failed (seed 1245)
+    off = lambda x, t, e: velocity(x, t, e) * 1.05  # noqa: E731 - a UNet 5% off
+    assert max_rel_error(out, reference(module, list(inputs.values()), off)) > TOLERANCE["float16"]
