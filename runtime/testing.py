@@ -26,7 +26,7 @@ from .models import Components, save_checkpoint
 #: Words that get a token of their own in tiny tokenizers (the shapes-dataset grammar plus a few common words).
 TINY_WORDS: tuple[str, ...] = (
     "a", "an", "the", "at", "of", "in", "on", "photo", "cat", "dog", "fox", "watercolor",
-    "small", "large", "red", "green", "blue", "yellow", "circle", "square", "triangle",
+    "small", "large", "red", "green", "blue", "yellow", "circle", "square", "triangle", "shape",
     "top", "bottom", "left", "right", "center",
 )
 
@@ -76,8 +76,31 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(b if b in keep else next(extra)) for b in range(256)]
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair encoding of one word: merge the best-ranked adjacent pair (every occurrence) until none
+    applies."""
+    while len(symbols) > 1:
+        known = [(ranks[p], p) for p in zip(symbols, symbols[1:]) if p in ranks]
+        if not known:
+            break
+        first, second = min(known)[1]
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == (first, second):
+                merged.append(first + second)
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
 def write_tiny_tokenizer(folder: str | os.PathLike[str], words: Sequence[str], max_length: int) -> Any:
     """Write a CLIP BPE tokenizer (byte-level alphabet + one merged token per word) and load it back.
+
+    Merges are chosen by running BPE itself, so every word really becomes one token (a naive left-to-right chain
+    of merges does not: ``green`` came out as four tokens after ``red`` had ranked ``r e`` first).
 
     Files are written and loaded with ``from_pretrained`` (ARCHITECTURE.md, "Conventions": transformers 5 ignores
     ``vocab_file=``/``merges_file=`` arguments), and the loaded vocabulary size is checked.
@@ -90,16 +113,12 @@ def write_tiny_tokenizer(folder: str | os.PathLike[str], words: Sequence[str], m
     vocab: dict[str, int] = {}
     for tok in alphabet + [c + "</w>" for c in alphabet]:
         vocab.setdefault(tok, len(vocab))
-    merges: list[str] = []
-    for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        current = symbols[0]
-        for sym in symbols[1:]:
-            merge = f"{current} {sym}"
-            if merge not in merges:
-                merges.append(merge)
-            current += sym
-            vocab.setdefault(current, len(vocab))
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:  # merges that make the word one token under BPE's rank order, given the earlier merges
+        while len(parts := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
+            ranks[(parts[0], parts[1])] = len(ranks)  # ranked last: words made one token earlier are unaffected
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+    merges = [f"{a} {b}" for a, b in ranks]
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))

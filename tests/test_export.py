@@ -296,9 +296,10 @@ def test_damaged_manifest_and_read_only_folder(tiny_ckpt, tmp_path):
 
 
 def test_fp16_fused_graph_is_checked_part_by_part(tmp_path):
-    """On the bundled model (hard-edged shapes), the fp16 fused graph's reference takes the velocity of the export's own fp16 UNet graph and runs the rest in
-    fp32: the graph agrees within the fp16 bound (1e-2) on samples where end to end vs the fp32 chain it does not
-    (the decoder amplifies the UNet's fp16 error), and a wrong velocity or a wrong graph still fails."""
+    """On the bundled model (hard-edged shapes), the fp16 fused graph's reference takes the velocity of the
+    export's own fp16 UNet graph and runs the rest in fp32: the graph agrees within the fp16 bound (1e-2) on
+    samples where end to end vs the fp32 chain it does not (the decoder amplifies the UNet's fp16 error), and a
+    wrong velocity still fails."""
     from export.graphs import module_for
     from export.verify import TOLERANCE, max_rel_error, ort_velocity, reference
     from runtime.checkpoints import resolve

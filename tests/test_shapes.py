@@ -23,6 +23,20 @@ def test_dataset_is_deterministic_and_follows_the_grammar():
         assert lab.caption.startswith(f"a {lab.size} {lab.color} {lab.shape} at the ")
 
 
+def test_every_grammar_word_is_one_token_and_every_caption_fits_the_window(tmp_path):
+    """The tiny tokenizer gives each word one token under BPE's rank order (a chained merge list split ``green``,
+    ``bottom`` and ``shape`` and pushed partial captions to 19 tokens, past the recipe's 16-token window)."""
+    from runtime.testing import TINY_WORDS, write_tiny_tokenizer
+    from train.data import all_captions, longest_caption_tokens
+    from train.recipes.shapes import SPEC
+
+    tok = write_tiny_tokenizer(tmp_path, TINY_WORDS, SPEC.max_length)
+    assert {w: len(tok(w, add_special_tokens=False)["input_ids"]) for w in TINY_WORDS} == {w: 1 for w in TINY_WORDS}
+    assert len(all_captions()) == 360 and longest_caption_tokens(tok) == 10  # 8 words + BOS/EOS <= 16
+    bundled = Pipeline.from_pretrained("tiny").components.tokenizer  # trained before the fix: full captions fit
+    assert max(len(ids) for ids in bundled([lb.caption for lb in all_labels()])["input_ids"]) <= SPEC.max_length
+
+
 def test_shape_lands_in_its_quadrant_with_its_colour():
     rng = np.random.default_rng(0)
     for lab in all_labels():

@@ -52,6 +52,17 @@ def all_labels() -> list[Label]:
     return [Label(*x) for x in itertools.product(SIZES, COLORS, SHAPES, POSITIONS)]
 
 
+def all_captions() -> list[str]:
+    """Every caption the recipe trains on: each label's full caption and each of its partial captions."""
+    keeps = [dict(zip(ATTRIBUTES, k)) for k in itertools.product((False, True), repeat=len(ATTRIBUTES))]
+    return sorted({lb.partial_caption(k) for lb in all_labels() for k in keeps} | {lb.caption for lb in all_labels()})
+
+
+def longest_caption_tokens(tokenizer: object) -> int:
+    """Tokens (with BOS/EOS) of the longest caption in :func:`all_captions` under ``tokenizer``."""
+    return max(len(ids) for ids in tokenizer(all_captions())["input_ids"])  # type: ignore[operator]
+
+
 def parse_caption(caption: str) -> Label:
     """Inverse of :attr:`Label.caption` (full captions only)."""
     for label in all_labels():

@@ -34,7 +34,7 @@ from runtime.testing import TinySpec, build_tiny_components
 from runtime.files import atomic_write_bytes, atomic_write_json
 
 from ..common import progress
-from ..data import ATTRIBUTES, Label, all_labels, make_dataset
+from ..data import ATTRIBUTES, Label, all_labels, longest_caption_tokens, make_dataset
 from ..loop import Trainer, TrainConfig, l2_loss, reflow_loss
 from ..metrics import evaluate
 from ..pairs import generate, write_pairs
@@ -102,6 +102,8 @@ def stage_vae_and_init(out: Path, b: Budget, images: np.ndarray) -> Path:
         return folder
     torch.manual_seed(0)
     comps = build_tiny_components(SPEC, seed=0, tokenizer_dir=str(out / ".tokenizer"))
+    if (n := longest_caption_tokens(comps.tokenizer)) > SPEC.max_length:
+        raise RuntimeError(f"the recipe's captions need {n} tokens, the text window has {SPEC.max_length}")
     vae = comps.vae.train().requires_grad_(True)
     x = _to_tensor(images)
     opt = torch.optim.AdamW(vae.parameters(), lr=b.lr)
