@@ -57,37 +57,40 @@ def require_tensorrt() -> Any:
     return trt
 
 
-def network_flags(trt: Any) -> int:
-    """Creation flags of a strongly typed network, by feature: TensorRT 10.x has the STRONGLY_TYPED flag (weak
-    typing is its default); TensorRT 11 deprecates it, strong typing being its only mode, and a TensorRT without the
-    flag is strongly typed already."""
-    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
-    return 0 if flag is None else 1 << int(flag)
+def strongly_typed(trt: Any) -> bool:
+    """Whether to ask for a strongly typed network, by feature: TensorRT 10.x has the STRONGLY_TYPED creation flag
+    (weak typing is its default); TensorRT 11 keeps it deprecated (strong typing is its only mode), and a TensorRT
+    without the flag is strongly typed already. Never the FP16 builder flag: the types come from the fp16 graph."""
+    return hasattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED")
 
 
 def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str, tuple], timing_cache: Path,
                  workspace_gb: float = 8.0) -> None:
-    """Parse ``onnx_path`` into a strongly typed network, build it with one optimisation profile, and write the
-    serialized engine (and the updated timing cache) atomically."""
-    from runtime.backends.tensorrt_backend import logger
+    """Build ``onnx_path`` into a TensorRT engine through polygraphy (kept in step with every TensorRT release by
+    NVIDIA): a strongly typed network parsed from the file (external data followed), one optimisation profile, the
+    timing cache loaded when present; engine and updated timing cache are written atomically here."""
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
+    from polygraphy.backend.trt.util import get_trt_logger
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
 
-    builder = trt.Builder(logger(trt))
-    network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger(trt))
-    if not parser.parse_from_file(str(onnx_path)):  # follows external data next to the file
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
-    opt = builder.create_optimization_profile()
+    from runtime.backends.tensorrt_backend import set_logger
+
+    G_LOGGER.colors = False  # plain log lines (and no warning about the optional 'colored' module)
+    set_logger(trt, get_trt_logger())  # polygraphy's builder logger serves the engines loaded after it too
+    shapes = Profile()
     for name, (lo, best, hi) in profile.items():
-        opt.set_shape(name, lo, best, hi)
-    config.add_optimization_profile(opt)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
+        shapes.add(name, min=lo, opt=best, max=hi)
+    cache = str(timing_cache) if timing_cache.exists() else None  # a missing cache starts empty
+    create_config = CreateConfig(profiles=[shapes], load_timing_cache=cache,
+                                 memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gb * 2**30)})
+    try:
+        builder, network, parser = network_from_onnx_path(str(onnx_path), strongly_typed=strongly_typed(trt))
+        config = create_config(builder, network)
+        serialized = engine_bytes_from_network((builder, network, parser), config=config)
+    except PolygraphyException as e:
+        raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name}: "
+                          f"{str(e).strip().splitlines()[-1][:300]} (see the log above)") from None
     atomic_write_bytes(engine_path, bytes(serialized))
     atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
 

@@ -11,6 +11,10 @@ Three API surfaces, read from NVIDIA/TensorRT's python bindings, chosen with :fu
 
 On every surface, ``BuilderFlag.FP16`` on a strongly typed network fails the build (the real builder rejects it).
 
+What polygraphy's build loaders call is here too (``ILogger``, ``init_libnvinfer_plugins``, the network's inputs
+read from the ONNX file with -1 for dynamic dimensions, the config getters its log summary reads, enumerable flag
+types); the builder refuses a profile that misses an input or changes a fixed dimension, as the real one does.
+
 They keep the semantics that matter: an "engine" is the ONNX graph it was built from, run by onnxruntime, in the
 precision the build gave it (strongly typed: the ONNX graph's types; weakly typed with FP16: outputs rounded to
 fp16; weakly typed without: fp32); ``set_input_shape`` returns False outside the profile; tensors are bound by raw
@@ -46,15 +50,51 @@ LOG: list[tuple[str, Any]] = []  # (event, detail): what ran, for assertions
 SURFACES = ("10.8.0", "10.16.0", "11.1.0")
 
 
-class Logger:
-    WARNING = 2
+class ILogger:
+    """Base of loggers (polygraphy subclasses it and calls ``ILogger.__init__``)."""
+
+    def __init__(self) -> None:
+        pass
+
+
+class Logger(ILogger):
+    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = 0, 1, 2, 3, 4
 
     def __init__(self, severity: int = 2) -> None:
+        super().__init__()
         self.severity = severity
 
 
-class MemoryPoolType:
+def init_libnvinfer_plugins(logger: ILogger, namespace: str) -> bool:
+    assert isinstance(logger, ILogger)
+    return True
+
+
+class MemoryPoolType(enum.Enum):
     WORKSPACE = "workspace"
+
+
+class DeviceType(enum.Enum):
+    GPU = 0
+    DLA = 1
+
+
+class ProfilingVerbosity(enum.Enum):
+    LAYER_NAMES_ONLY = 0
+    NONE = 1
+    DETAILED = 2
+
+
+class TacticSource(enum.IntEnum):
+    CUBLAS = 0
+
+
+class PreviewFeature(enum.IntEnum):
+    PROFILE_SHARING_0806 = 0
+
+
+class QuantizationFlag(enum.IntEnum):
+    CALIBRATE_BEFORE_FUSION = 0
 
 
 class NetworkDefinitionCreationFlag(enum.IntEnum):
@@ -73,14 +113,17 @@ class _FlagsWithFP16(type):
 class _BuilderFlag10:
     FP16 = "fp16"
     TF32 = "tf32"
+    __members__ = {"FP16": "fp16", "TF32": "tf32"}
 
 
 class _BuilderFlag1012(metaclass=_FlagsWithFP16):
     TF32 = "tf32"
+    __members__ = {"FP16": "fp16", "TF32": "tf32"}  # enumerating does not warn: only naming FP16 does
 
 
 class _BuilderFlag11:
     TF32 = "tf32"
+    __members__ = {"TF32": "tf32"}
 
 
 BuilderFlag: Any = _BuilderFlag1012
@@ -108,17 +151,52 @@ class ExecutionContextAllocationStrategy:
 
 
 # ----------------------------------------------------------------------------------------------------- build
+class _Tensor:
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
+        self.name, self.shape, self.dtype, self.is_shape_tensor = name, shape, dtype, False
+
+
 class _Network:
     def __init__(self, strongly_typed: bool) -> None:
         self.onnx: str | None = None
         self.strongly_typed = strongly_typed
+        self.inputs: list[_Tensor] = []
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
+    def get_input(self, i: int) -> _Tensor:
+        return self.inputs[i]
+
+    def get_flag(self, flag: NetworkDefinitionCreationFlag) -> bool:
+        return flag == NetworkDefinitionCreationFlag.STRONGLY_TYPED and self.strongly_typed
+
+    def __len__(self) -> int:  # layers: the stand-in keeps none
+        return 0
+
+    def __iter__(self) -> Any:
+        return iter(())
 
 
 class OnnxParser:
-    def __init__(self, network: _Network, logger: Logger) -> None:
-        self.network, self.num_errors = network, 0
+    def __init__(self, network: _Network, logger: ILogger) -> None:
+        assert isinstance(logger, ILogger)
+        self.network, self.num_errors, self.flags = network, 0, 0
 
     def parse_from_file(self, path: str) -> bool:
+        """Reads the graph's inputs (names, dtypes, -1 for dynamic dimensions), as the real parser defines them."""
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+        initializers = {i.name for i in graph.initializer}
+        types = {1: float32, 10: float16, 7: int64, 6: int32}
+        for i in graph.input:
+            if i.name in initializers:
+                continue
+            t = i.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+            self.network.inputs.append(_Tensor(i.name, shape, types[t.elem_type]))
         self.network.onnx = path
         return True
 
@@ -145,23 +223,49 @@ class _TimingCache:
 
 
 class _Config:
+    DLA_core = -1
+    default_device_type = DeviceType.GPU
+    engine_capability = "STANDARD"
+
     def __init__(self) -> None:
         self.flags: set[str] = set()
         self.profiles: list[_Profile] = []
-        self.pools: dict[str, int] = {}
+        self.pools: dict[MemoryPoolType, int] = {}
         self.cache: _TimingCache | None = None
+        self.profiling_verbosity = ProfilingVerbosity.LAYER_NAMES_ONLY
 
-    def set_memory_pool_limit(self, pool: str, size: int) -> None:
+    def set_memory_pool_limit(self, pool: MemoryPoolType, size: int) -> None:
+        assert isinstance(pool, MemoryPoolType), pool
         self.pools[pool] = int(size)
+
+    def get_memory_pool_limit(self, pool: MemoryPoolType) -> int:
+        return self.pools.get(pool, 1 << 40)
 
     def set_flag(self, flag: str) -> None:
         self.flags.add(flag)
+
+    def get_flag(self, flag: str) -> bool:
+        return flag in self.flags
+
+    def get_tactic_sources(self) -> int:
+        return 1
+
+    def get_preview_feature(self, feature: PreviewFeature) -> bool:
+        return False
+
+    def get_quantization_flag(self, flag: QuantizationFlag) -> bool:
+        return False
+
+    @property
+    def num_optimization_profiles(self) -> int:
+        return len(self.profiles)
 
     def add_optimization_profile(self, profile: _Profile) -> int:
         self.profiles.append(profile)
         return len(self.profiles) - 1
 
     def create_timing_cache(self, data: bytes) -> _TimingCache:
+        LOG.append(("timing_cache", bytes(data)))
         return _TimingCache(data)
 
     def set_timing_cache(self, cache: _TimingCache, ignore_mismatch: bool) -> bool:
@@ -190,6 +294,15 @@ class Builder:
 
     def build_serialized_network(self, network: _Network, config: _Config) -> bytes | None:
         assert network.onnx and len(config.profiles) == 1
+        shapes = config.profiles[0].shapes
+        for t in network.inputs:  # as the real builder: every input in the profile, fixed dimensions kept
+            if t.name not in shapes:
+                LOG.append(("error", f"{t.name} has no shapes in the optimization profile"))
+                return None
+            if any(len(x) != len(t.shape) or any(d != -1 and d != v for d, v in zip(t.shape, x))
+                   for x in shapes[t.name]):
+                LOG.append(("error", f"{t.name}: profile {shapes[t.name]} does not fit dimensions {t.shape}"))
+                return None
         fp16_flag = "fp16" in config.flags
         if network.strongly_typed and fp16_flag:
             LOG.append(("error", "FP16 builder flag on a strongly typed network"))

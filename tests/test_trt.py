@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from export.trt import main
+from runtime import ExportError
 from helpers import HAVE_TRT, install_fake_tensorrt
 
 
@@ -286,3 +287,26 @@ def test_fake_streams_are_asynchronous(fake_gpu_latest, tiny_ckpt, tmp_path):
     assert bool((out == 7.0).all())  # enqueued, not run yet
     torch.cuda.current_stream().wait_stream(stream)
     assert not bool((out == 7.0).any())  # the wait ran it
+
+
+def test_fake_tensorrt_builds_through_polygraphy(fake_gpu_latest, tiny_ckpt, tmp_path, monkeypatch):
+    """Engines are built by polygraphy's loaders (network from the ONNX file, config with the profile and the timing
+    cache, engine bytes), the timing cache of one build is loaded by the next, and a failed build is one line."""
+    import polygraphy.backend.trt as poly
+
+    from export.trt import build
+
+    calls = []
+    real = poly.engine_bytes_from_network
+    monkeypatch.setattr(poly, "engine_bytes_from_network", lambda *a, **k: calls.append(1) or real(*a, **k))
+    build(str(tiny_ckpt), tmp_path, static=True)
+    assert len(calls) == 4
+    assert [d for e, d in fake_gpu_latest.LOG if e == "timing_cache"][0] == b""  # no cache yet: an empty one
+    fake_gpu_latest.LOG.clear()
+    build(str(tiny_ckpt), tmp_path, static=True, force=True)
+    cache = (next(tmp_path.glob("timing.*.cache"))).read_bytes()
+    assert [d for e, d in fake_gpu_latest.LOG if e == "timing_cache"] == [cache] * 4  # loaded by every build
+    monkeypatch.setattr(fake_gpu_latest.Builder, "build_serialized_network", lambda self, network, config: None)
+    with pytest.raises(ExportError, match=r"^TensorRT failed to build an engine from text_encoder.onnx: ") as info:
+        build(str(tiny_ckpt), tmp_path, static=True, force=True)
+    assert "\n" not in str(info.value)

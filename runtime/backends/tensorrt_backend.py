@@ -35,11 +35,18 @@ def _trt() -> Any:
 
 
 def logger(trt: Any) -> Any:
-    """The one ``trt.Logger`` of the process (TensorRT expects a single logger; builders and runtimes share it)."""
+    """The one TensorRT logger of the process (TensorRT keeps the first logger it is given and warns when a later
+    builder or runtime brings another): ``trt.Logger(WARNING)`` unless :func:`set_logger` chose one first."""
     key = id(trt)  # one per TensorRT module (tests swap in stand-ins)
     if key not in _LOGGERS:
         _LOGGERS[key] = trt.Logger(trt.Logger.WARNING)
     return _LOGGERS[key]
+
+
+def set_logger(trt: Any, trt_logger: Any) -> None:
+    """Use ``trt_logger`` (a ``trt.ILogger``: a product's own, or polygraphy's in ``export.trt``) for every engine
+    this process loads; call it before the first engine is built or loaded."""
+    _LOGGERS[id(trt)] = trt_logger
 
 
 class Engine:
