@@ -21,7 +21,7 @@ import torch
 from runtime import flow
 from runtime.cli import run_cli
 
-from .common import TrainError
+from .common import TrainError, parse_args
 from .loop import Batch, Loss, Trainer, TrainConfig, add_common_args, config_from_args, l2_loss, \
     one_step_prediction, pseudo_huber_loss
 
@@ -45,24 +45,30 @@ def lpips_model(net: str = "vgg", random_backbone: bool = False) -> torch.nn.Mod
                          f"(https://download.pytorch.org/models/{weights.name})")
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False)
+    except Exception as e:  # noqa: BLE001 - a damaged file surfaces as pickle/zip/runtime errors from torch.load
+        raise TrainError(f"LPIPS cannot load its {net} backbone {weights} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else 'damaged file'}); delete it and put a good "
+                         f"copy there (https://download.pytorch.org/models/{weights.name})") from None
     return model.eval().requires_grad_(False)
 
 
-def make_lpips_loss(net: str, random_backbone: bool) -> Loss:
-    model: list[torch.nn.Module] = []
+def make_lpips_loss(model: torch.nn.Module) -> Loss:
+    """LPIPS between the VAE decodings of the student's prediction and of the target. The prediction is not clamped
+    (a clamp would zero its gradient wherever decoded pixels leave [-1, 1]); only the target is."""
+    placed: dict[torch.device, torch.nn.Module] = {}
 
     def loss(b: Batch) -> torch.Tensor:
-        if not model:
-            model.append(lpips_model(net, random_backbone).to(b.x0.device))
+        net = placed.setdefault(b.x0.device, model.to(b.x0.device))
         vae, c = b.components.vae, b.components
         pred = one_step_prediction(b)
         image = vae.decode(flow.vae_input(pred, c.scaling_factor, c.shift_factor), return_dict=False)[0]
         with torch.no_grad():
             target = vae.decode(flow.vae_input(b.x1, c.scaling_factor, c.shift_factor), return_dict=False)[0]
-        return model[0](image.clamp(-1, 1), target.clamp(-1, 1)).mean()
+        return net(image, target.clamp(-1, 1)).mean()
 
     return loss
 
@@ -73,14 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--loss", default="l2", choices=["l2", "pseudo-huber", "lpips"])
     p.add_argument("--lpips-net", default="vgg", choices=sorted(LPIPS_BACKBONES))
     p.add_argument("--lpips-random-backbone", action="store_true", help="tests only: untrained LPIPS backbone")
-    a = p.parse_args(argv)
+    a = parse_args(p, argv)
     return run_cli(lambda: _run(a))
 
 
 def _run(a: argparse.Namespace) -> None:
     if a.loss == "lpips":
-        lpips_model(a.lpips_net, a.lpips_random_backbone)  # fail before any work when weights are missing
-        fn = make_lpips_loss(a.lpips_net, a.lpips_random_backbone)
+        fn = make_lpips_loss(lpips_model(a.lpips_net, a.lpips_random_backbone))  # built once, before any work
     else:
         fn = l2_loss if a.loss == "l2" else pseudo_huber_loss
     cfg = config_from_args(a, loss=a.loss, lpips_net=a.lpips_net, lpips_random_backbone=a.lpips_random_backbone,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from runtime import Pipeline, flow
 from runtime.checkpoints import resolve
+from runtime.manifest import fingerprint
 from runtime.models import Components, load_components, save_checkpoint
 
 from runtime.files import atomic_write_bytes
@@ -55,6 +57,7 @@ class TrainConfig:
     lpips_net: str = "vgg"
     lpips_random_backbone: bool = False  # tests only: LPIPS with an untrained backbone
     fresh_noise: bool = False  # draw new X0 every step (1-rectified flow from data: independent coupling)
+    force: bool = False  # start over: discard the saved state of another run in the same folder
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -122,20 +125,23 @@ class Trainer:
         self._check_config()
         r = self._setup()
         state_dir = Path(cfg.out) / "state"
-        step = self._resume(state_dir, r.unet, r.opt, r.sched, r.ema, r.gen)
+        if cfg.force and r.dist.main:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        r.dist.barrier()
+        step = self._resume(state_dir, r)
         amp = self._autocast(r.device)
         bar = progress(cfg.max_steps, self.stage, enabled=r.dist.main, unit="step")
         bar.update(step)
         t0, done0 = time.perf_counter(), step
         self.losses: list[float] = []
         while step < cfg.max_steps:
-            total = self._train_step(r, amp)
+            total = self._train_step(r, amp, step)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", steps_s=f"{(step - done0) / (time.perf_counter() - t0):.2f}")
             self.losses.append(total)
             if step % cfg.save_every == 0 or step == cfg.max_steps:
-                self._save_state(r.dist, state_dir, step, r.unet, r.opt, r.sched, r.ema, r.gen)
+                self._save_state(r, state_dir, step)
         bar.close()
         self.steps_per_s = (step - done0) / max(time.perf_counter() - t0, 1e-9)
         return self._write_model(r, step)
@@ -147,6 +153,12 @@ class Trainer:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0.0 <= cfg.text_dropout < 1.0:
             raise TrainError(f"--text-dropout must be in [0, 1), got {cfg.text_dropout}")
+        if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+            raise TrainError(f"--lr must be a positive number, got {cfg.lr}")
+        if not 0.0 <= cfg.ema < 1.0:
+            raise TrainError(f"--ema must be in [0, 1) (0 = off; the paper: 0.9999), got {cfg.ema}")
+        if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0) or cfg.warmup_steps < 0:
+            raise TrainError("--weight-decay and --warmup-steps must be >= 0")
 
     def _setup(self) -> _Run:
         """Ranks, pairs, the model to train (from ``--init`` or the pairs' teacher), optimizer, schedule, EMA."""
@@ -154,7 +166,11 @@ class Trainer:
         d = init_distributed()
         dev = device_for(d)
         pairs = PairSet(cfg.pairs)
-        checkpoint = resolve(cfg.init or pairs.settings["teacher"]["name"])
+        teacher = pairs.settings["teacher"]
+        checkpoint = resolve(cfg.init or teacher.get("path") or teacher["name"])
+        if cfg.init is None and fingerprint(checkpoint) != teacher["fingerprint"]:
+            raise TrainError(f"the teacher {checkpoint.path} changed after its pairs in {cfg.pairs} were made; "
+                             "regenerate the pairs, or start from another model with --init")
         comps = load_components(checkpoint, device=dev, dtype=torch.float32)
         if list(pairs.settings["latent_shape"][:1]) != [comps.latent_channels]:
             raise TrainError(f"pairs have latents {pairs.settings['latent_shape']} but {checkpoint.name}'s UNet takes "
@@ -174,8 +190,8 @@ class Trainer:
         return _Run(d, dev, pairs, checkpoint, comps, unet, model, encoder, opt, sched, ema, gen,
                     empty=encoder.encode([""])[0])
 
-    def _train_step(self, r: _Run, amp: Any) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the loss."""
+    def _train_step(self, r: _Run, amp: Any, step: int) -> float:
+        """Optimizer step ``step + 1`` over ``grad_accum`` micro-batches; returns the loss."""
         cfg, total = self.cfg, 0.0
         for micro in range(cfg.grad_accum):
             idx = torch.randint(len(r.pairs), (cfg.batch_size,), generator=r.gen)
@@ -197,9 +213,10 @@ class Trainer:
         r.sched.step()
         r.opt.zero_grad(set_to_none=True)
         if r.ema is not None:
+            decay = ema_decay(cfg.ema, step)
             with torch.no_grad():
                 for e, p in zip(r.ema, r.unet.parameters()):
-                    e.lerp_(p.detach(), 1.0 - cfg.ema)
+                    e.lerp_(p.detach(), 1.0 - decay)
         return total
 
     def _write_model(self, r: _Run, step: int) -> Path:
@@ -226,43 +243,66 @@ class Trainer:
         dtype = torch.float16 if mp == "fp16" else torch.bfloat16
         return torch.autocast("cuda", dtype=dtype)
 
-    def _save_state(self, d: Dist, folder: Path, step: int, unet: torch.nn.Module, opt: Any, sched: Any,
-                    ema: list[torch.Tensor] | None, gen: torch.Generator) -> None:
-        gens = [gen.get_state()]
+    def _identity(self, r: _Run) -> dict[str, Any]:
+        """What a resumed run must share with the saved one: the stage, the pairs (their shard checksums) and every
+        setting that changes the result (not --max-steps, --save-every or gradient checkpointing)."""
+        cfg = self.cfg
+        keep = ("init", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "text_dropout", "ema",
+                "mixed_precision", "seed", "loss", "lpips_net", "fresh_noise")
+        return {"stage": self.stage, "pairs": r.pairs.digest, **{k: getattr(cfg, k) for k in keep}}
+
+    def _save_state(self, r: _Run, folder: Path, step: int) -> None:
+        d = r.dist
+        gens = [r.gen.get_state()]
         if d.world > 1:  # every rank's sampling RNG, so that a resumed run draws the same batches
             import torch.distributed as dist
 
             gathered: list[Any] = [None] * d.world
-            dist.all_gather_object(gathered, gen.get_state())
+            dist.all_gather_object(gathered, r.gen.get_state())
             gens = gathered
         if d.main:
             folder.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
-            torch.save({"step": step, "unet": unet.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "ema": ema, "generators": gens}, buf)
+            torch.save({"step": step, "run": self._identity(r), "unet": r.unet.state_dict(),
+                        "optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(), "ema": r.ema,
+                        "generators": gens}, buf)
             atomic_write_bytes(folder / f"step-{step:08d}.pt", buf.getvalue())
             for old in sorted(folder.glob("step-*.pt"))[:-2]:  # keep the last two
                 old.unlink()
         d.barrier()
 
-    def _resume(self, folder: Path, unet: torch.nn.Module, opt: Any, sched: Any, ema: list[torch.Tensor] | None,
-                gen: torch.Generator) -> int:
+    def _resume(self, folder: Path, r: _Run) -> int:
+        """Continue from the newest state in ``folder``, if it is a state of this very run (else one line; --force
+        starts over)."""
         states = sorted(folder.glob("step-*.pt")) if folder.is_dir() else []
         if not states:
             return 0
         # our own files, but loaded the safe way: tensors and plain containers only
         state = torch.load(states[-1], map_location="cpu", weights_only=True)
-        unet.load_state_dict(state["unet"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if ema is not None and state["ema"] is not None:
-            for e, s in zip(ema, state["ema"]):
+        saved, now = state.get("run", {}), self._identity(r)
+        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if differ:
+            shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in differ if k != "pairs")
+            shown += ", other pairs" if "pairs" in differ else ""
+            raise TrainError(f"{folder.parent} holds a run with other settings ({shown}); use another -o folder, "
+                             "or --force to start this one over")
+        r.unet.load_state_dict(state["unet"])
+        r.opt.load_state_dict(state["optimizer"])
+        r.sched.load_state_dict(state["scheduler"])
+        if r.ema is not None and state["ema"] is not None:
+            for e, s in zip(r.ema, state["ema"]):
                 e.copy_(s)
         rank = int(os.environ.get("RANK", "0"))
         gens = state["generators"]
-        gen.set_state(gens[rank] if rank < len(gens) else gens[0])
+        r.gen.set_state(gens[rank] if rank < len(gens) else gens[0])
         print(f"resumed {self.stage} from {states[-1].name}", flush=True)
         return int(state["step"])
+
+
+def ema_decay(ema: float, step: int) -> float:
+    """EMA decay for the update after ``step`` optimizer steps: ``min(ema, (1 + step) / (10 + step))``, the usual
+    warm-up, so that a run much shorter than 1 / (1 - ema) steps does not ship almost its initial weights."""
+    return min(ema, (1 + step) / (10 + step))
 
 
 def add_common_args(p: Any, defaults: TrainConfig) -> None:
@@ -276,15 +316,18 @@ def add_common_args(p: Any, defaults: TrainConfig) -> None:
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     p.add_argument("--text-dropout", type=float, default=defaults.text_dropout)
-    p.add_argument("--ema", type=float, default=defaults.ema, help="EMA decay, 0 = off (paper: 0.9999)")
+    p.add_argument("--ema", type=float, default=defaults.ema,
+                   help="EMA decay in [0, 1), 0 = off (paper: 0.9999), warmed up as min(ema, (1+step)/(10+step))")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     p.add_argument("--save-every", type=int, default=defaults.save_every)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--force", action="store_true", help="start over, discarding the saved state in -o")
 
 
 def config_from_args(a: Any, **extra: Any) -> TrainConfig:
     return TrainConfig(pairs=a.pairs, out=a.output, init=a.init, max_steps=a.max_steps, batch_size=a.batch_size,
                        grad_accum=a.grad_accum, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
                        text_dropout=a.text_dropout, ema=a.ema, grad_checkpointing=a.grad_checkpointing,
-                       mixed_precision=a.mixed_precision, save_every=a.save_every, seed=a.seed, **extra)
+                       mixed_precision=a.mixed_precision, save_every=a.save_every, seed=a.seed, force=a.force,
+                       **extra)

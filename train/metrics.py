@@ -18,7 +18,7 @@ import torch
 from runtime import Pipeline, flow
 from runtime.cli import run_cli
 
-from .common import load_prompts
+from .common import TrainError, load_prompts
 
 #: ``(z, flow time t in [0, 1]) -> v``: flow time, unlike :data:`runtime.flow.UnetTimeVelocity`
 FlowTimeVelocity = Callable[[torch.Tensor, float], torch.Tensor]
@@ -49,6 +49,11 @@ def pipeline_velocity(pipe: Pipeline, prompts: Sequence[str]) -> FlowTimeVelocit
 def evaluate(pipe: Pipeline, prompts: Sequence[str], num: int = 64, steps: int = 25, seed: int = 0
              ) -> dict[str, float]:
     """Straightness and the mean squared latent distance between 1-step and ``steps``-step samples."""
+    if num < 1 or steps < 1:
+        raise TrainError(f"--num and --steps must be >= 1, got {num} and {steps}")
+    pipe.limits.check_images(num)  # before anything is allocated
+    if steps > pipe.limits.max_steps:
+        raise TrainError(f"--steps {steps} is over the pipeline's limit of {pipe.limits.max_steps}")
     prompts = [prompts[i % len(prompts)] for i in range(num)]
     c = pipe.components
     h, w = c.default_size
@@ -103,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def job() -> None:
+        if a.num < 1 or a.steps < 1:  # before any model is loaded
+            raise TrainError(f"--num and --steps must be >= 1, got {a.num} and {a.steps}")
         pipe = Pipeline.from_pretrained(a.ckpt, treat_as_flow=a.treat_as_flow)
         print(json.dumps(evaluate(pipe, load_prompts(a.prompts), a.num, a.steps, a.seed), indent=2))
 

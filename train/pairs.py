@@ -37,6 +37,18 @@ from .teacher import load_teacher
 MANIFEST = "manifest.json"
 
 
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A pairs folder's manifest, or one line when it is damaged."""
+    path = folder / MANIFEST
+    try:
+        doc = json.loads(path.read_text())
+        doc["settings"]  # noqa: B018 - a manifest without settings is damaged too
+        return doc
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise TrainError(f"{path} is damaged ({type(e).__name__}); delete it and re-run the same "
+                         "`python -m train.pairs` command (finished shards are kept and checked)") from None
+
+
 def pair_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The noise of pair ``index``: a function of (seed, index) alone."""
     g = torch.Generator().manual_seed((seed % 2**32) * 2**31 + index)
@@ -83,7 +95,7 @@ def generate(teacher_ckpt: str, prompts_file: str, out: str | Path, num_pairs: i
                 "prompts_sha256": sha256_bytes(json.dumps(prompts).encode())}
     manifest = out / MANIFEST
     if manifest.is_file():
-        old = json.loads(manifest.read_text())["settings"]
+        old = read_manifest(out)["settings"]
         diff = sorted(k for k in settings if old.get(k) != settings[k])
         if diff:
             raise TrainError(f"{out} holds pairs made with other settings ({', '.join(diff)} differ: another "
@@ -118,7 +130,7 @@ def generate(teacher_ckpt: str, prompts_file: str, out: str | Path, num_pairs: i
     bar.close()
     rate = total / max(time.perf_counter() - start, 1e-9)
     d.barrier()
-    doc = json.loads(manifest.read_text())
+    doc = read_manifest(out)
     if d.main:
         shards = {}
         for k in range(n_shards):
@@ -157,10 +169,11 @@ class PairSet:
         path = folder / MANIFEST
         if not path.is_file():
             raise TrainError(f"{folder} is not a pairs folder (no {MANIFEST}); make one with `python -m train.pairs`")
-        doc = json.loads(path.read_text())
+        doc = read_manifest(folder)
         if not doc.get("complete"):
             raise TrainError(f"{folder} is unfinished; re-run the same `python -m train.pairs` command")
         self.settings = doc["settings"]
+        self.digest = sha256_bytes(json.dumps(doc["shards"], sort_keys=True).encode())  # these pairs, by content
         self.prompts: list[str] = json.loads((folder / "prompts.json").read_text())
         x0, x1, idx = [], [], []
         for name, digest in doc["shards"].items():

@@ -16,13 +16,14 @@ from typing import Sequence
 
 from runtime.cli import run_cli
 
+from .common import parse_args
 from .loop import Trainer, TrainConfig, add_common_args, config_from_args, reflow_loss
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.reflow", description=__doc__.splitlines()[0])
     add_common_args(p, TrainConfig(pairs="", out=""))
-    a = p.parse_args(argv)
+    a = parse_args(p, argv)
     return run_cli(lambda: Trainer(config_from_args(a, loss="reflow", extra={"default_steps": 4}), reflow_loss,
                                    "reflow").run())
 

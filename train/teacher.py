@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -39,7 +40,8 @@ class Teacher:
 
     @property
     def identity(self) -> dict:
-        return {"name": self.checkpoint.name, "fingerprint": fingerprint(self.checkpoint), "kind": self.kind,
+        return {"name": self.checkpoint.name, "path": str(Path(self.checkpoint.path).resolve()),
+                "fingerprint": fingerprint(self.checkpoint), "kind": self.kind,
                 "steps": self.steps, "guidance": self.guidance}
 
     @torch.inference_mode()
