@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 
 def _read_umask() -> int:
@@ -24,11 +24,17 @@ _UMASK = _read_umask()
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to a temporary file in the same folder, flush it to disk, then rename it to ``path``. The file
     gets the permissions a plain ``open(path, "w")`` would give (mkstemp's are owner-only)."""
+    atomic_write_with(path, lambda f: f.write(data))
+
+
+def atomic_write_with(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
+    """:func:`atomic_write_bytes` for large content: ``write`` streams it into the open temporary file (e.g.
+    ``lambda f: torch.save(state, f)``), so it is never held in memory as one ``bytes`` object."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             os.fsync(f.fileno())

@@ -143,3 +143,36 @@ def test_export_fp16_dynamic_vae_fp32_then_trt(sd15_ckpt, work, monkeypatch, cap
         b = pipe(PROMPT, seed=2, output_type="pt").images
     a = Pipeline.from_pretrained(sd15_ckpt, device="cpu")(PROMPT, seed=2, output_type="pt").images
     assert (a - b).abs().max() < 5e-2 and (a - b).abs().mean() < 5e-3
+
+
+def test_train_reflow_then_distill_two_steps(sd15_ckpt, work):
+    """train.reflow, then train.distill from its model, 2 steps each at batch 1 on 64x64 latents (512 px) with
+    gradient checkpointing, AdamW, and the resumable state saved at the end (streamed to disk: ~10 GB at this size);
+    time and peak RSS per stage go to the results file."""
+    import math
+
+    from runtime.checkpoints import resolve
+    from runtime.manifest import fingerprint
+    from train.loop import Trainer, TrainConfig, l2_loss, reflow_loss
+    from train.pairs import write_pairs
+
+    g = torch.Generator().manual_seed(0)
+    teacher = {"name": str(sd15_ckpt), "path": str(sd15_ckpt), "fingerprint": fingerprint(resolve(sd15_ckpt)),
+               "kind": "flow", "steps": 25, "guidance": 1.5}
+    settings = {"teacher": teacher, "num_pairs": 2, "seed": 0, "shard_size": 2, "latent_shape": [4, 64, 64],
+                "height": 512, "width": 512, "storage": "fp32", "prompts_sha256": ""}
+    write_pairs(work / "pairs", torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 4, 64, 64, generator=g),
+                torch.tensor([0, 0]), [PROMPT], settings, shard_size=2)
+    init = None
+    for stage, loss in (("reflow", reflow_loss), ("distill-l2", l2_loss)):
+        cfg = TrainConfig(pairs=str(work / "pairs"), out=str(work / stage), init=init, max_steps=2, batch_size=1,
+                          lr=1e-6, save_every=2, grad_checkpointing=True, text_dropout=0.0)
+        trainer = Trainer(cfg, loss, stage)
+        with step(f"train.{stage.split('-')[0]}: 2 steps, batch 1, 64x64 latents, grad checkpointing"):
+            model = trainer.run()
+        assert len(trainer.losses) == 2 and all(math.isfinite(x) for x in trainer.losses)
+        assert (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        state = work / stage / "state" / "step-00000002.pt"
+        assert state.stat().st_size > 3 * 2**30  # UNet, AdamW moments, EMA off: ~10 GB
+        state.unlink()  # disk: keep only the model
+        init = str(model)

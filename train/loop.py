@@ -8,7 +8,6 @@ schedule, EMA, RNG state, step), only rank 0 writes. The result is a diffusers f
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import shutil
@@ -26,7 +25,7 @@ from runtime.checkpoints import resolve
 from runtime.manifest import fingerprint
 from runtime.models import Components, load_components, save_checkpoint
 
-from runtime.files import atomic_write_bytes
+from runtime.files import atomic_write_with
 
 from .common import Dist, TrainError, device_for, init_distributed, progress
 from .pairs import PairSet
@@ -262,11 +261,10 @@ class Trainer:
             gens = gathered
         if d.main:
             folder.mkdir(parents=True, exist_ok=True)
-            buf = io.BytesIO()
-            torch.save({"step": step, "run": self._identity(r), "unet": r.unet.state_dict(),
-                        "optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(), "ema": r.ema,
-                        "generators": gens}, buf)
-            atomic_write_bytes(folder / f"step-{step:08d}.pt", buf.getvalue())
+            state = {"step": step, "run": self._identity(r), "unet": r.unet.state_dict(),
+                     "optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(), "ema": r.ema,
+                     "generators": gens}  # streamed to disk: at SD size this is ~10 GB, never held as bytes
+            atomic_write_with(folder / f"step-{step:08d}.pt", lambda f: torch.save(state, f))
             for old in sorted(folder.glob("step-*.pt"))[:-2]:  # keep the last two
                 old.unlink()
         d.barrier()
