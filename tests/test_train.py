@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,8 @@ from runtime import Pipeline
 from train.common import TrainError, load_prompts
 from train.loop import Trainer, TrainConfig, l2_loss, reflow_loss
 from train.metrics import evaluate, straightness
-from train.pairs import PairSet, generate
+from train.pairs import generate
+from train.pairset import PairSet, PairStream
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle at the top left", "a small blue square", "a large green triangle at the center",
@@ -71,16 +73,17 @@ def _same_shards(a: Path, b: Path) -> None:
 
 def test_pairs_content_and_manifest(sd_pairs, sd_style_ckpt):
     ps = PairSet(sd_pairs)
-    assert len(ps) == 20 and ps.x0.shape == (20, 4, 8, 8) and ps.x1.shape == (20, 4, 8, 8)
+    x0, x1, texts = ps.pairs(torch.arange(20))
+    assert len(ps) == 20 and x0.shape == (20, 4, 8, 8) and x1.shape == (20, 4, 8, 8)
     m = json.loads((sd_pairs / "manifest.json").read_text())
     assert m["complete"] and len(m["shards"]) == 3
     assert m["settings"]["teacher"]["kind"] == "diffusion" and m["settings"]["teacher"]["steps"] == 6
     assert m["settings"]["teacher"]["guidance"] == 5.0
     from train.pairs import pair_noise
 
-    assert torch.equal(ps.x0[13], pair_noise(0, 13, (4, 8, 8)))  # noise of pair i from (seed, i) alone
-    assert set(ps.texts(torch.arange(20))) == set(PROMPTS)  # every prompt used
-    assert not torch.allclose(ps.x0, ps.x1)
+    assert torch.equal(x0[13], pair_noise(0, 13, (4, 8, 8)))  # noise of pair i from (seed, i) alone
+    assert set(texts) == set(PROMPTS)  # every prompt used
+    assert not torch.allclose(x0, x1)
 
 
 def test_pairs_identical_with_two_processes(sd_style_ckpt, prompts_file, sd_pairs, tmp_path):
@@ -118,7 +121,7 @@ def test_corrupted_shard_is_regenerated(sd_style_ckpt, prompts_file, sd_pairs, t
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(TrainError, match="does not match its checksum"):
-        PairSet(out)
+        PairSet(out).pairs(torch.arange(20))  # shards are read, and checked, when a batch needs them
     with one_thread():
         generate(str(sd_style_ckpt), str(prompts_file), out, num_pairs=20, batch_size=4, shard_size=8, steps=6)
     assert "(8 new" in capsys.readouterr().out  # only that shard (8 pairs) was made again
@@ -155,6 +158,36 @@ def _train(pairs, out, loss, steps, **kw):
                       **kw)
     trainer = Trainer(cfg, reflow_loss if loss == "reflow" else l2_loss, loss)
     return trainer, trainer.run()
+
+
+def test_pairs_stream_from_disk_with_bounded_memory(sd_pairs, monkeypatch):
+    """No pair is read when the set opens; at most cache_shards shards are held; each epoch deals the shards to
+    the ranks without overlap (together: every pair once), shuffled across and within shards from (seed, epoch,
+    rank); micro-batch i is a pure function of i, so a resume mid-epoch continues exactly."""
+    import itertools
+
+    import train.pairset as pairset
+
+    reads = []
+    real = pairset.st_load
+    monkeypatch.setattr(pairset, "st_load", lambda data: reads.append(1) or real(data))
+    ps = PairSet(sd_pairs, cache_shards=1)
+    assert len(ps) == 20 and list(ps.sizes) == [8, 8, 4] and reads == []
+    for world in (1, 2, 3):
+        for e in (0, 1):
+            parts = [PairStream(ps, 4, seed=5, rank=r, world=world).epoch(e) for r in range(world)]
+            assert sorted(np.concatenate(parts).tolist()) == list(range(20))
+    a, b = PairStream(ps, 4, seed=5).epoch(0), PairStream(ps, 4, seed=5).epoch(1)
+    assert not np.array_equal(a, b) and not np.array_equal(a, np.sort(a))  # reshuffled each epoch, not in order
+    assert np.array_equal(a, PairStream(ps, 4, seed=5).epoch(0))
+    full = list(itertools.islice(PairStream(ps, 3, seed=5, rank=1, world=2).batches(), 12))
+    resumed = list(itertools.islice(PairStream(ps, 3, seed=5, rank=1, world=2).batches(start=7), 5))
+    assert all(np.array_equal(x, y) for x, y in zip(full[7:], resumed))
+    for batch in full:
+        ps.pairs(batch)
+        assert len(ps._cache) == 1  # bounded by cache_shards
+    with pytest.raises(TrainError, match="3 shard\\(s\\), fewer than the 4 training ranks"):
+        PairStream(ps, 4, world=4)
 
 
 def test_reflow_loss_decreases_and_model_loads(sd_pairs, tmp_path):

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from train.common import TrainError
 from train.loop import Batch, Trainer, TrainConfig, ema_decay, reflow_loss
-from train.pairs import PairSet, generate
+from train.pairs import generate
+from train.pairset import PairSet
 
 PROMPTS = ["a red circle at the top left", "a small blue square", "a yellow circle"]
 

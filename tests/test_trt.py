@@ -310,3 +310,18 @@ def test_fake_tensorrt_builds_through_polygraphy(fake_gpu_latest, tiny_ckpt, tmp
     with pytest.raises(ExportError, match=r"^TensorRT failed to build an engine from text_encoder.onnx: ") as info:
         build(str(tiny_ckpt), tmp_path, static=True, force=True)
     assert "\n" not in str(info.value)
+
+
+def test_fake_tensorrt_on_the_bundled_model(fake_gpu_latest, tmp_path):
+    """The bundled model (hard-edged shapes: the decoder amplifies fp16 rounding most) through export.trt and the
+    TensorRT backend, on a fresh pipeline: 1 step, and 4 steps with guidance and negatives, close to fp32 torch."""
+    from export.trt import build
+    from runtime import Pipeline
+
+    build("tiny", tmp_path, min_batch=1, max_batch=2, static=True)
+    reference = Pipeline.from_pretrained("tiny")
+    prompts = ["a small red circle at the top left", "a large blue square at the center"]
+    for kwargs in (dict(), dict(num_inference_steps=4, guidance_scale=1.5, negative_prompt=["green", "yellow"])):
+        engines = _fake_backend("tiny", tmp_path)  # fresh: nothing cached
+        b = engines(prompts, seed=7, output_type="pt", **kwargs).images
+        assert_fp16_close(b, reference(prompts, seed=7, output_type="pt", **kwargs).images)

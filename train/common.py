@@ -39,7 +39,7 @@ class Dist:
 
 
 def init_distributed() -> Dist:
-    """Join the process group torchrun (or ``accelerate launch``) set up through the environment; single
+    """Join the process group torchrun set up through the environment; single
     process otherwise. gloo on the CPU, NCCL on GPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:

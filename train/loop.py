@@ -28,7 +28,7 @@ from runtime.models import Components, load_components, save_checkpoint
 from runtime.files import atomic_write_with
 
 from .common import Dist, TrainError, device_for, init_distributed, progress
-from .pairs import PairSet
+from .pairset import PairSet, PairStream
 
 Loss = Callable[["Batch"], torch.Tensor]
 
@@ -101,6 +101,7 @@ class _Run:
     dist: Dist
     device: torch.device
     pairs: PairSet
+    stream: PairStream  # this rank's micro-batches, a pure function of (seed, rank, world, index)
     checkpoint: Any
     components: Components
     unet: torch.nn.Module
@@ -128,6 +129,7 @@ class Trainer:
             shutil.rmtree(state_dir, ignore_errors=True)
         r.dist.barrier()
         step = self._resume(state_dir, r)
+        self._batches = r.stream.batches(start=step * cfg.grad_accum)  # resumes mid-epoch exactly
         amp = self._autocast(r.device)
         bar = progress(cfg.max_steps, self.stage, enabled=r.dist.main, unit="step")
         bar.update(step)
@@ -186,21 +188,21 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
         ema = [p.detach().clone() for p in unet.parameters()] if cfg.ema > 0 else None
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)
-        return _Run(d, dev, pairs, checkpoint, comps, unet, model, encoder, opt, sched, ema, gen,
+        stream = PairStream(pairs, cfg.batch_size, seed=cfg.seed, rank=d.rank, world=d.world)
+        return _Run(d, dev, pairs, stream, checkpoint, comps, unet, model, encoder, opt, sched, ema, gen,
                     empty=encoder.encode([""])[0])
 
     def _train_step(self, r: _Run, amp: Any, step: int) -> float:
         """Optimizer step ``step + 1`` over ``grad_accum`` micro-batches; returns the loss."""
         cfg, total = self.cfg, 0.0
         for micro in range(cfg.grad_accum):
-            idx = torch.randint(len(r.pairs), (cfg.batch_size,), generator=r.gen)
+            x0, x1, texts = r.pairs.pairs(next(self._batches))
             with torch.no_grad():
-                emb = r.encoder.encode(r.pairs.texts(idx)).clone()
+                emb = r.encoder.encode(texts).clone()
             drop = torch.rand(cfg.batch_size, generator=r.gen) < cfg.text_dropout
             emb[drop.to(r.device)] = r.empty
-            x1 = r.pairs.x1[idx].to(r.device)
-            x0 = (torch.randn(x1.shape, generator=r.gen).to(r.device) if cfg.fresh_noise
-                  else r.pairs.x0[idx].to(r.device))
+            x1 = x1.to(r.device)
+            x0 = torch.randn(x1.shape, generator=r.gen).to(r.device) if cfg.fresh_noise else x0.to(r.device)
             batch = Batch(r.model, x0, x1, emb, r.gen, r.components)
             sync = micro == cfg.grad_accum - 1 or r.dist.world == 1
             with (nullcontext() if sync else r.model.no_sync()), amp:

@@ -22,7 +22,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from runtime.cli import run_cli
@@ -34,19 +33,7 @@ from .common import (TrainError, batches, device_for, init_distributed,
                      load_prompts, progress, sha256_bytes)
 from .teacher import load_teacher
 
-MANIFEST = "manifest.json"
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """A pairs folder's manifest, or one line when it is damaged."""
-    path = folder / MANIFEST
-    try:
-        doc = json.loads(path.read_text())
-        doc["settings"]  # noqa: B018 - a manifest without settings is damaged too
-        return doc
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise TrainError(f"{path} is damaged ({type(e).__name__}); delete it and re-run the same "
-                         "`python -m train.pairs` command (finished shards are kept and checked)") from None
+from .pairset import MANIFEST, read_manifest
 
 
 def pair_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -159,39 +146,6 @@ def write_pairs(folder: str | Path, x0: torch.Tensor, x1: torch.Tensor, prompt_i
         atomic_write_bytes(folder / (shard_name(k) + ".sha256"), sha256_bytes(data).encode())
         shards[shard_name(k)] = sha256_bytes(data)
     atomic_write_json(folder / MANIFEST, {"settings": settings, "complete": True, "shards": shards})
-
-
-class PairSet:
-    """A finished pairs folder, checked against its manifest and loaded into memory (fine at small scale)."""
-
-    def __init__(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        path = folder / MANIFEST
-        if not path.is_file():
-            raise TrainError(f"{folder} is not a pairs folder (no {MANIFEST}); make one with `python -m train.pairs`")
-        doc = read_manifest(folder)
-        if not doc.get("complete"):
-            raise TrainError(f"{folder} is unfinished; re-run the same `python -m train.pairs` command")
-        self.settings = doc["settings"]
-        self.digest = sha256_bytes(json.dumps(doc["shards"], sort_keys=True).encode())  # these pairs, by content
-        self.prompts: list[str] = json.loads((folder / "prompts.json").read_text())
-        x0, x1, idx = [], [], []
-        for name, digest in doc["shards"].items():
-            data = (folder / name).read_bytes()
-            if sha256_bytes(data) != digest:
-                raise TrainError(f"{folder / name} does not match its checksum; re-run `python -m train.pairs` "
-                                 "with the same arguments to regenerate it")
-            t = st_load(data)
-            x0.append(t["x0"].float())
-            x1.append(t["x1"].float())
-            idx.append(t["prompt_index"])
-        self.x0, self.x1, self.prompt_index = torch.cat(x0), torch.cat(x1), torch.cat(idx)
-
-    def __len__(self) -> int:
-        return self.x0.shape[0]
-
-    def texts(self, indices: torch.Tensor) -> list[str]:
-        return [self.prompts[int(i)] for i in self.prompt_index[indices]]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,147 @@
+"""Pairs for training, streamed from their shards: memory stays bounded whatever the number of pairs.
+
+A :class:`PairSet` opens a finished pairs folder (manifest, prompts, each shard's pair count from its safetensors
+header) without reading any pair; shards are read when a batch needs them, checked against their checksum, and kept
+in a small LRU cache. A :class:`PairStream` gives each DDP rank its micro-batches:
+
+* every epoch ``e`` the shards are permuted (seeded by ``(seed, e)``) and dealt round-robin to the ranks, so ranks
+  never share a pair within an epoch and together see every pair once;
+* a rank reads its shards in groups of ``group`` (the cache size) and shuffles the pairs of each group (seeded by
+  ``(seed, e, rank, group index)``), mixing pairs across and within shards;
+* micro-batch ``i`` of a rank is a pure function of ``(seed, rank, world, i)``: a resumed run continues exactly
+  mid-epoch by skipping ``i`` batches, which reads no data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+
+from .common import TrainError, sha256_bytes
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A pairs folder's manifest, or one line when it is damaged."""
+    path = folder / MANIFEST
+    try:
+        doc = json.loads(path.read_text())
+        doc["settings"]  # noqa: B018 - a manifest without settings is damaged too
+        return doc
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise TrainError(f"{path} is damaged ({type(e).__name__}); delete it and re-run the same "
+                         "`python -m train.pairs` command (finished shards are kept and checked)") from None
+
+
+class PairSet:
+    """A finished pairs folder, read lazily: ``cache_shards`` shards at most in memory."""
+
+    def __init__(self, folder: str | Path, cache_shards: int = 8) -> None:
+        folder = Path(folder)
+        if not (folder / MANIFEST).is_file():
+            raise TrainError(f"{folder} is not a pairs folder (no {MANIFEST}); make one with `python -m train.pairs`")
+        doc = read_manifest(folder)
+        if not doc.get("complete"):
+            raise TrainError(f"{folder} is unfinished; re-run the same `python -m train.pairs` command")
+        if cache_shards < 1:
+            raise TrainError(f"the shard cache must hold at least one shard, got {cache_shards}")
+        self.folder, self.settings, self.cache_shards = folder, doc["settings"], cache_shards
+        self.shards: list[tuple[str, str]] = list(doc["shards"].items())  # (file name, sha256)
+        self.digest = sha256_bytes(json.dumps(doc["shards"], sort_keys=True).encode())  # these pairs, by content
+        self.prompts: list[str] = json.loads((folder / "prompts.json").read_text())
+        self.sizes = np.array([self._count(name) for name, _ in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+
+    def _count(self, name: str) -> int:
+        path = self.folder / name
+        if not path.is_file():
+            raise TrainError(f"{path} is missing; re-run `python -m train.pairs` with the same arguments")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return int(f.get_slice("x0").get_shape()[0])
+        except Exception:  # noqa: BLE001 - a damaged header; the checksum would fail too
+            raise TrainError(f"{path} is damaged; re-run `python -m train.pairs` with the same arguments to "
+                             "regenerate it") from None
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def shard(self, k: int) -> dict[str, torch.Tensor]:
+        """Shard ``k``'s tensors (x0, x1, prompt_index), read and checked on first use, then cached (LRU)."""
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        name, digest = self.shards[k]
+        data = (self.folder / name).read_bytes()
+        if sha256_bytes(data) != digest:
+            raise TrainError(f"{self.folder / name} does not match its checksum; re-run `python -m train.pairs` "
+                             "with the same arguments to regenerate it")
+        self._cache[k] = st_load(data)
+        while len(self._cache) > self.cache_shards:
+            self._cache.popitem(last=False)
+        return self._cache[k]
+
+    def pairs(self, indices: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(x0, x1, prompts) of the pairs with these global indices (fp32, in the order given)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise TrainError(f"pair index out of range 0..{len(self) - 1}")
+        shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        x0, x1, prompt = [None] * len(indices), [None] * len(indices), [0] * len(indices)
+        for k in np.unique(shard_of):
+            t = self.shard(int(k))
+            rows = np.nonzero(shard_of == k)[0]
+            local = torch.from_numpy(indices[rows] - self.offsets[k])
+            for r, a, b, p in zip(rows, t["x0"][local], t["x1"][local], t["prompt_index"][local]):
+                x0[r], x1[r], prompt[r] = a, b, int(p)
+        return (torch.stack(x0).float(), torch.stack(x1).float(),  # type: ignore[arg-type]
+                [self.prompts[p] for p in prompt])
+
+
+class PairStream:
+    """The micro-batches (global pair indices) of one DDP rank; see the module docstring."""
+
+    def __init__(self, pairs: PairSet, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 group: int | None = None) -> None:
+        if len(pairs.shards) < world:
+            raise TrainError(f"{pairs.folder} has {len(pairs.shards)} shard(s), fewer than the {world} training "
+                             "ranks: regenerate the pairs with a smaller --shard-size")
+        self.pairs, self.batch_size, self.seed, self.rank, self.world = pairs, batch_size, seed, rank, world
+        self.group = group or pairs.cache_shards
+
+    def epoch(self, e: int) -> np.ndarray:
+        """This rank's global pair indices in epoch ``e``, in reading order."""
+        shards = np.random.default_rng([self.seed, e]).permutation(len(self.pairs.shards))[self.rank::self.world]
+        order = []
+        for g in range(0, len(shards), self.group):
+            members = shards[g:g + self.group]
+            idx = np.concatenate([np.arange(self.pairs.offsets[k], self.pairs.offsets[k + 1]) for k in members])
+            order.append(np.random.default_rng([self.seed, e, self.rank, g]).permutation(idx))
+        return np.concatenate(order)
+
+    def batches(self, start: int = 0) -> Iterator[np.ndarray]:
+        """Micro-batches ``start``, ``start + 1``, ... (endless: epochs follow each other)."""
+        skip, e, buffer = start * self.batch_size, 0, np.empty(0, dtype=np.int64)
+        while True:
+            n = self.epoch_length(e)
+            if skip >= n:  # whole epochs skipped without building them
+                skip, e = skip - n, e + 1
+                continue
+            buffer = np.concatenate([buffer, self.epoch(e)[skip:]])
+            skip, e = 0, e + 1
+            while len(buffer) >= self.batch_size:
+                yield buffer[:self.batch_size]
+                buffer = buffer[self.batch_size:]
+
+    def epoch_length(self, e: int) -> int:
+        shards = np.random.default_rng([self.seed, e]).permutation(len(self.pairs.shards))[self.rank::self.world]
+        return int(self.pairs.sizes[shards].sum())
