@@ -1,6 +1,6 @@
 """The ``fullsize`` tier: every main command at InstaFlow-0.9B's real size, on the CPU.
 
-    pytest -m fullsize tests/test_fullsize.py       (about 45 minutes on 2 cores, peak RSS up to 18 GB)
+    pytest -m fullsize tests/test_fullsize.py       (about an hour on 2 cores, peak RSS up to 18 GB)
     pytest -m fullsize -k fp16_unet                  (the part CI runs: fp16 export of the full-size UNet, verified)
 
 The checkpoint is an SD-1.5-shaped folder with random weights (UNet 860M, CLIP ViT-L/14 text encoder, AutoencoderKL,
