@@ -282,3 +282,21 @@ def test_reflow_under_torchrun_two_processes(sd_pairs, tmp_path):
     assert (tmp_path / "ddp" / "model" / "model_index.json").is_file()
     assert sorted(p.name for p in (tmp_path / "ddp" / "state").glob("*.pt")) == ["step-00000002.pt",
                                                                                  "step-00000004.pt"]
+
+
+def test_training_memory_is_counted_from_what_autograd_keeps():
+    """benchmarks.train_memory counts the tensors autograd saves (on the meta device, nothing allocated): they
+    scale with the batch, checkpointing keeps far fewer, and parameters are not counted."""
+    from diffusers import UNet2DConditionModel
+
+    from benchmarks.train_memory import saved_activation_bytes
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                    layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                    attention_head_dim=8, norm_num_groups=32)
+    one, two = (saved_activation_bytes(unet, b, 8, 16, 32, checkpointing=False) for b in (1, 2))
+    kept = saved_activation_bytes(unet, 2, 8, 16, 32, checkpointing=True)
+    params = sum(p.numel() * 4 for p in unet.parameters())
+    assert 1.9 * one < two < 2.1 * one and kept < 0.5 * two and one < params

@@ -1,0 +1,98 @@
+"""What one GPU needs to train the SD-1.5 UNet (reflow or distillation), computed without a GPU.
+
+    python -m benchmarks.train_memory [--batch 1 8] [--latent 64]
+
+The UNet is built on the ``meta`` device (no memory) and run forward in training mode under
+``torch.autograd.graph.saved_tensors_hooks``, which sees every tensor autograd keeps for the backward pass: their
+storages (parameters excluded, each storage once) are the activation memory, exactly, for fp32. Under bf16 autocast
+most of them are half that (matmul and convolution outputs are bf16; norms keep some fp32), so both are shown. With
+gradient checkpointing, what is kept is the checkpointed blocks' inputs; one block's activations are recomputed at a
+time in the backward pass on top of that. Fixed costs with AdamW and fp32 master weights: weights, gradients and two
+moments (16 bytes per parameter), plus DDP's gradient buckets (4 more) on several GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+import torch
+
+GiB = 2**30
+
+
+def saved_activation_bytes(unet: Any, batch: int, latent: int, text_len: int, text_dim: int,
+                           checkpointing: bool) -> int:
+    """Bytes autograd keeps for the backward pass of one training forward of ``unet`` (on the meta device)."""
+    params = {p.untyped_storage()._cdata for p in unet.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            kept[storage._cdata] = storage.nbytes()
+        return t
+
+    unet.train()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    channels = unet.config.in_channels
+    x = torch.randn(batch, channels, latent, latent, device="meta")
+    emb = torch.randn(batch, text_len, text_dim, device="meta")
+    t = torch.full((batch,), 500.0, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet(x, t, encoder_hidden_states=emb, return_dict=False)
+    return sum(kept.values())
+
+
+def sd15_unet_on_meta() -> Any:
+    from diffusers import UNet2DConditionModel
+
+    from runtime.testing import SD15_SPEC
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(
+            sample_size=SD15_SPEC.sample_size, in_channels=SD15_SPEC.latent_channels,
+            out_channels=SD15_SPEC.latent_channels, block_out_channels=tuple(SD15_SPEC.unet_channels),
+            layers_per_block=SD15_SPEC.layers_per_block, cross_attention_dim=SD15_SPEC.text_hidden,
+            attention_head_dim=SD15_SPEC.attention_head_dim)
+
+
+def table(unet: Any, batches: Sequence[int], latent: int, text_len: int, text_dim: int) -> list[dict[str, Any]]:
+    n = sum(p.numel() for p in unet.parameters())
+    fixed = 16 * n  # fp32 weights + gradients + AdamW's two moments
+    rows = []
+    for b in batches:
+        for ckpt in (False, True):
+            act = saved_activation_bytes(unet, b, latent, text_len, text_dim, ckpt)
+            rows.append({"batch": b, "checkpointing": ckpt, "params": n, "activations_fp32": act,
+                         "total_fp32": fixed + act, "total_bf16_autocast": fixed + act // 2,
+                         "ddp_buckets": 4 * n})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_memory", description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--latent", type=int, default=64, help="latent side (64 = 512 px)")
+    a = p.parse_args(argv)
+    from runtime.testing import SD15_SPEC
+
+    unet = sd15_unet_on_meta()
+    rows = table(unet, a.batch, a.latent, SD15_SPEC.max_length, SD15_SPEC.text_hidden)
+    print(f"SD-1.5 UNet, {rows[0]['params'] / 1e6:.0f}M parameters, {a.latent}x{a.latent} latents; AdamW fp32 "
+          f"master weights: {16 * rows[0]['params'] / GiB:.1f} GiB fixed (+{rows[0]['ddp_buckets'] / GiB:.1f} GiB "
+          "DDP buckets on several GPUs)")
+    print("| batch | gradient checkpointing | activations (fp32) | per GPU, fp32 | per GPU, bf16 autocast |")
+    print("| ---: | --- | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | {r['activations_fp32'] / GiB:.2f} GiB | "
+              f"{r['total_fp32'] / GiB:.1f} GiB | ~{r['total_bf16_autocast'] / GiB:.1f} GiB |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
