@@ -27,13 +27,12 @@ from runtime import manifest as mf
 from runtime.cli import run_cli
 from runtime.errors import BackendUnavailableError, ExportError
 from runtime.files import atomic_write_bytes, atomic_write_json
-from runtime.checkpoints import resolve
 from runtime.models import load_components
 from runtime.specs import ComponentSpec, ModelDims, specs_by_name
 
 from .graphs import module_for
 from .onnx import ExportSettings, export
-from .verify import TOLERANCE, Velocity, max_rel_error, reference, uses_unet_velocity
+from .verify import TOLERANCE, Velocity, export_checkpoint, max_rel_error, reference, uses_unet_velocity
 
 
 def _slug(text: str) -> str:
@@ -139,14 +138,14 @@ def _engine_device() -> Any:
 
 def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, opt_batch: int | None = None,
           height: int | None = None, width: int | None = None, static: bool = False, vae_fp32: bool = False,
-          force: bool = False) -> dict[str, Any]:
+          force: bool = False, vae: str | None = None) -> dict[str, Any]:
     """fp16 ONNX export (cached), then TensorRT engines for every graph, each compared with PyTorch; returns the
     engines manifest."""
     out = Path(out)
     if not 1 <= min_batch <= max_batch:
         raise ExportError(f"need 1 <= --min-batch <= --max-batch, got {min_batch} and {max_batch}")
     settings = ExportSettings(fp16=True, vae_fp32=vae_fp32, dynamic_hw=not static, fused=True)
-    doc = export(ckpt, out, settings, force=force)
+    doc = export(ckpt, out, settings, force=force, vae=vae)
     trt = require_tensorrt()
     import torch
 
@@ -156,9 +155,10 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
     opt_batch = opt_batch or min_batch
     timing_cache = out / f"timing.{_slug(trt.__version__)}.{_slug(gpu)}.cache"
     specs = specs_by_name(dims)
-    components = load_components(resolve(doc["checkpoint"]["path"]), device="cpu", dtype=torch.float32)
+    components = load_components(export_checkpoint(doc), device="cpu", dtype=torch.float32)
     engines: dict[str, Any] = {"format": mf.FORMAT, "tensorrt": trt.__version__, "gpu": gpu,
-                               "checkpoint": doc["checkpoint"], "latent": doc["latent"], "vae": doc["vae"],
+                               "checkpoint": doc["checkpoint"], "decoder": doc["decoder"], "latent": doc["latent"],
+                               "vae": doc["vae"],
                                "text": doc["text"], "components": {}}
     for name in sorted(doc["components"], key=lambda n: n == "onestep"):  # the UNet's engine first: see reference()
         entry = doc["components"][name]
@@ -217,10 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--static", action="store_true", help="static height/width (fastest, one size only)")
     p.add_argument("--vae-fp32", action="store_true", help="keep the VAE decoder in fp32 (fp16 overflow)")
     p.add_argument("--force", action="store_true", help="rebuild engines / replace another checkpoint's export")
+    p.add_argument("--vae", default=None, help="tiny decoder instead of the checkpoint's VAE: taesd, hub id, folder")
     args = p.parse_args(argv)
     lo, hi = (args.batch, args.batch) if args.batch else (args.min_batch, args.max_batch)
     return run_cli(lambda: build(args.ckpt, args.output, min_batch=lo, max_batch=hi, height=args.height,
-                                 width=args.width, static=args.static, vae_fp32=args.vae_fp32, force=args.force))
+                                 width=args.width, static=args.static, vae_fp32=args.vae_fp32, force=args.force,
+                                 vae=args.vae))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from runtime.checkpoints import resolve
+from runtime.decoders import TINY_CLASS, with_decoder
 from runtime.cli import run_cli
 from runtime.models import Components, load_components
 
@@ -100,7 +101,7 @@ def verify_export(folder: str | Path, components: Components | None = None, batc
     if doc is None:
         raise ExportError(f"{folder} has no {mf.MANIFEST}; run `python -m export.onnx` first")
     if components is None:
-        components = load_components(resolve(doc["checkpoint"]["path"]), device="cpu", dtype=torch.float32)
+        components = load_components(export_checkpoint(doc), device="cpu", dtype=torch.float32)
     dims = ModelDims.from_manifest(doc)
     specs = specs_by_name(dims)
     shapes = [(b, *dims.latent_size) for b in batches]
@@ -141,6 +142,13 @@ def _unet_velocity(folder: Path, doc: dict[str, Any], specs: dict[str, Component
         raise ExportError(f"{folder}: the fp16 fused graph is verified with the export's own UNet graph, which is "
                           "missing; export the unet too")
     return ort_velocity(ort_session(folder / entry["file"]), specs["unet"], DTYPES[entry["dtype"]])
+
+
+def export_checkpoint(doc: dict[str, Any]) -> Any:
+    """The checkpoint an export was made from, with the tiny decoder it holds (if any)."""
+    decoder = doc.get("decoder", {})
+    return with_decoder(resolve(doc["checkpoint"]["path"]),
+                        decoder.get("path") if decoder.get("class") == TINY_CLASS else None)
 
 
 def verify_and_record(folder: str | Path, components: Components | None = None) -> dict[str, Any]:

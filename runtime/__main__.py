@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt | auto [torch]")
     p.add_argument("--export-dir", default=None,
                    help="folder of the ONNX export / TensorRT engines (onnxruntime, tensorrt, auto) [the export cache]")
+    p.add_argument("--vae", default=None,
+                   help="tiny decoder instead of the checkpoint's VAE: taesd, a hub id or a folder [the checkpoint's]")
     p.add_argument("--allow-unverified", action="store_true",
                    help="run an ONNX export made with --no-verify (onnxruntime, auto) [only verified exports]")
     p.add_argument("--treat-as-flow", action="store_true",
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         warn_line(f"--negative is used only with guidance: it has no effect with --guidance {args.guidance:g} "
                   "(pass --guidance > 1, e.g. 1.5)")
     pipe = Pipeline.from_pretrained(args.ckpt, device=args.device, dtype=args.dtype, backend=args.backend,
-                                    treat_as_flow=args.treat_as_flow, export_dir=args.export_dir,
+                                    treat_as_flow=args.treat_as_flow, export_dir=args.export_dir, vae=args.vae,
                                     **({"allow_unverified": True} if args.allow_unverified else {}))
     load_s = time.perf_counter() - t0
     pipe.profile = True

@@ -21,9 +21,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import CheckpointError, InvalidInputError
+
+if TYPE_CHECKING:
+    from .decoders import Decoder
 
 #: Short names for the public checkpoints (hub ids).
 ALIASES: dict[str, str] = {
@@ -48,12 +51,14 @@ _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A resolved checkpoint: a local diffusers folder plus what its ``model_index.json`` says."""
+    """A resolved checkpoint: a local diffusers folder plus what its ``model_index.json`` says, and the tiny VAE
+    decoder used instead of its own when one was asked for (:mod:`runtime.decoders`)."""
 
     name: str
     path: Path
     index: dict[str, Any] = field(repr=False)
     repo_id: str | None = None
+    decoder: "Decoder | None" = None
 
     @property
     def class_name(self) -> str:
@@ -200,10 +205,15 @@ _HUB_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.pb", "*.h5", "*.fp16
 
 
 def _from_hub(name: str, repo: str, components: tuple[str, ...]) -> Path:
-    """Local snapshot of ``repo``: from the cache, else downloaded unless offline."""
+    return snapshot(name, repo, _hub_patterns(components))
+
+
+def snapshot(name: str, repo: str, patterns: list[str]) -> Path:
+    """Local snapshot of the files of ``repo`` matching ``patterns``: from the cache, else downloaded unless
+    offline (one line naming the hub id otherwise)."""
     from huggingface_hub import snapshot_download  # imported lazily: no hub machinery at import time
 
-    kwargs = dict(repo_id=repo, allow_patterns=_hub_patterns(components), ignore_patterns=_HUB_IGNORE)
+    kwargs = dict(repo_id=repo, allow_patterns=patterns, ignore_patterns=_HUB_IGNORE)
     try:
         return Path(snapshot_download(local_files_only=True, **kwargs))
     except Exception:  # noqa: BLE001 - not in the cache (the hub's error types vary across versions)

@@ -29,30 +29,43 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def fingerprint(ckpt: Checkpoint, components: tuple[str, ...] = ("text_encoder", "tokenizer", "unet", "vae"),
-                blocks: int = 16, block: int = 1 << 16) -> str:
+def fingerprint(ckpt: Checkpoint, components: tuple[str, ...] = ("text_encoder", "tokenizer", "unet", "vae")) -> str:
     """Fast identity of a checkpoint for load-time checks: configs, tokenizer files, and for each weight file its
-    size, safetensors header and ``blocks`` evenly spaced samples of its data (about 1 MB read per file, instead of
-    hashing gigabytes on every load)."""
+    size, safetensors header and evenly spaced samples of its data (about 1 MB read per file, instead of hashing
+    gigabytes on every load). With a tiny decoder (``ckpt.decoder``), it stands for the checkpoint's VAE."""
     h = hashlib.sha256()
     h.update((ckpt.path / "model_index.json").read_bytes())
     for comp in components:
-        folder = ckpt.component(comp)
-        for f in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in {".json", ".txt"}):
-            h.update(f"{comp}/{f.name}:".encode() + f.read_bytes())
-        if comp == "tokenizer":
-            continue
-        for f in weight_files(folder):
-            size = f.stat().st_size
-            h.update(f"{comp}/{f.name}:{size}:".encode())
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(n))
-                start, span = 8 + n, max(size - 8 - n - block, 0)
-                for i in range(blocks):
-                    fh.seek(start + span * i // max(blocks - 1, 1))
-                    h.update(fh.read(block))
+        if comp == "vae" and ckpt.decoder is not None:
+            _hash_folder(h, ckpt.decoder.path, "decoder")
+        else:
+            _hash_folder(h, ckpt.component(comp), comp, weights=comp != "tokenizer")
     return h.hexdigest()
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """:func:`fingerprint` of one model folder (config and sampled weights)."""
+    h = hashlib.sha256()
+    _hash_folder(h, folder, "")
+    return h.hexdigest()
+
+
+def _hash_folder(h: Any, folder: Path, label: str, weights: bool = True, blocks: int = 16,
+                 block: int = 1 << 16) -> None:
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in {".json", ".txt"}):
+        h.update(f"{label}/{f.name}:".encode() + f.read_bytes())
+    if not weights:
+        return
+    for f in weight_files(folder):
+        size = f.stat().st_size
+        h.update(f"{label}/{f.name}:{size}:".encode())
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(n))
+            start, span = 8 + n, max(size - 8 - n - block, 0)
+            for i in range(blocks):
+                fh.seek(start + span * i // max(blocks - 1, 1))
+                h.update(fh.read(block))
 
 
 def checkpoint_hash(ckpt: Checkpoint, components: tuple[str, ...] = ("text_encoder", "tokenizer", "unet", "vae")
@@ -190,8 +203,27 @@ def usable_export_problem(doc: dict[str, Any], folder: Path, allow_unverified: b
     return None
 
 
+#: what exports made before decoders were recorded hold
+OWN_DECODER = {"class": "AutoencoderKL", "name": "the checkpoint's own VAE"}
+
+
+def decoder_identity(ckpt: Checkpoint) -> dict[str, str]:
+    """The VAE decoder an export of ``ckpt`` holds (recorded in manifests and engine indexes)."""
+    return ckpt.decoder.identity() if ckpt.decoder is not None else dict(OWN_DECODER)
+
+
+def check_decoder_matches(doc: dict[str, Any], ckpt: Checkpoint, folder: Path) -> None:
+    """Refuse an export made with another VAE decoder than the one asked for (one line)."""
+    held, wanted = doc.get("decoder", OWN_DECODER), decoder_identity(ckpt)
+    if held.get("fingerprint") != wanted.get("fingerprint") or held.get("class") != wanted.get("class"):
+        flag = f"--vae {ckpt.decoder.name}" if ckpt.decoder is not None else "without --vae"
+        raise ExportError(f"{folder} was exported with {held.get('name')} ({held.get('class')}) as its decoder, not "
+                          f"{wanted['name']}; re-export it {flag}")
+
+
 def check_export_matches(doc: dict[str, Any], ckpt: Checkpoint, folder: Path) -> None:
-    """Refuse an export made from another checkpoint (one line)."""
+    """Refuse an export made from another checkpoint, or with another decoder (one line)."""
+    check_decoder_matches(doc, ckpt, folder)
     made_from = doc.get("checkpoint", {})
     if made_from.get("fingerprint") != fingerprint(ckpt):
         raise ExportError(f"{folder} was exported from another checkpoint ({made_from.get('name')}), not "

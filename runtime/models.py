@@ -15,11 +15,13 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
 
 from .checkpoints import FLOW_PIPELINE_CLASS, Checkpoint
+from .decoders import check_decoder_fits, load_decoder, vae_scale_factor
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,8 @@ class Components:
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent cell: ``2 ** (len(vae.block_out_channels) - 1)`` (8 for SD)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixels per latent cell (8 for SD): see :func:`runtime.decoders.vae_scale_factor`."""
+        return vae_scale_factor(self.vae.config)
 
     @property
     def latent_channels(self) -> int:
@@ -188,22 +190,24 @@ def _load_components(ckpt: Checkpoint, device: torch.device | str, dtype: torch.
         vae=_config_only(ckpt.component("vae")),
     )
     check_compatible(configs, ckpt.name)
+    if ckpt.decoder is not None:  # a tiny decoder instead of the checkpoint's VAE, checked against it
+        check_decoder_fits(ckpt.decoder, configs.vae.config, configs.latent_channels, ckpt.name)
+        configs.vae = SimpleNamespace(config=SimpleNamespace(**ckpt.decoder.config))
     if not weights:
         return configs
     c = Components(
         tokenizer=tokenizer,
         text_encoder=load_text_encoder(ckpt.component("text_encoder")),
         unet=load_unet(ckpt.component("unet")),
-        vae=load_vae(ckpt.component("vae")),
+        vae=load_decoder(ckpt.decoder) if ckpt.decoder is not None else load_vae(ckpt.component("vae")),
     )
-    check_compatible(c, ckpt.name)
+    if ckpt.decoder is None:
+        check_compatible(c, ckpt.name)
     return c.to(device=device, dtype=dtype).eval()
 
 
 def _config_only(folder: Path, transformers_config: bool = False) -> Any:
     """A stand-in for a network: an object whose ``.config`` holds the folder's config.json."""
-    from types import SimpleNamespace
-
     try:
         if transformers_config:
             from transformers import CLIPTextConfig

@@ -21,6 +21,7 @@ import torch
 from . import flow
 from .backends import Backend, create
 from .checkpoints import Checkpoint, check_is_flow, resolve
+from .decoders import with_decoder
 from .embeddings import EmbeddingCache
 from .errors import NonFiniteOutputError
 from .inputs import (OUTPUT_TYPES, Limits, OutputType, Request, check_guidance, check_noise_source, check_output_type,
@@ -83,7 +84,7 @@ class Pipeline:
     def from_pretrained(cls, ckpt: str | os.PathLike[str] = "tiny", *, device: torch.device | str | None = None,
                         dtype: torch.dtype | str | None = None, backend: str = "torch",
                         treat_as_flow: bool = False, export_dir: str | os.PathLike[str] | None = None,
-                        **backend_options: Any) -> "Pipeline":
+                        vae: str | os.PathLike[str] | None = None, **backend_options: Any) -> "Pipeline":
         """Load a rectified-flow checkpoint: an alias (``instaflow-0.9b``, ``2rf-sd1.5``, ``tiny``), a hub id
         (from the Hugging Face cache) or a local diffusers folder.
 
@@ -93,13 +94,16 @@ class Pipeline:
 
         ``backend``: ``"torch"``, ``"onnxruntime"`` (runs an export from ``python -m export.onnx``, found in
         ``export_dir`` or the export cache), ``"tensorrt"`` or ``"auto"`` (the fastest one available here).
+
+        ``vae``: a tiny decoder used instead of the checkpoint's VAE: ``"taesd"`` (``madebyollin/taesd``), a hub id
+        or a folder of an ``AutoencoderTiny`` (exports must have been made with the same ``--vae``).
         """
         from .backends import check_name, choose
 
         device_ = parse_device(device)
         dtype_ = parse_dtype(dtype, device_)
         check_name(backend)
-        checkpoint = resolve(ckpt)
+        checkpoint = with_decoder(resolve(ckpt), vae)
         check_is_flow(checkpoint, treat_as_flow)
         backend, backend_options = choose(backend, device_, checkpoint, export_dir, backend_options)  # auto: once
         components = load_components(checkpoint, device=device_, dtype=dtype_, weights=backend == "torch")

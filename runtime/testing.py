@@ -12,6 +12,7 @@ latency subject, since latency does not depend on weight values).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -195,3 +196,23 @@ def write_tiny_checkpoint(folder: str | os.PathLike[str], spec: TinySpec | None 
         components = build_tiny_components(spec, seed=seed, tokenizer_dir=tok_dir)
         sched = None if class_name == FLOW_PIPELINE_CLASS else SD_SCHEDULER_CONFIG
         return save_checkpoint(components, folder, class_name=class_name, scheduler_config=sched)
+
+
+def write_tiny_decoder(folder: str | os.PathLike[str], latent_channels: int = 4, scale_factor: int = 8,
+                       channels: int | None = 16, seed: int = 0) -> Path:
+    """A randomly initialised ``AutoencoderTiny`` (TAESD's architecture) saved as a decoder folder: ``channels``
+    per block (None: TAESD's real 64, for benchmarks), ``log2(scale_factor) + 1`` decoder blocks."""
+    from diffusers import AutoencoderTiny
+
+    blocks = int(math.log2(scale_factor)) + 1
+    if 2 ** (blocks - 1) != scale_factor:
+        raise ValueError(f"scale_factor must be a power of two, got {scale_factor}")
+    torch.manual_seed(seed)
+    width = (channels or 64,) * blocks
+    depth = (1,) * blocks if channels else (1,) + (3,) * (blocks - 1)
+    decoder = AutoencoderTiny(latent_channels=latent_channels, encoder_block_out_channels=width,
+                              decoder_block_out_channels=width, num_encoder_blocks=depth,
+                              num_decoder_blocks=tuple(reversed(depth)))
+    folder = Path(folder)
+    decoder.save_pretrained(folder, safe_serialization=True)
+    return folder
