@@ -43,6 +43,8 @@ RATIOS = {
     "compiled/diffusers_1step": ("ours_1step_compiled", "diffusers_1step"),
     "compiled/sd_25step_cfg": ("ours_1step_compiled", "sd_25step_cfg"),
     "ours/diffusers_batch8": ("ours_batch8", "diffusers_batch8"),
+    "taesd/ours": ("ours_1step_taesd", "ours_1step"),  # the pipeline with TAESD's decoder vs the subject's VAE
+    "taesd/sd_vae (decode)": ("decode_taesd", "decode_sd_vae"),  # the decoders alone, SD's real architectures
 }
 
 

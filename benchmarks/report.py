@@ -45,11 +45,9 @@ def render_markdown(docs: list[dict], chart: str | None) -> str:
              "`benchmarks/.results/`. Ratios compare medians measured side by side in the same run; lower is "
              "better. Subjects use random weights (latency does not depend on weight values).", ""]
     for doc in docs:
-        if "variants" in doc:
-            lines += render_layouts(doc)
-            continue
-        if "steps" in doc:
-            lines += render_fullsize(doc)
+        other = next((render for key, render in OTHER_SECTIONS if key in doc), None)
+        if other is not None:  # results of the other tools: one section each
+            lines += other(doc)
             continue
         m = doc["machine"]
         hw = m.get("gpu") or f"{m['cpu']} ({m['cores']} cores)"
@@ -127,6 +125,48 @@ def render_layouts(doc: dict) -> list[str]:
     if doc.get("provenance"):
         lines += ["", f"Note: {doc['provenance']}."]
     return lines + [""]
+
+
+def render_serve_load(doc: dict) -> list[str]:
+    """``python -m benchmarks.serve_load``: the HTTP service under concurrent load, per ``--max-batch``."""
+    m, rows = doc.get("machine", {}), doc["rows"]
+    lines = [f"## HTTP service under load — {m.get('cpu', 'unknown CPU')} ({m.get('cores', '?')} cores), "
+             f"{doc['date']}", "",
+             f"`{doc.get('command', 'python -m benchmarks.serve_load')}`: a fresh `python -m runtime.serve` per "
+             f"`--max-batch` (default wait and queue), {doc['clients']} concurrent clients on loopback each sending "
+             f"requests one after another, bundled model at {doc['size']}x{doc['size']} px, every answer checked "
+             "against the direct `Pipeline` call with its seed.", "",
+             f"| --max-batch | requests | answered correctly | images/s | vs --max-batch {rows[0]['max_batch']} | "
+             "p50 ms | p99 ms |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['max_batch']} | {r['requests']} | {r['answered_correctly']} | {r['images_per_s']:.1f} | "
+              f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}x | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+              for r in rows]
+    if doc.get("note"):
+        lines += ["", f"Note: {doc['note']}"]
+    return lines + [""]
+
+
+def render_train_memory(doc: dict) -> list[str]:
+    """``python -m benchmarks.train_memory``: what one GPU needs to train the SD-1.5 UNet (computed)."""
+    gib = 2**30
+    lines = [f"## Training memory per GPU (computed on the CPU) — {doc['date']}", "",
+             f"`{doc.get('command', 'python -m benchmarks.train_memory')}`: the SD-1.5 UNet "
+             f"({doc['params'] / 1e6:.0f}M parameters, {doc['latent']}x{doc['latent']} latents) built on the meta "
+             "device and run forward in training mode; the tensors autograd keeps for the backward pass are counted "
+             f"exactly (fp32; bf16 autocast keeps about half). Fixed: AdamW with fp32 master weights, "
+             f"{16 * doc['params'] / gib:.1f} GiB (+{4 * doc['params'] / gib:.1f} GiB of DDP buckets on several "
+             "GPUs).", "", "| batch | gradient checkpointing | activations (fp32) | per GPU, fp32 | per GPU, bf16 "
+             "autocast |", "| ---: | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | {r['activations_fp32'] / gib:.2f} GiB | "
+              f"{r['total_fp32'] / gib:.1f} GiB | ~{r['total_bf16_autocast'] / gib:.1f} GiB |" for r in doc["rows"]]
+    if doc.get("note"):
+        lines += ["", f"Note: {doc['note']}"]
+    return lines + [""]
+
+
+#: results of the other tools, told apart by a key only their JSON has
+OTHER_SECTIONS = (("variants", render_layouts), ("steps", render_fullsize), ("clients", render_serve_load),
+                  ("activations_of", render_train_memory))
 
 
 def bar_chart(docs: list[dict], path: Path) -> None:

@@ -128,8 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .subjects import machine_info, now
 
-    atomic_write_json(out, {"machine": machine_info(), "date": now(), "clients": a.clients, "size": a.size,
-                            "rows": rows})
+    command = "python -m benchmarks.serve_load " + " ".join(argv if argv is not None else sys.argv[1:])
+    atomic_write_json(out, {"machine": machine_info(), "date": now(), "command": command.strip(),
+                            "clients": a.clients, "size": a.size, "rows": rows})
     return 0 if all(r["answered_correctly"] == r["requests"] for r in rows) else 1
 
 

@@ -10,7 +10,7 @@ import os
 import platform
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +35,8 @@ class Subject:
     #: the modules diffusers' baselines run (default: the same as ours); on a GPU, a plain copy of the same weights,
     #: so that our in-place optimisations (channels-last, fused QKV) do not speed the baselines up
     baseline: Components | None = None
+    #: the options ``pipe`` was made with (other pipelines of the same subject use them too)
+    options: dict = field(default_factory=lambda: dict(OURS))
 
     @property
     def components(self) -> Components:
@@ -57,10 +59,10 @@ def make_subject(name: str) -> Subject:
     if name == "sd15":  # our fastest torch set-up: channels-last, fused QKV, CUDA graphs (ours_1step_eager: without)
         comps = build_tiny_components(SD15_SPEC, seed=0).to("cuda", torch.float16)
         plain = copy.deepcopy(comps)  # diffusers' baselines as a diffusers user runs them: default memory format
-        pipe = Pipeline(comps, device="cuda", dtype=torch.float16, name=name, channels_last=True, fuse_qkv=True,
-                        cuda_graph=True, **OURS)
+        options = dict(channels_last=True, fuse_qkv=True, cuda_graph=True, **OURS)
+        pipe = Pipeline(comps, device="cuda", dtype=torch.float16, name=name, **options)
         return Subject(name, pipe, "SD-1.5 shapes, 512x512, random weights, fp16, CUDA; ours: channels-last, fused "
-                                   "QKV, CUDA graphs; diffusers: the same weights as loaded", plain)
+                                   "QKV, CUDA graphs; diffusers: the same weights as loaded", plain, options)
     raise ValueError(f"unknown subject {name!r}")
 
 

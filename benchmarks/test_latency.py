@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 from runtime import Pipeline
 
@@ -50,6 +51,51 @@ def test_ours_1step(measure, subject):
     out = subject.pipe(PROMPT, seed=0)
     assert len(out.images) == 1 and out.images[0].size == _size(subject)[::-1]
     measure(subject, "ours_1step", lambda: subject.pipe(PROMPT, seed=0), ROUNDS[subject.name][0])
+
+
+def test_ours_1step_taesd(measure, subject):
+    """The same pipeline with a tiny decoder of TAESD's real architecture (random weights) instead of the VAE."""
+    from dataclasses import replace
+
+    from runtime.testing import build_tiny_decoder
+
+    c = subject.components
+    taesd = build_tiny_decoder(c.latent_channels, c.vae_scale_factor, channels=None).to(c.unet.device, c.unet.dtype)
+    pipe = Pipeline(replace(c, vae=taesd), device=subject.pipe.device, dtype=subject.pipe.dtype, name=subject.name,
+                    **subject.options)
+    assert pipe(PROMPT, seed=0).images[0].size == _size(subject)[::-1]
+    measure(subject, "ours_1step_taesd", lambda: pipe(PROMPT, seed=0), ROUNDS[subject.name][0])
+
+
+@pytest.mark.parametrize("decoder", ["sd_vae", "taesd"])
+def test_decode(measure, subject, decoder):
+    """The decoder alone at the subject's latent size: SD 1.5's real VAE decoder architecture vs TAESD's (random
+    weights), since a subject's own VAE may be scaled down (small-sd's is). Where the VAE upsamples 8x only."""
+    from diffusers import AutoencoderKL
+
+    from runtime.testing import SD15_SPEC, build_tiny_decoder
+
+    c = subject.components
+    if c.vae_scale_factor != 8:
+        pytest.skip("SD's decoders upsample 8x")
+    if decoder == "taesd":
+        module = build_tiny_decoder(c.latent_channels, 8, channels=None)
+    else:
+        torch.manual_seed(0)
+        n = len(SD15_SPEC.vae_channels)
+        module = AutoencoderKL(latent_channels=c.latent_channels, block_out_channels=SD15_SPEC.vae_channels,
+                               down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                               layers_per_block=SD15_SPEC.vae_layers, norm_num_groups=SD15_SPEC.vae_groups).eval()
+    module = module.to(subject.pipe.device, subject.pipe.dtype)
+    h, w = c.default_size
+    z = torch.randn(1, c.latent_channels, h // 8, w // 8, device=subject.pipe.device, dtype=subject.pipe.dtype)
+
+    def decode():
+        with torch.inference_mode():
+            return module.decode(z, return_dict=False)[0]
+
+    assert decode().shape == (1, 3, h, w)
+    measure(subject, f"decode_{decoder}", decode, ROUNDS[subject.name][1])
 
 
 def test_ours_1step_eager(measure, subject):

@@ -28,6 +28,7 @@ import torch
 
 from runtime.checkpoints import resolve
 from runtime.decoders import with_decoder
+from runtime.lora import with_loras
 from runtime.cli import run_cli
 from runtime.models import Components, load_components
 
@@ -181,10 +182,12 @@ def _consolidate(path: Path) -> None:
 
 
 def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, force: bool = False,
-           verify: bool = True, only: Sequence[str] | None = None, vae: str | None = None) -> dict[str, Any]:
+           verify: bool = True, only: Sequence[str] | None = None, vae: str | None = None,
+           lora: Any = None) -> dict[str, Any]:
     """Export (or reuse) the graphs of ``ckpt`` into ``out`` (all, or those named in ``only``), verify them, and
     return the manifest. A re-run whose graphs are all reused, hash-checked, keeps their earlier verification.
-    ``vae``: a tiny decoder (``taesd``, hub id or folder) exported instead of the checkpoint's VAE decoder."""
+    ``vae``: a tiny decoder (``taesd``, hub id or folder) exported instead of the checkpoint's VAE decoder;
+    ``lora``: LoRAs fused into the exported weights (as ``Pipeline.from_pretrained(lora=...)`` takes them)."""
     settings = settings or ExportSettings()
     settings.check()
     unknown = sorted(set(only or ()) - set(COMPONENTS))
@@ -194,7 +197,7 @@ def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, f
     if out.exists() and not out.is_dir():
         raise ExportError(f"output path is a file, not a folder: {out}")
     t0 = time.perf_counter()
-    checkpoint = with_decoder(resolve(ckpt), vae)
+    checkpoint = with_loras(with_decoder(resolve(ckpt), vae), lora)
     ckpt_hash = mf.checkpoint_hash(checkpoint)
     _log(f"[hash] {checkpoint.name}: {ckpt_hash[:12]} ({time.perf_counter() - t0:.1f} s)")
     _check_writable(out)
@@ -211,6 +214,7 @@ def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, f
         **dims.to_manifest(),
         "vae": {"scaling_factor": components.scaling_factor, "shift_factor": components.shift_factor},
         "decoder": mf.decoder_identity(checkpoint),
+        "loras": list(checkpoint.loras),
         "components": dict((old or {}).get("components", {})),  # graphs of earlier runs stay listed
     }
     specs = [s for s in component_specs(dims, fused=True) if s.name in only] if only else \
@@ -273,13 +277,16 @@ def _previous_export(out: Path, ckpt_hash: str, force: bool) -> dict[str, Any] |
     return old
 
 
-def _component_key(spec: ComponentSpec, settings: ExportSettings, decoder: dict[str, Any]) -> dict[str, Any]:
+def _component_key(spec: ComponentSpec, settings: ExportSettings, decoder: dict[str, Any],
+                   loras: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """What a graph was made with; a graph is reused only when this matches (the decoder for the graphs holding
     one)."""
     key = {"dtype": dtype_name(settings.dtype_of(spec.name)), "opset": settings.opset,
            "fp32_scopes": list(settings.fp32_scopes(spec.name)), "dynamic_hw": settings.dynamic_hw, **_versions()}
     if spec.name in ("vae_decoder", "onestep"):
         key["decoder"] = decoder.get("fingerprint", decoder["class"])
+    if spec.name != "vae_decoder" and loras:
+        key["loras"] = [(x["sha256"], x["scale"]) for x in loras]
     return key
 
 
@@ -290,7 +297,7 @@ def _drop_stale(out: Path, doc: dict[str, Any], settings: ExportSettings, keep: 
     specs = specs_by_name(ModelDims.from_manifest(doc))
     for name in [n for n in doc["components"] if n not in keep]:
         entry = doc["components"][name]
-        if name in specs and entry.get("key") == _component_key(specs[name], settings, doc["decoder"]):
+        if name in specs and entry.get("key") == _component_key(specs[name], settings, doc["decoder"], doc["loras"]):
             continue
         for f in mf.graph_files(out, entry["file"]):
             f.unlink(missing_ok=True)
@@ -302,7 +309,7 @@ def _export_or_reuse(spec: ComponentSpec, components: Components, out: Path, set
                      old: dict[str, Any] | None, doc: dict[str, Any]) -> bool:
     """Export one graph into ``doc`` (and the manifest on disk: progress survives a crash), or reuse the earlier
     one when it was made with the same settings and its files are intact; True when reused."""
-    key = _component_key(spec, settings, doc["decoder"])
+    key = _component_key(spec, settings, doc["decoder"], doc["loras"])
     prev = (old or {}).get("components", {}).get(spec.name)
     if prev and prev.get("key") == key:
         try:
@@ -340,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export only these graphs (text_encoder, unet, vae_decoder, onestep)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison (not recommended)")
     p.add_argument("--vae", default=None, help="tiny decoder instead of the checkpoint's VAE: taesd, hub id, folder")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="fuse a LoRA (file, folder or hub id; scale 1 by default) into the exported weights; repeat "
+                        "for several")
     return p
 
 
@@ -351,7 +361,7 @@ def settings_from_args(args: argparse.Namespace) -> ExportSettings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_cli(lambda: export(args.ckpt, args.output, settings_from_args(args), force=args.force,
-                                  verify=not args.no_verify, only=args.only, vae=args.vae))
+                                  verify=not args.no_verify, only=args.only, vae=args.vae, lora=args.lora))
 
 
 if __name__ == "__main__":

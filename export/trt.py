@@ -138,14 +138,14 @@ def _engine_device() -> Any:
 
 def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, opt_batch: int | None = None,
           height: int | None = None, width: int | None = None, static: bool = False, vae_fp32: bool = False,
-          force: bool = False, vae: str | None = None) -> dict[str, Any]:
+          force: bool = False, vae: str | None = None, lora: Any = None) -> dict[str, Any]:
     """fp16 ONNX export (cached), then TensorRT engines for every graph, each compared with PyTorch; returns the
     engines manifest."""
     out = Path(out)
     if not 1 <= min_batch <= max_batch:
         raise ExportError(f"need 1 <= --min-batch <= --max-batch, got {min_batch} and {max_batch}")
     settings = ExportSettings(fp16=True, vae_fp32=vae_fp32, dynamic_hw=not static, fused=True)
-    doc = export(ckpt, out, settings, force=force, vae=vae)
+    doc = export(ckpt, out, settings, force=force, vae=vae, lora=lora)
     trt = require_tensorrt()
     import torch
 
@@ -157,7 +157,8 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
     specs = specs_by_name(dims)
     components = load_components(export_checkpoint(doc), device="cpu", dtype=torch.float32)
     engines: dict[str, Any] = {"format": mf.FORMAT, "tensorrt": trt.__version__, "gpu": gpu,
-                               "checkpoint": doc["checkpoint"], "decoder": doc["decoder"], "latent": doc["latent"],
+                               "checkpoint": doc["checkpoint"], "decoder": doc["decoder"], "loras": doc["loras"],
+                               "latent": doc["latent"],
                                "vae": doc["vae"],
                                "text": doc["text"], "components": {}}
     for name in sorted(doc["components"], key=lambda n: n == "onestep"):  # the UNet's engine first: see reference()
@@ -218,11 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vae-fp32", action="store_true", help="keep the VAE decoder in fp32 (fp16 overflow)")
     p.add_argument("--force", action="store_true", help="rebuild engines / replace another checkpoint's export")
     p.add_argument("--vae", default=None, help="tiny decoder instead of the checkpoint's VAE: taesd, hub id, folder")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="fuse a LoRA into the engines' weights; repeat for several")
     args = p.parse_args(argv)
     lo, hi = (args.batch, args.batch) if args.batch else (args.min_batch, args.max_batch)
     return run_cli(lambda: build(args.ckpt, args.output, min_batch=lo, max_batch=hi, height=args.height,
                                  width=args.width, static=args.static, vae_fp32=args.vae_fp32, force=args.force,
-                                 vae=args.vae))
+                                 vae=args.vae, lora=args.lora))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 
 from runtime.checkpoints import resolve
 from runtime.decoders import TINY_CLASS, with_decoder
+from runtime.lora import with_loras
 from runtime.cli import run_cli
 from runtime.models import Components, load_components
 
@@ -145,10 +146,11 @@ def _unet_velocity(folder: Path, doc: dict[str, Any], specs: dict[str, Component
 
 
 def export_checkpoint(doc: dict[str, Any]) -> Any:
-    """The checkpoint an export was made from, with the tiny decoder it holds (if any)."""
+    """The checkpoint an export was made from, with the tiny decoder and the LoRAs it holds (if any)."""
     decoder = doc.get("decoder", {})
-    return with_decoder(resolve(doc["checkpoint"]["path"]),
-                        decoder.get("path") if decoder.get("class") == TINY_CLASS else None)
+    checkpoint = with_decoder(resolve(doc["checkpoint"]["path"]),
+                              decoder.get("path") if decoder.get("class") == TINY_CLASS else None)
+    return with_loras(checkpoint, [(x["file"], x["scale"]) for x in doc.get("loras", [])])
 
 
 def verify_and_record(folder: str | Path, components: Components | None = None) -> dict[str, Any]:

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the ONNX export / TensorRT engines (onnxruntime, tensorrt, auto) [the export cache]")
     p.add_argument("--vae", default=None,
                    help="tiny decoder instead of the checkpoint's VAE: taesd, a hub id or a folder [the checkpoint's]")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="fuse a LoRA (file, folder or hub id) into the weights; repeat for several")
     p.add_argument("--allow-unverified", action="store_true",
                    help="run an ONNX export made with --no-verify (onnxruntime, auto) [only verified exports]")
     p.add_argument("--treat-as-flow", action="store_true",
@@ -117,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
                   "(pass --guidance > 1, e.g. 1.5)")
     pipe = Pipeline.from_pretrained(args.ckpt, device=args.device, dtype=args.dtype, backend=args.backend,
                                     treat_as_flow=args.treat_as_flow, export_dir=args.export_dir, vae=args.vae,
+                                    lora=args.lora,
                                     **({"allow_unverified": True} if args.allow_unverified else {}))
     load_s = time.perf_counter() - t0
     pipe.profile = True

@@ -51,14 +51,16 @@ _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A resolved checkpoint: a local diffusers folder plus what its ``model_index.json`` says, and the tiny VAE
-    decoder used instead of its own when one was asked for (:mod:`runtime.decoders`)."""
+    """A resolved checkpoint: a local diffusers folder plus what its ``model_index.json`` says, the tiny VAE
+    decoder used instead of its own when one was asked for (:mod:`runtime.decoders`), and the LoRAs fused into its
+    weights when they are loaded (:mod:`runtime.lora`)."""
 
     name: str
     path: Path
     index: dict[str, Any] = field(repr=False)
     repo_id: str | None = None
     decoder: "Decoder | None" = None
+    loras: tuple[dict[str, Any], ...] = ()  # LoRAs fused at load (runtime.lora.lora_identity)
 
     @property
     def class_name(self) -> str:

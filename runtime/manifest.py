@@ -40,6 +40,8 @@ def fingerprint(ckpt: Checkpoint, components: tuple[str, ...] = ("text_encoder",
             _hash_folder(h, ckpt.decoder.path, "decoder")
         else:
             _hash_folder(h, ckpt.component(comp), comp, weights=comp != "tokenizer")
+    for lora in ckpt.loras:
+        h.update(f"lora:{lora['sha256']}:{lora['scale']!r}".encode())
     return h.hexdigest()
 
 
@@ -221,9 +223,22 @@ def check_decoder_matches(doc: dict[str, Any], ckpt: Checkpoint, folder: Path) -
                           f"{wanted['name']}; re-export it {flag}")
 
 
+def check_loras_match(doc: dict[str, Any], ckpt: Checkpoint, folder: Path) -> None:
+    """Refuse an export whose fused LoRAs (file contents and scales) are not the ones asked for (one line)."""
+    def names(loras: Any) -> list[str]:
+        return [f"{Path(x['file']).name}:{x['scale']:g}" for x in loras]
+
+    held, wanted = doc.get("loras", []), list(ckpt.loras)
+    if [(x["sha256"], x["scale"]) for x in held] != [(x["sha256"], x["scale"]) for x in wanted]:
+        flags = " ".join(f"--lora {n}" for n in names(wanted)) or "without --lora"
+        raise ExportError(f"{folder} holds the LoRAs [{', '.join(names(held))}], not [{', '.join(names(wanted))}]; "
+                          f"re-export it {flags}")
+
+
 def check_export_matches(doc: dict[str, Any], ckpt: Checkpoint, folder: Path) -> None:
-    """Refuse an export made from another checkpoint, or with another decoder (one line)."""
+    """Refuse an export made from another checkpoint, or with another decoder or other LoRAs (one line)."""
     check_decoder_matches(doc, ckpt, folder)
+    check_loras_match(doc, ckpt, folder)
     made_from = doc.get("checkpoint", {})
     if made_from.get("fingerprint") != fingerprint(ckpt):
         raise ExportError(f"{folder} was exported from another checkpoint ({made_from.get('name')}), not "

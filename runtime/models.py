@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -37,6 +37,8 @@ class Components:
     text_encoder: torch.nn.Module
     unet: torch.nn.Module
     vae: torch.nn.Module
+    #: the LoRAs fused into these weights, and the originals to restore them (runtime.lora.Fuser), if any
+    lora: Any = field(default=None, repr=False, compare=False)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -203,7 +205,14 @@ def _load_components(ckpt: Checkpoint, device: torch.device | str, dtype: torch.
     )
     if ckpt.decoder is None:
         check_compatible(c, ckpt.name)
-    return c.to(device=device, dtype=dtype).eval()
+    c = c.to(device=device, dtype=dtype).eval()
+    if ckpt.loras:
+        from .lora import Fuser
+
+        c.lora = Fuser(c)
+        for lora in ckpt.loras:
+            c.lora.load(lora["file"], lora["scale"])
+    return c
 
 
 def _config_only(folder: Path, transformers_config: bool = False) -> Any:

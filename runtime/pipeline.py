@@ -22,8 +22,9 @@ from . import flow
 from .backends import Backend, create
 from .checkpoints import Checkpoint, check_is_flow, resolve
 from .decoders import with_decoder
+from .lora import Fuser, with_loras
 from .embeddings import EmbeddingCache
-from .errors import NonFiniteOutputError
+from .errors import InvalidInputError, NonFiniteOutputError
 from .inputs import (OUTPUT_TYPES, Limits, OutputType, Request, check_guidance, check_noise_source, check_output_type,
                      check_pixels, check_prompts, parse_device, parse_dtype, positive_int)
 from .models import Components, load_components
@@ -84,7 +85,8 @@ class Pipeline:
     def from_pretrained(cls, ckpt: str | os.PathLike[str] = "tiny", *, device: torch.device | str | None = None,
                         dtype: torch.dtype | str | None = None, backend: str = "torch",
                         treat_as_flow: bool = False, export_dir: str | os.PathLike[str] | None = None,
-                        vae: str | os.PathLike[str] | None = None, **backend_options: Any) -> "Pipeline":
+                        vae: str | os.PathLike[str] | None = None, lora: Any = None,
+                        **backend_options: Any) -> "Pipeline":
         """Load a rectified-flow checkpoint: an alias (``instaflow-0.9b``, ``2rf-sd1.5``, ``tiny``), a hub id
         (from the Hugging Face cache) or a local diffusers folder.
 
@@ -97,18 +99,51 @@ class Pipeline:
 
         ``vae``: a tiny decoder used instead of the checkpoint's VAE: ``"taesd"`` (``madebyollin/taesd``), a hub id
         or a folder of an ``AutoencoderTiny`` (exports must have been made with the same ``--vae``).
+
+        ``lora``: LoRAs fused into the weights, ``"file"``, ``("file", scale)`` or a list (files, folders or hub
+        ids); with an exported backend, the export must hold the same ones (``--lora``).
         """
         from .backends import check_name, choose
 
         device_ = parse_device(device)
         dtype_ = parse_dtype(dtype, device_)
         check_name(backend)
-        checkpoint = with_decoder(resolve(ckpt), vae)
+        checkpoint = with_loras(with_decoder(resolve(ckpt), vae), lora)
         check_is_flow(checkpoint, treat_as_flow)
         backend, backend_options = choose(backend, device_, checkpoint, export_dir, backend_options)  # auto: once
         components = load_components(checkpoint, device=device_, dtype=dtype_, weights=backend == "torch")
         return cls(components, device=device_, dtype=dtype_, backend=backend, name=checkpoint.name,
                    checkpoint=checkpoint, export_dir=export_dir, **backend_options)
+
+    # ------------------------------------------------------------------------------------------------ LoRA
+    def load_lora(self, lora: str | os.PathLike[str], scale: float = 1.0) -> dict[str, Any]:
+        """Fuse a LoRA (file, folder or hub id) into the weights at ``scale`` (torch backend; several add up; not
+        while other threads call the pipeline). Returns what it changed."""
+        info = self._fuser().load(lora, scale)
+        if "text_encoder" in info["layers"]:
+            self._embeddings.clear()
+        return info
+
+    def unload_lora(self) -> None:
+        """Take every fused LoRA out again: the weights are restored bit for bit."""
+        if self._fuser().unload():
+            self._embeddings.clear()
+
+    @property
+    def loras(self) -> list[dict[str, Any]]:
+        """The fused LoRAs (file, sha256, scale, layers changed), in loading order."""
+        return list(self.components.lora.fused) if self.components.lora is not None else []
+
+    def _fuser(self) -> Fuser:
+        if self.backend.name != "torch":
+            raise InvalidInputError(f"the {self.backend.name} backend runs an export: fuse LoRAs into it with "
+                                    "`python -m export.onnx --lora FILE[:SCALE]` (or export.trt)")
+        if getattr(self.backend, "fuse_qkv", False):
+            raise InvalidInputError("LoRAs cannot change fused QKV projections: pass lora= to from_pretrained, "
+                                    "which fuses them before fuse_qkv")
+        if self.components.lora is None:
+            self.components.lora = Fuser(self.components)
+        return self.components.lora
 
     # ------------------------------------------------------------------------------------------------ call
     @torch.inference_mode()

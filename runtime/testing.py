@@ -198,10 +198,10 @@ def write_tiny_checkpoint(folder: str | os.PathLike[str], spec: TinySpec | None 
         return save_checkpoint(components, folder, class_name=class_name, scheduler_config=sched)
 
 
-def write_tiny_decoder(folder: str | os.PathLike[str], latent_channels: int = 4, scale_factor: int = 8,
-                       channels: int | None = 16, seed: int = 0) -> Path:
-    """A randomly initialised ``AutoencoderTiny`` (TAESD's architecture) saved as a decoder folder: ``channels``
-    per block (None: TAESD's real 64, for benchmarks), ``log2(scale_factor) + 1`` decoder blocks."""
+def build_tiny_decoder(latent_channels: int = 4, scale_factor: int = 8, channels: int | None = 16,
+                       seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised ``AutoencoderTiny`` (TAESD's architecture): ``channels`` per block (None: TAESD's
+    real 64 and block depths, for benchmarks), ``log2(scale_factor) + 1`` blocks."""
     from diffusers import AutoencoderTiny
 
     blocks = int(math.log2(scale_factor)) + 1
@@ -210,9 +210,14 @@ def write_tiny_decoder(folder: str | os.PathLike[str], latent_channels: int = 4,
     torch.manual_seed(seed)
     width = (channels or 64,) * blocks
     depth = (1,) * blocks if channels else (1,) + (3,) * (blocks - 1)
-    decoder = AutoencoderTiny(latent_channels=latent_channels, encoder_block_out_channels=width,
-                              decoder_block_out_channels=width, num_encoder_blocks=depth,
-                              num_decoder_blocks=tuple(reversed(depth)))
+    return AutoencoderTiny(latent_channels=latent_channels, encoder_block_out_channels=width,
+                           decoder_block_out_channels=width, num_encoder_blocks=depth,
+                           num_decoder_blocks=tuple(reversed(depth))).eval()
+
+
+def write_tiny_decoder(folder: str | os.PathLike[str], latent_channels: int = 4, scale_factor: int = 8,
+                       channels: int | None = 16, seed: int = 0) -> Path:
+    """:func:`build_tiny_decoder`, saved as a decoder folder (``Pipeline.from_pretrained(..., vae=folder)``)."""
     folder = Path(folder)
-    decoder.save_pretrained(folder, safe_serialization=True)
+    build_tiny_decoder(latent_channels, scale_factor, channels, seed).save_pretrained(folder, safe_serialization=True)
     return folder

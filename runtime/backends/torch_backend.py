@@ -49,6 +49,7 @@ class TorchBackend:
         if channels_last:
             components.unet.to(memory_format=torch.channels_last)
             components.vae.to(memory_format=torch.channels_last)
+        self.fuse_qkv = fuse_qkv
         if fuse_qkv:  # changes the modules in place, like channels_last
             components.unet.fuse_qkv_projections()
             components.vae.fuse_qkv_projections()

@@ -1,0 +1,141 @@
+"""LoRA adapters fused into the weights: the output of peft's unfused adapters, bit-exact unloading, exports that
+record them, and one line for every misfit."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from runtime import CheckpointError, ExportError, InvalidInputError, Pipeline
+from runtime.checkpoints import resolve
+from runtime.models import load_components
+
+peft = pytest.importorskip("peft", reason="LoRAs need peft (the lora extra; dev installs it)")
+
+
+def make_lora(ckpt, folder, text_encoder: bool = True, seed: int = 0):
+    """A random LoRA for ``ckpt``'s UNet (attention projections) and text encoder, in diffusers' file layout."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    c = load_components(resolve(ckpt))
+    torch.manual_seed(seed)
+    c.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = {"unet_lora_layers": get_peft_model_state_dict(c.unet)}
+    if text_encoder:  # through peft itself (transformers' add_adapter asks for a newer peft than PyPI has here)
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                           target_modules=["q_proj", "v_proj"]), c.text_encoder)
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(c.text_encoder)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(folder, **layers)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_ckpt, tmp_path_factory):
+    return make_lora(tiny_ckpt, tmp_path_factory.mktemp("lora"))
+
+
+def peft_reference(ckpt, lora, scale, prompt, **kwargs):
+    """The same LoRA left unfused in peft's layers, scaled by peft."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+    from diffusers.utils.peft_utils import scale_lora_layers
+
+    c = load_components(resolve(ckpt))
+    state, alphas = Loader.lora_state_dict(str(lora))
+    Loader.load_lora_into_unet({k: v for k, v in state.items() if k.startswith("unet.")}, alphas, c.unet,
+                               adapter_name="ref")
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    te = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]), c.text_encoder,
+                            adapter_name="ref")
+    set_peft_model_state_dict(c.text_encoder, te, adapter_name="ref")
+    scale_lora_layers(c.unet, scale)
+    scale_lora_layers(c.text_encoder, scale)
+    return Pipeline(c, device="cpu")(prompt, output_type="pt", **kwargs).images
+
+
+def test_fused_lora_is_peft_output_and_unloads_bit_for_bit(tiny_ckpt, lora_file):
+    base_pipe = Pipeline.from_pretrained(tiny_ckpt)
+    base = base_pipe("a cat", seed=0, output_type="pt").images
+    styled = Pipeline.from_pretrained(tiny_ckpt, lora=(lora_file, 0.7))
+    assert [(x["scale"], x["layers"]) for x in styled.loras] == [(0.7, {"unet": 32, "text_encoder": 4})]
+    for kwargs in (dict(seed=0), dict(seed=1, num_inference_steps=3, guidance_scale=1.5, negative_prompt="dog")):
+        ours = styled("a cat", output_type="pt", **kwargs).images
+        torch.testing.assert_close(ours, peft_reference(tiny_ckpt, lora_file, 0.7, "a cat", **kwargs),
+                                   atol=1e-5, rtol=1e-5)
+    assert (styled("a cat", seed=0, output_type="pt").images - base).abs().max() > 1e-3
+    assert not any("lora" in type(m).__name__.lower() for m in styled.components.unet.modules())  # no peft left
+    weights = {k: v.clone() for k, v in base_pipe.components.unet.state_dict().items()}
+    base_pipe("a cat", seed=0)  # fills the embedding cache: the text encoder's LoRA must clear it
+    base_pipe.load_lora(lora_file, 0.7)
+    base_pipe.load_lora(str(lora_file.parent), 0.3)  # a folder; two LoRAs add up
+    assert len(base_pipe.loras) == 2
+    base_pipe.unload_lora()
+    assert all(torch.equal(v, base_pipe.components.unet.state_dict()[k]) for k, v in weights.items())
+    assert torch.equal(base_pipe("a cat", seed=0, output_type="pt").images, base) and base_pipe.loras == []
+
+
+def test_lora_misfits_are_one_line(tiny_ckpt, odd_ckpt, lora_file, tmp_path):
+    odd_lora = make_lora(odd_ckpt, tmp_path / "odd", text_encoder=False)
+    pipe = Pipeline.from_pretrained(tiny_ckpt)
+    before = pipe("a cat", seed=0, output_type="pt").images
+    with pytest.raises(CheckpointError, match=r"does not fit this checkpoint's unet") as info:
+        pipe.load_lora(odd_lora)
+    assert "\n" not in str(info.value)
+    assert torch.equal(pipe("a cat", seed=0, output_type="pt").images, before)  # nothing half-applied
+    (tmp_path / "x.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        pipe.load_lora(tmp_path / "x.bin")
+    with pytest.raises(CheckpointError, match="LoRA not found"):
+        pipe.load_lora(tmp_path / "missing.safetensors")
+    with pytest.raises(CheckpointError, match="scale must be a finite number"):
+        pipe.load_lora(lora_file, float("nan"))
+    from safetensors.torch import save_file
+
+    save_file({"some.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match=r"other.safetensors"):
+        pipe.load_lora(tmp_path / "other.safetensors")
+
+
+def test_export_with_loras_fused(tiny_ckpt, lora_file, tmp_path, capsys):
+    """`export.onnx --lora FILE:SCALE` exports fused weights, verified against the fused PyTorch model; the manifest
+    records the LoRAs; onnxruntime runs it only for a pipeline asking for the same ones."""
+    from export.onnx import main
+
+    out = tmp_path / "e"
+    assert main(["--ckpt", str(tiny_ckpt), "-o", str(out), "--fused", "--lora", f"{lora_file}:0.7"]) == 0
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["verification"]["passed"] and [x["scale"] for x in doc["loras"]] == [0.7]
+    ort = Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=out, lora=(lora_file, 0.7))
+    torch.testing.assert_close(ort("a cat", seed=2, output_type="pt").images,
+                               Pipeline.from_pretrained(tiny_ckpt, lora=(lora_file, 0.7))(
+                                   "a cat", seed=2, output_type="pt").images, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ExportError, match=r"holds the LoRAs \[pytorch_lora_weights.safetensors:0.7\], not \[\]; "
+                                          r"re-export it without --lora"):
+        Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=out)
+    with pytest.raises(InvalidInputError, match="the onnxruntime backend runs an export: fuse LoRAs into it"):
+        ort.load_lora(lora_file)
+
+
+def test_cli_lora(tiny_ckpt, lora_file, tmp_path):
+    from PIL import Image
+
+    from runtime.__main__ import main
+
+    assert main(["a cat", "--ckpt", str(tiny_ckpt), "--lora", f"{lora_file}:0.5", "-o", str(tmp_path / "a.png")]) == 0
+    ref = Pipeline.from_pretrained(tiny_ckpt, lora=[(lora_file, 0.5)])("a cat", seed=0).images[0]
+    assert list(Image.open(tmp_path / "a.png").getdata()) == list(ref.getdata())
+
+
+def test_lora_with_fused_qkv_is_refused_after_loading(tiny_ckpt, lora_file):
+    pipe = Pipeline(copy.deepcopy(load_components(resolve(tiny_ckpt))), device="cpu", fuse_qkv=True)
+    with pytest.raises(InvalidInputError, match="cannot change fused QKV projections"):
+        pipe.load_lora(lora_file)
