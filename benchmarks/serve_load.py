@@ -115,22 +115,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     expected = {s: np.asarray(pipe(PROMPTS[s % len(PROMPTS)], height=a.size, width=a.size, seed=s).images[0])
                 .astype(int) for s in range(a.clients * a.requests)}
     rows = [run_setting(b, a.clients, a.requests, a.size, expected) for b in a.batches]
-    base = rows[0]["images_per_s"]
-    print(f"| --max-batch | requests | answered correctly | images/s | vs --max-batch {rows[0]['max_batch']} | "
-          "p50 ms | p99 ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['max_batch']} | {r['requests']} | {r['answered_correctly']} | {r['images_per_s']:.1f} | "
-              f"{r['images_per_s'] / base:.2f}x | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     from runtime.files import atomic_write_json
 
+    from .report import render_serve_load
     from .subjects import machine_info, now
 
     command = "python -m benchmarks.serve_load " + " ".join(argv if argv is not None else sys.argv[1:])
-    atomic_write_json(out, {"machine": machine_info(), "date": now(), "command": command.strip(),
-                            "clients": a.clients, "size": a.size, "rows": rows})
+    doc = {"machine": machine_info(), "date": now(), "command": command.strip(), "clients": a.clients,
+           "size": a.size, "rows": rows}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, doc)
+    print("\n".join(render_serve_load(doc)))
     return 0 if all(r["answered_correctly"] == r["requests"] for r in rows) else 1
 
 

@@ -85,26 +85,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     unet = sd15_unet_on_meta()
     rows = table(unet, a.batch, a.latent, SD15_SPEC.max_length, SD15_SPEC.text_hidden)
-    print(f"SD-1.5 UNet, {rows[0]['params'] / 1e6:.0f}M parameters, {a.latent}x{a.latent} latents; AdamW fp32 "
-          f"master weights: {16 * rows[0]['params'] / GiB:.1f} GiB fixed (+{rows[0]['ddp_buckets'] / GiB:.1f} GiB "
-          "DDP buckets on several GPUs)")
-    print("| batch | gradient checkpointing | activations (fp32) | per GPU, fp32 | per GPU, bf16 autocast |")
-    print("| ---: | --- | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | {r['activations_fp32'] / GiB:.2f} GiB | "
-              f"{r['total_fp32'] / GiB:.1f} GiB | ~{r['total_bf16_autocast'] / GiB:.1f} GiB |")
     from runtime.files import atomic_write_json
 
+    from .report import render_train_memory
     from .subjects import now
 
+    doc = {"activations_of": "SD-1.5 UNet", "date": now(), "params": rows[0]["params"], "latent": a.latent,
+           "command": "python -m benchmarks.train_memory", "rows": rows,
+           "note": "checked against the full-size CPU run: batch 1 with checkpointing is 13.1 GiB here, and that "
+                   "run's process peaked at 15.0 GiB with the text encoder, the VAE and one block's recomputation "
+                   "on top. One 80 GB GPU trains batch 8 without checkpointing (with DDP's buckets); a 24 GB GPU "
+                   "needs checkpointing."}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, {"activations_of": "SD-1.5 UNet", "date": now(), "params": rows[0]["params"],
-                            "latent": a.latent, "command": "python -m benchmarks.train_memory", "rows": rows,
-                            "note": "checked against the full-size CPU run: batch 1 with checkpointing is 13.1 GiB "
-                                    "here, and that run's process peaked at 15.0 GiB with the text encoder, the VAE "
-                                    "and one block's recomputation on top. One 80 GB GPU trains batch 8 without "
-                                    "checkpointing (with DDP's buckets); a 24 GB GPU needs checkpointing."})
+    atomic_write_json(out, doc)
+    print("\n".join(render_train_memory(doc)))
     return 0
 
 
