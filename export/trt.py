@@ -64,10 +64,11 @@ def strongly_typed(trt: Any) -> bool:
 
 
 def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str, tuple], timing_cache: Path,
-                 workspace_gb: float = 8.0) -> None:
+                 workspace_gb: float = 8.0, refittable: bool = False) -> None:
     """Build ``onnx_path`` into a TensorRT engine through polygraphy (kept in step with every TensorRT release by
     NVIDIA): a strongly typed network parsed from the file (external data followed), one optimisation profile, the
-    timing cache loaded when present; engine and updated timing cache are written atomically here."""
+    timing cache loaded when present (``refittable``: weights can be replaced later, see :func:`refit_engine`);
+    engine and updated timing cache are written atomically here."""
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
     from polygraphy.backend.trt.util import get_trt_logger
     from polygraphy.exception import PolygraphyException
@@ -81,7 +82,7 @@ def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str
     for name, (lo, best, hi) in profile.items():
         shapes.add(name, min=lo, opt=best, max=hi)
     cache = str(timing_cache) if timing_cache.exists() else None  # a missing cache starts empty
-    create_config = CreateConfig(profiles=[shapes], load_timing_cache=cache,
+    create_config = CreateConfig(profiles=[shapes], load_timing_cache=cache, refittable=refittable,
                                  memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gb * 2**30)})
     try:
         builder, network, parser = network_from_onnx_path(str(onnx_path), strongly_typed=strongly_typed(trt))
@@ -92,6 +93,56 @@ def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str
                           f"{str(e).strip().splitlines()[-1][:300]} (see the log above)") from None
     atomic_write_bytes(engine_path, bytes(serialized))
     atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+
+
+def refit_engine(trt: Any, engine_path: Path, onnx_path: Path, new_path: Path) -> None:
+    """Give the refittable engine ``engine_path`` the weights of ``onnx_path`` (the same graph with other weights,
+    e.g. other LoRAs fused) and write it to ``new_path``: seconds instead of a rebuild."""
+    from runtime.backends.tensorrt_backend import logger
+
+    engine = trt.Runtime(logger(trt)).deserialize_cuda_engine(engine_path.read_bytes())
+    if engine is None:
+        raise ExportError(f"cannot load {engine_path.name} to refit it; rebuild with --force")
+    try:
+        refitter = trt.Refitter(engine, logger(trt))
+    except TypeError:  # pybind11's answer to the nullptr TensorRT gives for an engine built without REFIT
+        raise ExportError(f"{engine_path.name} was not built refittable; rebuild with --refittable") from None
+    parser = trt.OnnxParserRefitter(refitter, logger(trt))
+    if not parser.refit_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"cannot refit {engine_path.name} from {onnx_path.name}: {errors[:300]}")
+    missing = list(refitter.get_missing_weights())
+    if missing or not refitter.refit_cuda_engine():
+        raise ExportError(f"refitting {engine_path.name} failed ({len(missing)} weights missing, e.g. "
+                          f"{missing[:3]}); rebuild with --force")
+    atomic_write_bytes(new_path, bytes(engine.serialize()))
+
+
+def _make_engine(trt: Any, name: str, onnx_path: Path, engine_path: Path, profile: dict[str, tuple],
+                 timing_cache: Path, force: bool, refittable: bool, earlier: Path | None) -> None:
+    """The engine of one graph: kept when built already, refitted from ``earlier`` (the same graph with other
+    weights, e.g. other LoRAs), else built."""
+    t = time.perf_counter()
+    if engine_path.exists() and not force:
+        print(f"[build] {name}: cached {engine_path.name}", flush=True)
+    elif earlier is not None:
+        refit_engine(trt, earlier, onnx_path, engine_path)
+        earlier.unlink()
+        print(f"[refit] {name}: {engine_path.name} from {earlier.name} in {time.perf_counter() - t:.1f} s", flush=True)
+    else:
+        build_engine(trt, onnx_path, engine_path, profile, timing_cache, refittable=refittable)
+        print(f"[build] {name}: {engine_path.name} in {time.perf_counter() - t:.1f} s", flush=True)
+
+
+def _refittable_predecessor(previous: dict[str, Any] | None, name: str, entry: dict[str, Any],
+                            profile: dict[str, tuple], out: Path) -> Path | None:
+    """The earlier engine of this component that a refit can turn into the new one: built refittable, from a graph
+    of the same kind (precision, fp32 parts) with other weights, for the same profile."""
+    prev = (previous or {}).get("components", {}).get(name)
+    same = prev is not None and prev.get("refittable") and prev.get("precision") == entry["dtype"] and \
+        prev.get("fp32_scopes") == entry["key"]["fp32_scopes"] and prev.get("onnx_sha256") != entry["sha256"] and \
+        prev.get("profile") == {k: [list(x) for x in v] for k, v in profile.items()}
+    return out / prev["file"] if same and (out / prev["file"]).is_file() else None
 
 
 def compare_engine(engine_path: Path, module: Any, spec: ComponentSpec, batch: int, hw: tuple[int, int],
@@ -138,7 +189,8 @@ def _engine_device() -> Any:
 
 def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, opt_batch: int | None = None,
           height: int | None = None, width: int | None = None, static: bool = False, vae_fp32: bool = False,
-          force: bool = False, vae: str | None = None, lora: Any = None) -> dict[str, Any]:
+          force: bool = False, vae: str | None = None, lora: Any = None, refittable: bool = False
+          ) -> dict[str, Any]:
     """fp16 ONNX export (cached), then TensorRT engines for every graph, each compared with PyTorch; returns the
     engines manifest."""
     out = Path(out)
@@ -156,21 +208,18 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
     timing_cache = out / f"timing.{_slug(trt.__version__)}.{_slug(gpu)}.cache"
     specs = specs_by_name(dims)
     components = load_components(export_checkpoint(doc), device="cpu", dtype=torch.float32)
-    engines: dict[str, Any] = {"format": mf.FORMAT, "tensorrt": trt.__version__, "gpu": gpu,
-                               "checkpoint": doc["checkpoint"], "decoder": doc["decoder"], "loras": doc["loras"],
-                               "latent": doc["latent"],
-                               "vae": doc["vae"],
-                               "text": doc["text"], "components": {}}
+    try:
+        previous = mf.read_engines(out) if (out / mf.ENGINES).is_file() else None
+    except ExportError:
+        previous = None
+    engines: dict[str, Any] = {"format": mf.FORMAT, "tensorrt": trt.__version__, "gpu": gpu, "components": {},
+                               **{k: doc[k] for k in ("checkpoint", "decoder", "loras", "latent", "vae", "text")}}
     for name in sorted(doc["components"], key=lambda n: n == "onestep"):  # the UNet's engine first: see reference()
         entry = doc["components"][name]
         profile = specs[name].profile(min_batch, opt_batch, max_batch, hw, None if static else dims.size_range(hw))
         file = f"{name}.{entry['sha256'][:12]}.trt{_slug(trt.__version__)}.{_slug(gpu)}.plan"
-        t = time.perf_counter()
-        if (out / file).exists() and not force:
-            print(f"[build] {name}: cached {file}", flush=True)
-        else:
-            build_engine(trt, out / entry["file"], out / file, profile, timing_cache)
-            print(f"[build] {name}: {file} in {time.perf_counter() - t:.1f} s", flush=True)
+        earlier = None if force or not refittable else _refittable_predecessor(previous, name, entry, profile, out)
+        _make_engine(trt, name, out / entry["file"], out / file, profile, timing_cache, force, refittable, earlier)
         velocity = None
         if uses_unet_velocity(name, entry["dtype"]):
             velocity = engine_velocity(out / engines["components"]["unet"]["file"])
@@ -185,7 +234,7 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
             "file": file, "sha256": mf.sha256_file(out / file), "stamp": mf.stamp([out / file]),
             "onnx_sha256": entry["sha256"], "precision": entry["dtype"], "fp32_scopes": entry["key"]["fp32_scopes"],
             "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-            "inputs": entry["inputs"], "outputs": entry["outputs"], "max_rel_err": err,
+            "inputs": entry["inputs"], "outputs": entry["outputs"], "max_rel_err": err, "refittable": refittable,
         }
     atomic_write_json(out / mf.ENGINES, engines)
     return engines
@@ -221,11 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vae", default=None, help="tiny decoder instead of the checkpoint's VAE: taesd, hub id, folder")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="fuse a LoRA into the engines' weights; repeat for several")
+    p.add_argument("--refittable", action="store_true",
+                   help="build engines whose weights can be replaced: a later run with other --lora refits them")
     args = p.parse_args(argv)
     lo, hi = (args.batch, args.batch) if args.batch else (args.min_batch, args.max_batch)
     return run_cli(lambda: build(args.ckpt, args.output, min_batch=lo, max_batch=hi, height=args.height,
                                  width=args.width, static=args.static, vae_fp32=args.vae_fp32, force=args.force,
-                                 vae=args.vae, lora=args.lora))
+                                 vae=args.vae, lora=args.lora, refittable=args.refittable))
 
 
 if __name__ == "__main__":

@@ -113,17 +113,20 @@ class _FlagsWithFP16(type):
 class _BuilderFlag10:
     FP16 = "fp16"
     TF32 = "tf32"
-    __members__ = {"FP16": "fp16", "TF32": "tf32"}
+    REFIT = "refit"
+    __members__ = {"FP16": "fp16", "TF32": "tf32", "REFIT": "refit"}
 
 
 class _BuilderFlag1012(metaclass=_FlagsWithFP16):
     TF32 = "tf32"
-    __members__ = {"FP16": "fp16", "TF32": "tf32"}  # enumerating does not warn: only naming FP16 does
+    REFIT = "refit"
+    __members__ = {"FP16": "fp16", "TF32": "tf32", "REFIT": "refit"}  # enumerating does not warn: naming FP16 does
 
 
 class _BuilderFlag11:
     TF32 = "tf32"
-    __members__ = {"TF32": "tf32"}
+    REFIT = "refit"
+    __members__ = {"TF32": "tf32", "REFIT": "refit"}
 
 
 BuilderFlag: Any = _BuilderFlag1012
@@ -309,8 +312,89 @@ class Builder:
             return None  # the real builder logs an API usage error and returns None
         LOG.append(("build", network.onnx))
         precision = "onnx" if network.strongly_typed else ("fp16" if fp16_flag else "fp32")
-        return json.dumps({"onnx": network.onnx, "profile": config.profiles[0].shapes,
-                           "strongly_typed": network.strongly_typed, "precision": precision}).encode()
+        return json.dumps({"onnx": _snapshot(network.onnx), "profile": config.profiles[0].shapes,
+                           "strongly_typed": network.strongly_typed, "precision": precision,
+                           "refittable": "refit" in config.flags}).encode()
+
+
+SNAPSHOTS: str | None = None  # where engines keep the graph (and weights) they were built from
+
+
+def _snapshot(onnx_path: str) -> str:
+    """A copy of the graph and its external data, as the engine's own: like a real engine, it keeps the weights of
+    build time whatever happens to the ONNX files afterwards (only a refit changes them)."""
+    import hashlib
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    global SNAPSHOTS
+    SNAPSHOTS = SNAPSHOTS or tempfile.mkdtemp(prefix="fake-trt-")
+    src = Path(onnx_path)
+    files = [f for f in (src, src.with_name(src.name + ".data")) if f.exists()]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    folder = Path(SNAPSHOTS) / digest
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, folder / f.name)
+    return str(folder / src.name)
+
+
+def _initializers(onnx_path: str) -> dict[str, tuple]:
+    import onnx
+
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    return {t.name: (tuple(t.dims), t.data_type) for t in graph.initializer}
+
+
+class Refitter:
+    """Takes new weights for a refittable engine; raises TypeError for another (pybind11's nullptr, as the real
+    constructor does)."""
+
+    def __init__(self, engine: "_Engine", logger: ILogger) -> None:
+        if not engine.doc.get("refittable"):
+            raise TypeError("Refitter(): incompatible constructor arguments (engine built without REFIT)")
+        self.engine, self.pending = engine, None
+        self.weights = _initializers(engine.doc["onnx"])
+        self.missing = set(self.weights)
+
+    def get_all_weights(self) -> list[str]:
+        return sorted(self.weights)
+
+    def get_missing_weights(self) -> list[str]:
+        return sorted(self.missing)
+
+    def refit_cuda_engine(self) -> bool:
+        if self.missing or self.pending is None:
+            return False
+        self.engine.reload(self.pending)
+        LOG.append(("refit", self.pending))
+        self.missing = set(self.weights)
+        return True
+
+
+class OnnxParserRefitter:
+    def __init__(self, refitter: Refitter, logger: ILogger) -> None:
+        self.refitter, self.errors = refitter, []
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, i: int) -> str:
+        return self.errors[i]
+
+    def refit_from_file(self, path: str) -> bool:
+        """The new graph's weights by name: the same names, shapes and types as the engine's, or errors."""
+        new = _initializers(path)
+        old = self.refitter.weights
+        self.errors = [f"weight {n} missing or of another shape/type" for n in old if new.get(n) != old[n]]
+        if self.errors:
+            return False
+        self.refitter.missing.clear()
+        self.refitter.pending = _snapshot(path)
+        return True
 
 
 # ------------------------------------------------------------------------------------------------------ run
@@ -328,14 +412,21 @@ class Runtime:
 
 class _Engine:
     def __init__(self, doc: dict) -> None:
+        self.doc = doc
+        self.reload(doc["onnx"])
+
+    def reload(self, onnx_path: str) -> None:
         import onnxruntime as ort
 
-        self.doc = doc
-        self.session = ort.InferenceSession(doc["onnx"], providers=["CPUExecutionProvider"])
+        self.doc["onnx"] = onnx_path
+        self.session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
         self.io = {a.name: (TensorIOMode.INPUT, _ONNX_TYPES[a.type]) for a in self.session.get_inputs()}
         self.io.update({a.name: (TensorIOMode.OUTPUT, _ONNX_TYPES[a.type]) for a in self.session.get_outputs()})
         self.names = list(self.io)
         self.device_memory_size_v2 = ACTIVATION_BYTES
+
+    def serialize(self) -> bytes:
+        return json.dumps(self.doc).encode()
 
     @property
     def num_io_tensors(self) -> int:

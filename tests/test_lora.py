@@ -139,3 +139,42 @@ def test_lora_with_fused_qkv_is_refused_after_loading(tiny_ckpt, lora_file):
     pipe = Pipeline(copy.deepcopy(load_components(resolve(tiny_ckpt))), device="cpu", fuse_qkv=True)
     with pytest.raises(InvalidInputError, match="cannot change fused QKV projections"):
         pipe.load_lora(lora_file)
+
+
+def test_refittable_engines_take_other_loras_without_a_rebuild(monkeypatch, tiny_ckpt, lora_file, tmp_path):
+    """`export.trt --refittable`: a later run with other LoRAs refits the engines whose weights changed (text
+    encoder, UNet, one-step) from the new ONNX graphs instead of rebuilding them, on the TensorRT 11 stand-ins
+    (whose engines keep their build-time weights, as real ones do); an engine built without REFIT is one line."""
+    from helpers import install_fake_tensorrt
+
+    from export.trt import build, refit_engine
+    from runtime.backends.tensorrt_backend import TensorRTBackend
+    from runtime.lora import with_loras
+
+    fake = install_fake_tensorrt(monkeypatch, "11.1.0")
+    try:
+        def run(scale, folder, refittable=True):
+            fake.LOG.clear()
+            engines = build(str(tiny_ckpt), folder, max_batch=1, static=True, refittable=refittable,
+                            lora=[(lora_file, scale)])
+            checkpoint = with_loras(resolve(tiny_ckpt), [(lora_file, scale)])
+            backend = TensorRTBackend(checkpoint, folder, device=torch.device("cpu"), dtype=torch.float32)
+            pipe = Pipeline(load_components(checkpoint, weights=False), device="cpu", backend=backend)
+            ref = Pipeline.from_pretrained(tiny_ckpt, lora=(lora_file, scale), device="cpu")
+            a, b = (p("a cat", seed=4, output_type="pt").images for p in (pipe, ref))
+            assert (a - b).abs().max() < 3e-2, (scale, float((a - b).abs().max()))
+            return engines, [e for e, _ in fake.LOG if e in ("build", "refit")]
+
+        _, events = run(0.7, tmp_path / "r")
+        assert events == ["build"] * 4
+        engines, events = run(0.2, tmp_path / "r")
+        assert sorted(events) == ["refit"] * 3  # the decoder's graph did not change: kept
+        assert [x["scale"] for x in engines["loras"]] == [0.2] and all(e["refittable"]
+                                                                       for e in engines["components"].values())
+        assert len(list((tmp_path / "r").glob("unet.*.plan"))) == 1  # the replaced engine is gone
+        fixed, _ = run(0.7, tmp_path / "f", refittable=False)
+        with pytest.raises(ExportError, match="was not built refittable; rebuild with --refittable"):
+            refit_engine(fake, tmp_path / "f" / fixed["components"]["unet"]["file"], tmp_path / "f" / "unet.onnx",
+                         tmp_path / "f" / "x.plan")
+    finally:
+        fake.use("10.16.0")
