@@ -75,7 +75,12 @@ def test_fused_lora_is_peft_output_and_unloads_bit_for_bit(tiny_ckpt, lora_file)
     assert not any("lora" in type(m).__name__.lower() for m in styled.components.unet.modules())  # no peft left
     weights = {k: v.clone() for k, v in base_pipe.components.unet.state_dict().items()}
     base_pipe("a cat", seed=0)  # fills the embedding cache: the text encoder's LoRA must clear it
+    addresses = {k: v.data_ptr() for k, v in base_pipe.components.unet.state_dict().items()}
     base_pipe.load_lora(lora_file, 0.7)
+    torch.testing.assert_close(base_pipe("a cat", seed=0, output_type="pt").images,
+                               styled("a cat", seed=0, output_type="pt").images, atol=1e-6, rtol=1e-6)
+    # the same tensors, changed in place: captured CUDA graphs and compiled modules see the new weights
+    assert addresses == {k: v.data_ptr() for k, v in base_pipe.components.unet.state_dict().items()}
     base_pipe.load_lora(str(lora_file.parent), 0.3)  # a folder; two LoRAs add up
     assert len(base_pipe.loras) == 2
     base_pipe.unload_lora()
