@@ -9,6 +9,7 @@ before the first adapter are kept, for the adapted layers only, so :meth:`Fuser.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -105,13 +106,13 @@ class Fuser:
         except ImportError:
             raise CheckpointError("LoRAs need peft: pip install 'instaflow-rt[lora]'") from None
         path = resolve_lora(ref)
-        state, alphas = self._read(path)
+        state, alphas, metadata = self._read(path)
         name = f"lora{len(self.fused)}"
         changed = {}
         for part, prefix in (("unet", "unet."), ("text_encoder", "text_encoder.")):
             keys = {k: v for k, v in state.items() if k.startswith(prefix)}
             if keys:
-                changed[part] = self._fuse(part, keys, alphas, name, float(scale), path)
+                changed[part] = self._fuse(part, keys, alphas, metadata, name, float(scale), path)
         if not changed:
             raise CheckpointError(f"{path} holds no UNet or text-encoder LoRA weights diffusers can read")
         identity = {**lora_identity(path, float(scale)), "layers": changed}
@@ -134,15 +135,16 @@ class Fuser:
 
     # ---------------------------------------------------------------------------------------------- internals
     @staticmethod
-    def _read(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    def _read(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any]:
+        """(weights, kohya-style alphas, the adapter configs saved with the file: alpha and rank come from them)."""
         from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
         try:
-            return StableDiffusionLoraLoaderMixin.lora_state_dict(str(path))
+            return StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
         except Exception as e:  # noqa: BLE001 - the loader's errors for unreadable or unknown layouts vary
             raise CheckpointError(f"cannot read the LoRA {path}: {str(e).splitlines()[0][:200]}") from None
 
-    def _fuse(self, part: str, state: dict[str, torch.Tensor], alphas: Any, name: str, scale: float,
+    def _fuse(self, part: str, state: dict[str, torch.Tensor], alphas: Any, metadata: Any, name: str, scale: float,
               path: Path) -> int:
         from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -150,9 +152,9 @@ class Fuser:
         model = getattr(self.components, part)
         try:
             if part == "unet":
-                Loader.load_lora_into_unet(state, alphas, model, adapter_name=name)
+                Loader.load_lora_into_unet(state, alphas, model, adapter_name=name, metadata=metadata or None)
             else:
-                _inject_text_encoder(state, alphas, model, name)
+                _inject_text_encoder(state, alphas, metadata, model, name)
         except Exception as e:  # noqa: BLE001 - peft/diffusers raise ValueError/RuntimeError/KeyError for a misfit
             self._strip(model)
             raise CheckpointError(f"the LoRA {path.name} does not fit this checkpoint's {part}: "
@@ -189,7 +191,8 @@ class Fuser:
                     setattr(model, attr, False if attr == "_hf_peft_config_loaded" else {})
 
 
-def _inject_text_encoder(state: dict[str, torch.Tensor], alphas: Any, model: torch.nn.Module, name: str) -> None:
+def _inject_text_encoder(state: dict[str, torch.Tensor], alphas: Any, metadata: Any, model: torch.nn.Module,
+                         name: str) -> None:
     """diffusers' text-encoder LoRA loading, with peft injecting the layers itself: diffusers goes through
     transformers' ``load_adapter``, which asks for a newer peft than some environments have."""
     from diffusers.utils.peft_utils import get_peft_kwargs
@@ -202,7 +205,12 @@ def _inject_text_encoder(state: dict[str, torch.Tensor], alphas: Any, model: tor
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
     rank = {k: v.shape[1] for k, v in state.items() if k.endswith("lora_B.weight")}
     alphas = {k.removeprefix("text_encoder."): v for k, v in (alphas or {}).items() if k.startswith("text_encoder.")}
-    config = LoraConfig(**get_peft_kwargs(rank, alphas or None, state, is_unet=False))
+    saved = {k.removeprefix("text_encoder."): v for k, v in (metadata or {}).items() if k.startswith("text_encoder.")}
+    if saved:  # the adapter's own config, saved with the file
+        fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+        config = LoraConfig(**{k: v for k, v in saved.items() if k in fields and k not in ("peft_type", "task_type")})
+    else:
+        config = LoraConfig(**get_peft_kwargs(rank, alphas or None, state, is_unet=False))
     inject_adapter_in_model(config, model, adapter_name=name)
     result = set_peft_model_state_dict(model, state, adapter_name=name)
     unexpected = getattr(result, "unexpected_keys", None)

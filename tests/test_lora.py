@@ -26,13 +26,15 @@ def make_lora(ckpt, folder, text_encoder: bool = True, seed: int = 0):
     torch.manual_seed(seed)
     c.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                   target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = {"unet_lora_layers": get_peft_model_state_dict(c.unet)}
+    layers = {"unet_lora_layers": get_peft_model_state_dict(c.unet),  # with its config: alpha 8 on rank 4
+              "unet_lora_adapter_metadata": c.unet.peft_config["default"].to_dict()}
     if text_encoder:  # through peft itself (transformers' add_adapter asks for a newer peft than PyPI has here)
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
                                            target_modules=["q_proj", "v_proj"]), c.text_encoder)
         layers["text_encoder_lora_layers"] = get_peft_model_state_dict(c.text_encoder)
+        layers["text_encoder_lora_adapter_metadata"] = c.text_encoder.peft_config["default"].to_dict()
     StableDiffusionLoraLoaderMixin.save_lora_weights(folder, **layers)
     return folder / "pytorch_lora_weights.safetensors"
 
@@ -48,14 +50,14 @@ def peft_reference(ckpt, lora, scale, prompt, **kwargs):
     from diffusers.utils.peft_utils import scale_lora_layers
 
     c = load_components(resolve(ckpt))
-    state, alphas = Loader.lora_state_dict(str(lora))
+    state, alphas, metadata = Loader.lora_state_dict(str(lora), return_lora_metadata=True)
     Loader.load_lora_into_unet({k: v for k, v in state.items() if k.startswith("unet.")}, alphas, c.unet,
-                               adapter_name="ref")
+                               adapter_name="ref", metadata=metadata)
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     te = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}
-    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]), c.text_encoder,
-                            adapter_name="ref")
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]),  # make_lora's
+                            c.text_encoder, adapter_name="ref")
     set_peft_model_state_dict(c.text_encoder, te, adapter_name="ref")
     scale_lora_layers(c.unet, scale)
     scale_lora_layers(c.text_encoder, scale)
@@ -183,3 +185,23 @@ def test_refittable_engines_take_other_loras_without_a_rebuild(monkeypatch, tiny
                          tmp_path / "f" / "x.plan")
     finally:
         fake.use("10.16.0")
+
+
+def test_kohya_layout_reads_as_the_same_lora(tiny_ckpt, tmp_path):
+    """The same UNet LoRA written in kohya's layout (lora_unet_..., lora_down/lora_up, alpha) fuses to the same
+    weights as diffusers' layout: diffusers' reader converts it."""
+    from safetensors.torch import load_file, save_file
+
+    peft_file = make_lora(tiny_ckpt, tmp_path / "d", text_encoder=False)
+    kohya = {}
+    for key, value in load_file(str(peft_file)).items():
+        module, _, kind = key.removeprefix("unet.").rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(8.0)  # lora_alpha of make_lora
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    a = Pipeline.from_pretrained(tiny_ckpt, lora=(peft_file, 0.9))
+    b = Pipeline.from_pretrained(tiny_ckpt, lora=(tmp_path / "kohya.safetensors", 0.9))
+    assert b.loras[0]["layers"] == {"unet": 32}
+    torch.testing.assert_close(b("a cat", seed=0, output_type="pt").images, a("a cat", seed=0, output_type="pt").images,
+                               atol=1e-5, rtol=1e-5)
