@@ -319,7 +319,7 @@ def test_fake_tensorrt_on_the_bundled_model(fake_gpu_latest, tmp_path):
     from runtime import Pipeline
 
     build("tiny", tmp_path, min_batch=1, max_batch=2, static=True)
-    reference = Pipeline.from_pretrained("tiny")
+    reference = Pipeline.from_pretrained("tiny", device="cpu")
     prompts = ["a small red circle at the top left", "a large blue square at the center"]
     for kwargs in (dict(), dict(num_inference_steps=4, guidance_scale=1.5, negative_prompt=["green", "yellow"])):
         engines = _fake_backend("tiny", tmp_path)  # fresh: nothing cached
