@@ -96,15 +96,14 @@ class PairSet:
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise TrainError(f"pair index out of range 0..{len(self) - 1}")
         shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
-        x0, x1, prompt = [None] * len(indices), [None] * len(indices), [0] * len(indices)
+        first = self.shard(int(shard_of[0])) if len(indices) else None
+        x0 = torch.empty((len(indices), *first["x0"].shape[1:])) if first is not None else torch.empty(0)
+        x1, prompt = torch.empty_like(x0), torch.empty(len(indices), dtype=torch.long)
         for k in np.unique(shard_of):
-            t = self.shard(int(k))
-            rows = np.nonzero(shard_of == k)[0]
-            local = torch.from_numpy(indices[rows] - self.offsets[k])
-            for r, a, b, p in zip(rows, t["x0"][local], t["x1"][local], t["prompt_index"][local]):
-                x0[r], x1[r], prompt[r] = a, b, int(p)
-        return (torch.stack(x0).float(), torch.stack(x1).float(),  # type: ignore[arg-type]
-                [self.prompts[p] for p in prompt])
+            t, rows = self.shard(int(k)), torch.from_numpy(np.nonzero(shard_of == k)[0])
+            local = torch.from_numpy(indices[rows.numpy()] - self.offsets[k])
+            x0[rows], x1[rows], prompt[rows] = t["x0"][local].float(), t["x1"][local].float(), t["prompt_index"][local]
+        return x0, x1, [self.prompts[int(p)] for p in prompt]
 
 
 class PairStream:
@@ -118,9 +117,13 @@ class PairStream:
         self.pairs, self.batch_size, self.seed, self.rank, self.world = pairs, batch_size, seed, rank, world
         self.group = group or pairs.cache_shards
 
+    def shards(self, e: int) -> np.ndarray:
+        """This rank's shards in epoch ``e``: all shards permuted from (seed, e), dealt round-robin to the ranks."""
+        return np.random.default_rng([self.seed, e]).permutation(len(self.pairs.shards))[self.rank::self.world]
+
     def epoch(self, e: int) -> np.ndarray:
         """This rank's global pair indices in epoch ``e``, in reading order."""
-        shards = np.random.default_rng([self.seed, e]).permutation(len(self.pairs.shards))[self.rank::self.world]
+        shards = self.shards(e)
         order = []
         for g in range(0, len(shards), self.group):
             members = shards[g:g + self.group]
@@ -143,5 +146,4 @@ class PairStream:
                 buffer = buffer[self.batch_size:]
 
     def epoch_length(self, e: int) -> int:
-        shards = np.random.default_rng([self.seed, e]).permutation(len(self.pairs.shards))[self.rank::self.world]
-        return int(self.pairs.sizes[shards].sum())
+        return int(self.pairs.sizes[self.shards(e)].sum())
