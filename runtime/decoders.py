@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,17 @@ class Decoder:
     path: Path
     config: dict[str, Any]
 
-    def identity(self) -> dict[str, str]:
-        """What exports record (and compare) about the decoder they hold."""
+    @cached_property
+    def fingerprint(self) -> str:
+        """:func:`runtime.manifest.folder_fingerprint`, read once (loads compare it twice: checkpoint and decoder)."""
         from .manifest import folder_fingerprint
 
+        return folder_fingerprint(self.path)
+
+    def identity(self) -> dict[str, str]:
+        """What exports record (and compare) about the decoder they hold."""
         return {"class": TINY_CLASS, "name": self.name, "path": str(self.path.resolve()),
-                "fingerprint": folder_fingerprint(self.path)}
+                "fingerprint": self.fingerprint}
 
 
 def vae_scale_factor(config: Any) -> int:

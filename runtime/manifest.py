@@ -37,7 +37,7 @@ def fingerprint(ckpt: Checkpoint, components: tuple[str, ...] = ("text_encoder",
     h.update((ckpt.path / "model_index.json").read_bytes())
     for comp in components:
         if comp == "vae" and ckpt.decoder is not None:
-            _hash_folder(h, ckpt.decoder.path, "decoder")
+            h.update(f"decoder:{ckpt.decoder.fingerprint}".encode())
         else:
             _hash_folder(h, ckpt.component(comp), comp, weights=comp != "tokenizer")
     for lora in ckpt.loras:
