@@ -96,26 +96,29 @@ class Fuser:
         self._originals: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def load(self, ref: str | os.PathLike[str], scale: float = 1.0) -> dict[str, Any]:
-        """Fuse the LoRA ``ref`` at ``scale``; returns its identity with which parts it changed."""
-        import math
+        """Fuse the LoRA ``ref`` (file, folder or hub id) at ``scale``; returns its identity with which parts it
+        changed."""
+        ((ref, scale),) = parse_loras([(ref, scale)])  # the scale checked where every LoRA argument is
+        return self.fuse(lora_identity(resolve_lora(ref), scale))
 
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-            raise CheckpointError(f"a LoRA scale must be a finite number, got {scale!r}")
+    def fuse(self, lora: dict[str, Any]) -> dict[str, Any]:
+        """Fuse a LoRA already resolved (:func:`lora_identity`: a checkpoint's ``loras``), without reading it
+        twice; returns its identity with which parts it changed."""
         try:
             import peft  # noqa: F401
         except ImportError:
             raise CheckpointError("LoRAs need peft: pip install 'instaflow-rt[lora]'") from None
-        path = resolve_lora(ref)
+        path = Path(lora["file"])
         state, alphas, metadata = self._read(path)
         name = f"lora{len(self.fused)}"
         changed = {}
         for part, prefix in (("unet", "unet."), ("text_encoder", "text_encoder.")):
             keys = {k: v for k, v in state.items() if k.startswith(prefix)}
             if keys:
-                changed[part] = self._fuse(part, keys, alphas, metadata, name, float(scale), path)
+                changed[part] = self._fuse(part, keys, alphas, metadata, name, float(lora["scale"]), path)
         if not changed:
             raise CheckpointError(f"{path} holds no UNet or text-encoder LoRA weights diffusers can read")
-        identity = {**lora_identity(path, float(scale)), "layers": changed}
+        identity = {**lora, "layers": changed}
         self.fused.append(identity)
         return identity
 
@@ -183,12 +186,8 @@ class Fuser:
             parent_name, _, child = qualname.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, layer.get_base_layer())
-        for attr in ("peft_config", "_hf_peft_config_loaded"):
-            if hasattr(model, attr):
-                try:
-                    delattr(model, attr)
-                except AttributeError:
-                    setattr(model, attr, False if attr == "_hf_peft_config_loaded" else {})
+        for attr in ("peft_config", "_hf_peft_config_loaded"):  # set on the instance by the loaders
+            vars(model).pop(attr, None)
 
 
 def _inject_text_encoder(state: dict[str, torch.Tensor], alphas: Any, metadata: Any, model: torch.nn.Module,

@@ -211,7 +211,7 @@ def _load_components(ckpt: Checkpoint, device: torch.device | str, dtype: torch.
 
         c.lora = Fuser(c)
         for lora in ckpt.loras:
-            c.lora.load(lora["file"], lora["scale"])
+            c.lora.fuse(lora)
     return c
 
 
