@@ -55,14 +55,24 @@ def euler_step(latents: torch.Tensor, velocity: torch.Tensor, dt: float) -> torc
     return latents + dt * velocity
 
 
-def sample(velocity: UnetTimeVelocity, latents: torch.Tensor, num_steps: int) -> torch.Tensor:
+#: a sampler's path: ``(flow time, latents)`` for each point visited, noise first
+Trajectory = list[tuple[float, torch.Tensor]]
+
+
+def sample(velocity: UnetTimeVelocity, latents: torch.Tensor, num_steps: int,
+           trajectory: Trajectory | None = None) -> torch.Tensor:
     """Integrate the flow from noise ``latents`` (t = 0) to t = 1 with ``num_steps`` Euler steps.
 
-    ``velocity(x, t_unet)`` returns the (already guided) velocity at ``x`` for UNet time ``t_unet``.
+    ``velocity(x, t_unet)`` returns the (already guided) velocity at ``x`` for UNet time ``t_unet``. A
+    ``trajectory`` list receives the ``num_steps + 1`` points visited with their flow times, the start included.
     """
     dt = 1.0 / num_steps
-    for t in time_grid(num_steps):
+    if trajectory is not None:
+        trajectory.append((0.0, latents))
+    for i, t in enumerate(time_grid(num_steps)):
         latents = euler_step(latents, velocity(latents, t), dt)
+        if trajectory is not None:
+            trajectory.append(((i + 1) / num_steps, latents))
     return latents
 
 

@@ -336,9 +336,11 @@ class Pipeline:
         return flow.guided(*v.chunk(2), guidance_scale) if cfg else v
 
     def denoise(self, latents: torch.Tensor, context: torch.Tensor, num_inference_steps: int,
-                guidance_scale: float = 0.0) -> torch.Tensor:
-        """Integrate the flow from noise to image latents with ``num_inference_steps`` Euler steps."""
-        return flow.sample(lambda z, t: self.velocity(z, t, context, guidance_scale), latents, num_inference_steps)
+                guidance_scale: float = 0.0, trajectory: flow.Trajectory | None = None) -> torch.Tensor:
+        """Integrate the flow from noise to image latents with ``num_inference_steps`` Euler steps (the points
+        visited, with their flow times, appended to ``trajectory`` when given)."""
+        return flow.sample(lambda z, t: self.velocity(z, t, context, guidance_scale), latents, num_inference_steps,
+                           trajectory)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Image latents -> images in [0, 1], float32 NCHW."""

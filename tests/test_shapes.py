@@ -54,15 +54,71 @@ def test_shape_lands_in_its_quadrant_with_its_colour():
 
 
 def test_recipe_smoke(tmp_path):
-    from train.recipes.shapes import run
+    """The paper's chain end to end at smoke size: a diffusion teacher (SD's role) trained, its pairs through
+    train.pairs with DPM-Solver and guidance 5, the 2-RF from its weights, both students, the report."""
+    from train.recipes.shapes import SMOKE, run
 
     report = run(tmp_path / "shapes", smoke=True)
+    out = tmp_path / "shapes"
     doc = json.loads((report / "results.json").read_text())
-    assert [r["row"].split()[0] for r in doc["rows"]] == ["1-RF", "1-RF", "2-RF", "2-RF", "1-RF+distill",
-                                                         "2-RF+distill"]
-    assert set(doc["straightness"]) == {"rf1", "rf2"}
+    assert [r["key"] for r in doc["rows"]] == ["teacher-multi", "teacher-1", "rf2-multi", "rf2-1", "student_teacher",
+                                               "student", "before"]
+    assert [r["nfe"] for r in doc["rows"]] == [2 * SMOKE.ode_steps, 2, 2 * SMOKE.ode_steps, 2, 1, 1, 1]
+    teacher = json.loads((out / "pairs_teacher" / "manifest.json").read_text())["settings"]["teacher"]
+    assert teacher["kind"] == "diffusion" and teacher["guidance"] == 5.0 and teacher["steps"] == SMOKE.ode_steps
+    assert json.loads((out / "teacher" / "model" / "model_index.json").read_text())["_class_name"] == \
+        "StableDiffusionPipeline"
+    rf2 = json.loads((out / "pairs_rf2" / "manifest.json").read_text())["settings"]["teacher"]
+    assert rf2["kind"] == "flow" and rf2["guidance"] == 1.5
+    assert json.loads((out / "rf2" / "model" / "model_index.json").read_text())["_instaflow"]["init"].endswith(
+        "teacher/model")
+    assert set(doc["straightness"]) == {"teacher/sampling", "teacher/conditional", "rf2/sampling", "rf2/conditional"}
+    assert len(doc["claims"]) == 5 and all(isinstance(c["met"], bool) for c in doc["claims"])
     assert all((report / r["grid"]).is_file() for r in doc["rows"])
-    assert Pipeline.from_pretrained(tmp_path / "shapes" / "student2" / "model")("a red circle", seed=0).images
+    assert "## The paper's claims" in (report / "SHAPES.md").read_text()
+    assert Pipeline.from_pretrained(out / "student" / "model")("a red circle", seed=0).images
+    # a killed report continues row by row: the cached rows are read back, not sampled again
+    cached = {p.name: p.stat().st_mtime_ns for p in (report / "rows").glob("*.npz")}
+    assert len(cached) == 7
+    (report / "results.json").unlink()
+    run(out, smoke=True)
+    assert {p.name: p.stat().st_mtime_ns for p in (report / "rows").glob("*.npz")} == cached
+
+
+def test_frechet_distance_matches_the_matrix_square_root():
+    from scipy import linalg
+
+    from train.recipes.shapes_eval import frechet
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 16)), rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16)) * 0.5 + 0.3
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
+    assert frechet(a, b) == pytest.approx(want, rel=1e-6)
+    assert frechet(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_claims_and_shipping_need_the_whole_interval():
+    """A row is shipped, and a claim met, only when the paired bootstrap interval clears the bar, not the point."""
+    from train.recipes.shapes_eval import ATTRIBUTES, claims, ship_decision
+
+    rng = np.random.default_rng(0)
+    reps = lambda mean, spread: mean + spread * rng.normal(size=200)  # noqa: E731
+    fid = {"teacher-multi": 10.0, "teacher-1": 100.0, "rf2-1": 30.0, "student": 12.0, "student_teacher": 14.0,
+           "before": 13.0}
+    boot = {"fid": {k: reps(v, 0.3) for k, v in fid.items()},
+            "s": {"rf2/sampling": reps(0.01, 0.001), "teacher/sampling": reps(0.1, 0.01)},
+            "acc": {k: {a: reps(0.97, 0.005) for a in ATTRIBUTES} for k in fid}}
+    boot["fid"]["before"] = boot["fid"]["student"] + 1 + 0.2 * rng.normal(size=200)  # clearly worse than student
+    doc = {"fid": fid, "straightness": {"rf2/sampling": {"value": 0.01}, "teacher/sampling": {"value": 0.1}},
+           "acc": {k: {a: 0.97 for a in ATTRIBUTES} for k in fid}}
+    assert ship_decision(doc, boot)["key"] == "student"
+    assert [c["met"] for c in claims(doc, boot, "student")] == [True, True, True, True, True]
+    boot["fid"]["before"] = boot["fid"]["student"] + 1 + 3 * rng.normal(size=200)  # better on average, not surely
+    assert ship_decision(doc, boot)["key"] is None
+    boot["acc"]["student"]["shape"] = reps(0.86, 0.02)  # the point clears 85%, the interval does not
+    assert claims(doc, boot, "student")[4]["met"] is False
 
 
 def test_bundled_model_follows_prompts():

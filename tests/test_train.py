@@ -18,8 +18,8 @@ import torch
 
 from runtime import Pipeline
 from train.common import TrainError, load_prompts
-from train.loop import Trainer, TrainConfig, l2_loss, reflow_loss
-from train.metrics import evaluate, straightness
+from train.loop import Batch, Trainer, TrainConfig, epsilon_loss, l2_loss, reflow_loss
+from train.metrics import evaluate, path_straightness, straightness
 from train.pairs import generate
 from train.pairset import PairSet, PairStream
 
@@ -252,6 +252,70 @@ def test_straightness_of_straight_and_curved_fields():
     # a curved field (rotation in pairs of channels): S > 0
     rot = lambda z, t: torch.cat([-z[:, 2:], z[:, :2]], dim=1) * 3.0  # noqa: E731
     assert straightness(rot, z0, steps=10) > 0.5
+
+
+def test_epsilon_loss_follows_sds_schedule():
+    """The diffusion teacher's loss: zero for the model that knows the true noise under SD's scaled-linear
+    schedule, clearly not for one that assumes another schedule."""
+    from runtime.testing import SD_SCHEDULER_CONFIG
+
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD's, written out
+    x1, eps = torch.randn(32, 4, 8, 8), torch.randn(32, 4, 8, 8)
+
+    def oracle(alphas_cumprod):
+        def model(xt, t, encoder_hidden_states, return_dict):
+            a = alphas_cumprod[t].reshape(-1, 1, 1, 1).float()
+            return ((xt - a.sqrt() * x1) / (1 - a).sqrt(),)
+        return model
+
+    def batch(model):
+        return Batch(model, eps, x1, torch.zeros(32, 4, 8), torch.Generator().manual_seed(0), None)
+
+    loss = epsilon_loss(SD_SCHEDULER_CONFIG)
+    assert float(loss(batch(oracle(torch.cumprod(1 - betas, 0))))) < 1e-8
+    linear = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # DDPM's linear schedule
+    assert float(loss(batch(oracle(torch.cumprod(1 - linear, 0))))) > 1e-2
+    with pytest.raises(TrainError, match="epsilon"):
+        epsilon_loss({**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+
+
+def test_diffusion_teacher_trained_saved_and_solved(sd_pairs, prompts_file, tmp_path):
+    """A diffusion model trained by the loop is saved as SD is (StableDiffusionPipeline + scheduler/) and is a
+    diffusion teacher for train.pairs; its DPM-Solver path, in flow coordinates, ends at the pairs' X1."""
+    from runtime.testing import SD_SCHEDULER_CONFIG
+    from train.teacher import load_teacher
+
+    cfg = TrainConfig(pairs=str(sd_pairs), out=str(tmp_path / "t"), max_steps=3, batch_size=4, lr=1e-3,
+                      fresh_noise=True, loss="epsilon")
+    model = Trainer(cfg, epsilon_loss(SD_SCHEDULER_CONFIG), "teacher", diffusion_scheduler=SD_SCHEDULER_CONFIG).run()
+    assert json.loads((model / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert json.loads((model / "scheduler" / "scheduler_config.json").read_text())["beta_schedule"] == "scaled_linear"
+    doc = generate(str(model), str(prompts_file), tmp_path / "pairs", num_pairs=4, batch_size=4, steps=5)
+    assert doc["settings"]["teacher"]["kind"] == "diffusion" and doc["settings"]["teacher"]["guidance"] == 5.0
+    teacher = load_teacher(str(model), torch.device("cpu"), steps=5)
+    x0, x1, texts = PairSet(tmp_path / "pairs").pairs(torch.arange(4))
+    path = []
+    out = teacher.solve(x0, texts, trajectory=path)
+    times = [t for t, _ in path]
+    assert len(path) == 6 and times == sorted(times) and 0.05 < times[0] < 0.08 and times[-1] == 1.0
+    assert torch.allclose(path[-1][1], out) and torch.allclose(out, x1, atol=1e-4)
+
+
+def test_diffusion_path_in_flow_coordinates_and_its_straightness():
+    """A VP diffusion point sqrt(a) X1 + sqrt(1 - a) eps maps onto t X1 + (1 - t) eps; S of a path is the flow's S
+    whatever the step sizes: 0 on the straight path, > 0 when it bends."""
+    from train.teacher import diffusion_as_flow
+
+    x1, eps = torch.randn(8, 4, 8, 8), torch.randn(8, 4, 8, 8)
+    path = []
+    for sigma in (14.6, 6.0, 2.5, 1.0, 0.3, 0.0):  # DPM-Solver-like, uneven in t
+        a = 1 / (1 + sigma ** 2)
+        t, z = diffusion_as_flow(a ** 0.5 * x1 + (1 - a) ** 0.5 * eps, sigma)
+        assert torch.allclose(z, t * x1 + (1 - t) * eps, atol=1e-5)
+        path.append((t, z))
+    assert float(path_straightness(path).max()) < 1e-9
+    bent = [(t, z + 0.5 * torch.sin(torch.pi * torch.tensor(t)) * eps.flip(0)) for t, z in path]
+    assert float(path_straightness(bent).min()) > 1e-2
 
 
 def test_metrics_on_a_checkpoint(tiny_pipe):

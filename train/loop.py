@@ -31,6 +31,8 @@ from .common import Dist, TrainError, device_for, init_distributed, progress
 from .pairset import PairSet, PairStream
 
 Loss = Callable[["Batch"], torch.Tensor]
+#: ``model_index.json`` class of the diffusion models this loop trains (SD's own)
+DIFFUSION_PIPELINE_CLASS = "StableDiffusionPipeline"
 
 
 @dataclass
@@ -94,6 +96,28 @@ def pseudo_huber_loss(b: Batch) -> torch.Tensor:
     return (torch.sqrt((pred - b.x1) ** 2 + c * c) - c).mean()
 
 
+def epsilon_loss(scheduler_config: dict[str, Any]) -> Loss:
+    """The diffusion (DDPM) loss of an epsilon-prediction model under ``scheduler_config``'s noise schedule (SD's
+    scaled-linear one, say): ``|| eps - eps_theta(sqrt(a_t) X1 + sqrt(1 - a_t) eps, t | T) ||^2``, t uniform over
+    the training timesteps, eps = X0 (train with ``fresh_noise``). Trains a teacher in SD's role."""
+    from diffusers import DDPMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+    alphas_cumprod = DDPMScheduler(**{k: scheduler_config[k] for k in keys}).alphas_cumprod
+    if scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+        raise TrainError(f"epsilon_loss trains epsilon prediction, the schedule says "
+                         f"{scheduler_config['prediction_type']!r}")
+
+    def loss(b: Batch) -> torch.Tensor:
+        t = torch.randint(len(alphas_cumprod), (b.x0.shape[0],), generator=b.gen)
+        a = alphas_cumprod[t].reshape(-1, *([1] * (b.x1.dim() - 1))).to(b.x1.device)
+        xt = a.sqrt() * b.x1 + (1 - a).sqrt() * b.x0
+        eps = b.model(xt, t.to(b.x1.device), encoder_hidden_states=b.emb, return_dict=False)[0]
+        return F.mse_loss(eps.float(), b.x0)
+
+    return loss
+
+
 @dataclass
 class _Run:
     """What one training run holds while it runs."""
@@ -117,8 +141,12 @@ class _Run:
 class Trainer:
     """One stage (reflow or distillation): the loop reads top to bottom in :meth:`run`."""
 
-    def __init__(self, cfg: TrainConfig, loss: Loss, stage: str) -> None:
+    def __init__(self, cfg: TrainConfig, loss: Loss, stage: str,
+                 diffusion_scheduler: dict[str, Any] | None = None) -> None:
+        """``diffusion_scheduler``: the model trained is a diffusion model (:func:`epsilon_loss`), saved as a
+        ``StableDiffusionPipeline`` folder with this ``scheduler/`` config; None: a rectified flow."""
         self.cfg, self.loss_fn, self.stage = cfg, loss, stage
+        self.diffusion_scheduler = diffusion_scheduler
 
     def run(self) -> Path:
         cfg = self.cfg
@@ -231,7 +259,11 @@ class Trainer:
             r.unet.eval()
             info = {"stage": self.stage, "init": r.checkpoint.name, "pairs": str(self.cfg.pairs), "steps": step,
                     "config": {k: v for k, v in asdict(self.cfg).items() if k != "extra"}, **self.cfg.extra}
-            save_checkpoint(r.components, model_dir, extra={"_instaflow": info})
+            if self.diffusion_scheduler is None:
+                save_checkpoint(r.components, model_dir, extra={"_instaflow": info})
+            else:
+                save_checkpoint(r.components, model_dir, class_name=DIFFUSION_PIPELINE_CLASS,
+                                extra={"_instaflow": info}, scheduler_config=self.diffusion_scheduler)
             print(f"wrote {model_dir} ({step} steps)", flush=True)
         r.dist.barrier()
         return model_dir

@@ -11,6 +11,7 @@ Both return latents in the same (scaled) space the flow works in, so the pairs f
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -45,8 +46,12 @@ class Teacher:
                 "steps": self.steps, "guidance": self.guidance}
 
     @torch.inference_mode()
-    def solve(self, noise: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """X1 for a batch of noise ``[n, C, h, w]`` (float32) and n prompts; no host syncs inside the ODE loop."""
+    def solve(self, noise: torch.Tensor, prompts: Sequence[str],
+              trajectory: flow.Trajectory | None = None) -> torch.Tensor:
+        """X1 for a batch of noise ``[n, C, h, w]`` (float32) and n prompts; no host syncs inside the ODE loop.
+        ``trajectory`` (a list) receives the ``steps + 1`` points the solver visits, noise first, X1 last, with their
+        flow times; a diffusion model's points are mapped to the rectified flow's coordinates
+        (:func:`diffusion_as_flow`), so both kinds of path are measured alike."""
         noise = noise.to(self.pipe.device, torch.float32)
         prompts = list(prompts)
         cfg = flow.uses_cfg(self.guidance)
@@ -54,25 +59,38 @@ class Teacher:
         # the batch's other rows, and pair i must not depend on which prompts shared its batch, rank or run
         context = self.pipe.encode_prompt(prompts, [""] * len(prompts) if cfg else None, separately=True)
         if self.kind == "flow":
-            x = self.pipe.denoise(noise, context, self.steps, self.guidance)
+            x = self.pipe.denoise(noise, context, self.steps, self.guidance, trajectory)
             return self.pipe.check_finite(x, "latents")
-        return self._solve_diffusion(noise, context, cfg)
+        return self._solve_diffusion(noise, context, cfg, trajectory)
 
-    def _solve_diffusion(self, noise: torch.Tensor, context: torch.Tensor, cfg: bool) -> torch.Tensor:
+    def _solve_diffusion(self, noise: torch.Tensor, context: torch.Tensor, cfg: bool,
+                         trajectory: flow.Trajectory | None) -> torch.Tensor:
         from diffusers import DPMSolverMultistepScheduler
 
         scheduler = DPMSolverMultistepScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(self.steps, device=self.pipe.device)
         unet, dtype = self.pipe.components.unet, self.pipe.dtype
         x = noise * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        if trajectory is not None:
+            trajectory.append(diffusion_as_flow(x, float(scheduler.sigmas[0])))
+        for k, t in enumerate(scheduler.timesteps):
             x_in = scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
             out = unet(x_in.to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False)[0].float()
             if cfg:
                 uncond, cond = out.chunk(2)
                 out = flow.guided(uncond, cond, self.guidance)
             x = scheduler.step(out, t, x, return_dict=False)[0]
-        return x
+            if trajectory is not None:
+                trajectory.append(diffusion_as_flow(x, float(scheduler.sigmas[k + 1])))
+        return self.pipe.check_finite(x, "latents")
+
+
+def diffusion_as_flow(x: torch.Tensor, sigma: float) -> tuple[float, torch.Tensor]:
+    """A point ``x = sqrt(a) X1 + sqrt(1 - a) eps`` of a variance-preserving diffusion path (``sigma`` =
+    sqrt((1 - a) / a)) as a point of the straight interpolation ``t X1 + (1 - t) eps``: ``t = 1 / (1 + sigma)``,
+    ``z = x sqrt(1 + sigma^2) / (1 + sigma)``. A diffusion model's PF-ODE is an ODE in (t, z) like a rectified
+    flow's, so its straightness is measured in the same coordinates."""
+    return 1.0 / (1.0 + sigma), x * (math.sqrt(1.0 + sigma * sigma) / (1.0 + sigma))
 
 
 def load_teacher(ckpt: str, device: torch.device, dtype: torch.dtype = torch.float32, steps: int | None = None,

@@ -1,13 +1,17 @@
-"""``python -m train.recipes.shapes -o runs/shapes``: the whole InstaFlow chain at small scale, on shapes.
+"""``python -m train.recipes.shapes -o runs/shapes``: InstaFlow's chain at small scale, on shapes, as in the paper.
 
 Stages (each skipped when its output is complete, so a killed run continues stage by stage):
-data -> VAE (32x32 -> 4x8x8) -> 1-rectified flow from data (independent coupling, text dropout) -> pairs from the
-1-RF (Euler 25, CFG) -> 2-RF -> pairs from the 2-RF -> one-step students (from the 2-RF and, as the paper's
-control, from the 1-RF) -> a small classifier on real shapes -> report (``SHAPES.md`` + sample grids).
+data -> VAE (32x32 -> 4x8x8) -> the teacher, a text-conditioned **diffusion** UNet in Stable Diffusion's role
+(epsilon prediction, SD's scaled-linear schedule, text dropout) -> its pairs (DPM-Solver 25 steps, guidance 5.0,
+through ``train.pairs`` as for SD 1.5) -> 2-RF by reflow, initialised from the teacher's weights -> the 2-RF's pairs
+(Euler 25, guidance 1.5) -> the one-step student from the 2-RF, and the control: a one-step student distilled
+directly from the teacher's pairs, same budget -> a small classifier on real shapes -> report (``SHAPES.md``:
+FID and prompt accuracy with bootstrap intervals, straightness, the paper's claims; sample grids).
 The text encoder is a frozen, randomly initialised tiny CLIP with one token per grammar word.
 
-``--smoke`` runs every stage with tiny step counts (CI); ``--ship`` copies the 2-RF student into
-``runtime/assets/tiny`` (the ``tiny`` alias); ``--publish`` copies the report to ``train/recipes/``.
+``--smoke`` runs every stage with tiny step counts (CI); ``--ship`` copies the best one-step student into
+``runtime/assets/tiny`` (the ``tiny`` alias) when it beats the bundled model; ``--publish`` copies the report to
+``train/recipes/``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,23 +29,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime import Pipeline
 from runtime.checkpoints import BUNDLED, resolve
 from runtime.cli import run_cli
 from runtime.models import load_components, save_checkpoint
-from runtime.testing import TinySpec, build_tiny_components
+from runtime.testing import SD_SCHEDULER_CONFIG, TinySpec, build_tiny_components
 
 from runtime.files import atomic_write_bytes, atomic_write_json
 
 from ..common import progress
 from ..data import ATTRIBUTES, Label, all_labels, longest_caption_tokens, make_dataset
-from ..loop import Trainer, TrainConfig, l2_loss, reflow_loss
-from ..metrics import evaluate
+from ..loop import Trainer, TrainConfig, epsilon_loss, l2_loss, reflow_loss
 from ..pairs import generate, write_pairs
+from .shapes_eval import CLASSIFIER, DISCUSSION, load_classifier, stage_classifier, stage_report, to_tensor
+
+__all__ = ["CLASSIFIER", "SPEC", "Budget", "load_classifier", "run"]
 
 HERE = Path(__file__).resolve().parent
-#: the classifier shipped beside the recipe, used by the tests to check that the bundled model follows prompts
-CLASSIFIER = HERE / "shapes_classifier.safetensors"
 SPEC = TinySpec(sample_size=8, latent_channels=4, unet_channels=(64, 128), layers_per_block=1, attention_head_dim=8,
                 text_hidden=64, text_layers=2, text_heads=2, max_length=16, vae_channels=(32, 64, 64), vae_groups=8)
 
@@ -51,20 +54,23 @@ class Budget:
     images: int = 12000
     vae_steps: int = 1500  # 700 left small shapes blurred: 70% shape accuracy on reconstructions
     vae_batch: int = 32
-    rf1_steps: int = 2000
-    pairs: int = 2000
-    rf2_steps: int = 800
-    distill_steps: int = 600
+    teacher_steps: int = 3000
+    pairs: int = 3000
+    rf2_steps: int = 1500
+    distill_steps: int = 1000
     classifier_steps: int = 600
-    eval_n: int = 240
+    eval_n: int = 2040  # 17 x the 120 full captions
+    straightness_n: int = 256
+    bootstrap: int = 500
     batch: int = 64
-    lr: float = 1e-3
-    guidance: float = 1.5
-    ode_steps: int = 25  # teacher ODE steps for pairs and the multi-step rows
+    lr: float = 1e-3  # every stage: no per-stage tuning
+    teacher_guidance: float = 5.0  # the paper's SD setting for reflow pairs
+    guidance: float = 1.5  # the paper's 2-RF setting for distillation pairs
+    ode_steps: int = 25  # DPM-Solver steps (teacher) and Euler steps (2-RF) for pairs and multi-step rows
 
 
-SMOKE = Budget(images=128, vae_steps=3, vae_batch=8, rf1_steps=3, pairs=16, rf2_steps=2, distill_steps=2,
-               classifier_steps=3, eval_n=12, batch=8, ode_steps=3)
+SMOKE = Budget(images=128, vae_steps=3, vae_batch=8, teacher_steps=3, pairs=16, rf2_steps=2, distill_steps=2,
+               classifier_steps=3, eval_n=12, straightness_n=6, bootstrap=20, batch=8, ode_steps=3)
 
 
 def _done(folder: Path) -> bool:
@@ -74,10 +80,6 @@ def _done(folder: Path) -> bool:
 def _mark(folder: Path, info: dict[str, Any] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "DONE", info or {})
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 # -------------------------------------------------------------------------------------------------- stages
@@ -105,7 +107,7 @@ def stage_vae_and_init(out: Path, b: Budget, images: np.ndarray) -> Path:
     if (n := longest_caption_tokens(comps.tokenizer)) > SPEC.max_length:
         raise RuntimeError(f"the recipe's captions need {n} tokens, the text window has {SPEC.max_length}")
     vae = comps.vae.train().requires_grad_(True)
-    x = _to_tensor(images)
+    x = to_tensor(images)
     opt = torch.optim.AdamW(vae.parameters(), lr=b.lr)
     g = torch.Generator().manual_seed(0)
     bar = progress(b.vae_steps, "vae", True, "step")
@@ -149,7 +151,7 @@ def stage_data_pairs(out: Path, init: Path, images: np.ndarray, labels: list[Lab
         return folder
     comps = load_components(resolve(init))
     with torch.no_grad():
-        x = _to_tensor(images)
+        x = to_tensor(images)
         z = torch.cat([comps.vae.encode(x[i:i + 512]).latent_dist.mean for i in range(0, len(x), 512)])
     x1 = z * comps.scaling_factor
     prompts, index = caption_variants(labels, seed=1)
@@ -162,161 +164,43 @@ def stage_data_pairs(out: Path, init: Path, images: np.ndarray, labels: list[Lab
 
 
 def train_stage(out: Path, name: str, pairs: Path, init: Path, steps: int, b: Budget, loss: str,
-                fresh_noise: bool = False, dropout: float = 0.1, lr: float | None = None) -> Path:
+                fresh_noise: bool = False, dropout: float = 0.1) -> Path:
+    """One training stage: ``loss`` is "epsilon" (the diffusion teacher), "reflow" (2-RF) or "l2" (distillation)."""
     run = out / name
     if _done(run):
         return run / "model"
-    cfg = TrainConfig(pairs=str(pairs), out=str(run), init=str(init), max_steps=steps, batch_size=b.batch,
-                      lr=lr or b.lr, text_dropout=dropout, save_every=max(steps // 5, 1), fresh_noise=fresh_noise,
+    cfg = TrainConfig(pairs=str(pairs), out=str(run), init=str(init), max_steps=steps, batch_size=b.batch, lr=b.lr,
+                      text_dropout=dropout, save_every=max(steps // 5, 1), fresh_noise=fresh_noise, loss=loss,
                       warmup_steps=min(100, steps), ema=0.999 if steps >= 1000 else 0.0,
-                      extra={"default_steps": 1 if loss == "l2" else 25})
-    trainer = Trainer(cfg, reflow_loss if loss == "reflow" else l2_loss, f"{name}")
+                      extra={"default_steps": 1 if loss == "l2" else b.ode_steps, "recipe": "shapes"})
+    if loss == "epsilon":
+        trainer = Trainer(cfg, epsilon_loss(SD_SCHEDULER_CONFIG), name, diffusion_scheduler=SD_SCHEDULER_CONFIG)
+    else:
+        trainer = Trainer(cfg, reflow_loss if loss == "reflow" else l2_loss, name)
     model = trainer.run()
     _mark(run, {"final_loss": statistics.mean(trainer.losses[-20:]) if trainer.losses else None,
                 "steps_per_s": trainer.steps_per_s})
     return model
 
 
-def stage_pairs(out: Path, name: str, teacher: Path, b: Budget) -> Path:
+def stage_pairs(out: Path, name: str, teacher: Path, guidance: float, b: Budget) -> Path:
+    """Pairs through ``train.pairs``, the path that serves SD 1.5 (DPM-Solver for a diffusion teacher, Euler for a
+    flow)."""
     folder = out / name
     generate(str(teacher), str(out / "prompts.txt"), folder, num_pairs=b.pairs, batch_size=b.batch, seed=3,
-             steps=b.ode_steps, guidance=b.guidance, shard_size=1000)
+             steps=b.ode_steps, guidance=guidance, shard_size=1000)
     return folder
 
 
-class Classifier(torch.nn.Module):
-    """Small CNN on real shapes: one head per attribute; its penultimate features define the FID space."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-            torch.nn.Linear(64 * 8 * 8, 128), torch.nn.ReLU())
-        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(128, len(v)) for k, v in ATTRIBUTES.items()})
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        f = self.features(x)
-        return f, {k: h(f) for k, h in self.heads.items()}
-
-
-def load_classifier(path: Path = CLASSIFIER) -> Classifier:
-    from safetensors.torch import load_file
-
-    clf = Classifier()
-    clf.load_state_dict(load_file(path))
-    return clf.eval()
-
-
-def stage_classifier(out: Path, b: Budget) -> Classifier:
-    path = out / "classifier.safetensors"
-    clf = Classifier()
-    from safetensors.torch import load_file, save
-
-    if path.is_file():
-        clf.load_state_dict(load_file(path))
-        return clf.eval()
-    images, labels = make_dataset(max(b.images // 2, 64), seed=10)
-    x = _to_tensor(images)
-    y = {k: torch.tensor([lb.index()[k] for lb in labels]) for k in ATTRIBUTES}
-    opt = torch.optim.AdamW(clf.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(b.classifier_steps):
-        idx = torch.randint(len(x), (b.batch,), generator=g)
-        _, logits = clf(x[idx])
-        loss = sum(F.cross_entropy(logits[k], y[k][idx]) for k in ATTRIBUTES)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    atomic_write_bytes(path, save(clf.state_dict()))
-    return clf.eval()
-
-
-# -------------------------------------------------------------------------------------------------- report
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy import linalg
-
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
-    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-
-
-def score(clf: Classifier, images: torch.Tensor, labels: list[Label]) -> tuple[np.ndarray, dict[str, float]]:
-    with torch.no_grad():
-        feats, logits = clf(images * 2 - 1)
-    acc = {k: float((logits[k].argmax(1) == torch.tensor([lb.index()[k] for lb in labels])).float().mean())
-           for k in ATTRIBUTES}
-    return feats.numpy(), acc
-
-
-def grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
-    from PIL import Image
-
-    imgs = (images[: cols * 4].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    rows = [np.concatenate(list(imgs[r * cols:(r + 1) * cols]), axis=1) for r in range(len(imgs) // cols)]
-    Image.fromarray(np.concatenate(rows, axis=0)).resize((cols * 64, len(rows) * 64), Image.NEAREST).save(path)
-
-
-def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier, smoke: bool) -> Path:
-    report = out / "report"
-    report.mkdir(exist_ok=True)
-    labels = [all_labels()[i % 120] for i in range(b.eval_n)]
-    captions = [lb.caption for lb in labels]
-    real, _ = make_dataset(b.eval_n, seed=20)
-    real_feats, real_acc = score(clf, (_to_tensor(real) + 1) / 2, make_dataset(b.eval_n, seed=20)[1])
-    n = b.ode_steps
-    rows_spec = [("1-RF", "rf1", n, b.guidance), ("1-RF", "rf1", 1, b.guidance), ("2-RF", "rf2", n, b.guidance),
-                 ("2-RF", "rf2", 1, b.guidance), ("1-RF+distill", "student1", 1, 0.0),
-                 ("2-RF+distill", "student2", 1, 0.0)]
-    rows, straight = [], {}
-    for title, key, steps, w in rows_spec:
-        pipe = Pipeline.from_pretrained(models[key], device="cpu")
-        noise_shape = (4, 8, 8)
-        z0 = pipe.prepare_latents(len(captions), noise_shape, seed=123)
-        imgs = torch.cat([pipe(captions[i:i + 64], latents=z0[i:i + 64], num_inference_steps=steps, guidance_scale=w,
-                               output_type="pt").images for i in range(0, len(captions), 64)])
-        feats, acc = score(clf, imgs, labels)
-        times = []
-        for _ in range(3 if smoke else 15):
-            t = time.perf_counter()
-            pipe(captions[0], seed=0, num_inference_steps=steps, guidance_scale=w)
-            times.append(time.perf_counter() - t)
-        slug = f"{key}-{steps}step"
-        grid(imgs, report / f"grid-{slug}.png")
-        if key in ("rf1", "rf2") and key not in straight:
-            straight[key] = evaluate(pipe, captions, num=min(64, b.eval_n), steps=n)["straightness"]
-        rows.append({"row": f"{title} {steps}-step", "nfe": steps * (2 if w > 1 else 1),
-                     "latency_ms": 1e3 * statistics.median(times), "fid": frechet(real_feats, feats), **acc,
-                     "grid": f"grid-{slug}.png"})
-    doc = {"rows": rows, "straightness": straight, "real_accuracy": real_acc, "budget": asdict(b),
-           "date": time.strftime("%Y-%m-%d"), "smoke": smoke}
-    atomic_write_json(report / "results.json", doc)
-    (report / "SHAPES.md").write_text(render_report(doc))
-    return report
-
-
-def render_report(doc: dict[str, Any]) -> str:
-    s = doc["straightness"]
-    lines = ["# InstaFlow at small scale: shapes", "",
-             f"Regenerated by `python -m train.recipes.shapes` on {doc['date']}"
-             + (" (SMOKE run: numbers meaningless)" if doc["smoke"] else "") + ". "
-             "FID is computed in the feature space of a small CNN trained on real shapes; accuracies are that "
-             "classifier's agreement with the prompt's attributes on "
-             f"{doc['budget']['eval_n']} images (prompts cycle through all 120 captions, same noise for every row). "
-             f"The classifier scores {', '.join(f'{k} {v:.0%}' for k, v in doc['real_accuracy'].items())} on real "
-             "images. Latency: full pipeline, batch 1, this CPU (2 cores), median.", "",
-             "| model | NFE | latency ms | FID | colour | shape | position | size | samples |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for r in doc["rows"]:
-        lines.append(f"| {r['row']} | {r['nfe']} | {r['latency_ms']:.1f} | {r['fid']:.2f} | {r['color']:.0%} | "
-                     f"{r['shape']:.0%} | {r['position']:.0%} | {r['size']:.0%} | [grid]({r['grid']}) |")
-    n = doc["budget"]["ode_steps"]
-    lines += ["", f"Straightness S ({n}-step Euler, lower is straighter): 1-RF {s.get('rf1', float('nan')):.4f}, "
-              f"2-RF {s.get('rf2', float('nan')):.4f}.", ""]
-    return "\n".join(lines)
+def stage_baseline(out: Path) -> Path:
+    """A copy of the bundled model as it was when the run started: the row a newly trained student must beat."""
+    folder = out / "bundled_before"
+    if not (folder / "model_index.json").is_file():
+        tmp = out / ".bundled_before.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(BUNDLED["tiny"], tmp)
+        tmp.rename(folder)
+    return folder
 
 
 def run(out: str | Path, smoke: bool = False, ship: bool = False, publish: bool = False) -> Path:
@@ -324,29 +208,39 @@ def run(out: str | Path, smoke: bool = False, ship: bool = False, publish: bool 
     out.mkdir(parents=True, exist_ok=True)
     b = SMOKE if smoke else Budget()
     t0 = time.perf_counter()
+    baseline = stage_baseline(out)
     images, labels = stage_data(out, b)
     init = stage_vae_and_init(out, b, images)
-    data_pairs = stage_data_pairs(out, init, images, labels)
-    rf1 = train_stage(out, "rf1", data_pairs, init, b.rf1_steps, b, "reflow", fresh_noise=True)
-    pairs1 = stage_pairs(out, "pairs_rf1", rf1, b)
-    rf2 = train_stage(out, "rf2", pairs1, rf1, b.rf2_steps, b, "reflow", lr=b.lr / 3)
-    pairs2 = stage_pairs(out, "pairs_rf2", rf2, b)
-    student2 = train_stage(out, "student2", pairs2, rf2, b.distill_steps, b, "l2", dropout=0.0, lr=b.lr / 3)
-    student1 = train_stage(out, "student1", pairs1, rf1, b.distill_steps, b, "l2", dropout=0.0, lr=b.lr / 3)
+    data = stage_data_pairs(out, init, images, labels)
+    teacher = train_stage(out, "teacher", data, init, b.teacher_steps, b, "epsilon", fresh_noise=True)
+    pairs_teacher = stage_pairs(out, "pairs_teacher", teacher, b.teacher_guidance, b)
+    rf2 = train_stage(out, "rf2", pairs_teacher, teacher, b.rf2_steps, b, "reflow")
+    pairs_rf2 = stage_pairs(out, "pairs_rf2", rf2, b.guidance, b)
+    student = train_stage(out, "student", pairs_rf2, rf2, b.distill_steps, b, "l2", dropout=0.0)
+    control = train_stage(out, "student_teacher", pairs_teacher, teacher, b.distill_steps, b, "l2", dropout=0.0)
     clf = stage_classifier(out, b)
-    report = stage_report(out, b, {"rf1": rf1, "rf2": rf2, "student1": student1, "student2": student2}, clf, smoke)
+    models = {"teacher": teacher, "rf2": rf2, "student": student, "student_teacher": control, "before": baseline}
+    report, doc = stage_report(out, b, models, clf, smoke)
     if publish:
         dest = HERE / "shapes_report"
         shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(report, dest)
+        shutil.copytree(report, dest, ignore=shutil.ignore_patterns("rows"))
         text = (dest / "SHAPES.md").read_text().replace("(grid-", "(shapes_report/grid-")
-        (HERE / "SHAPES.md").write_text(text)
+        published = HERE / "SHAPES.md"
+        old = published.read_text() if published.is_file() else ""
+        if DISCUSSION in old:  # the hand-written discussion stays
+            text = text.rstrip() + "\n\n" + old[old.index(DISCUSSION):]
+        published.write_text(text)
         (dest / "SHAPES.md").unlink()
-    if ship:
+    ship_key = doc["ship"]["key"]
+    if ship and ship_key:
         shutil.copyfile(out / "classifier.safetensors", CLASSIFIER)
-        comps = load_components(resolve(student2)).to(dtype=torch.float16)  # stored fp16: half the size
+        comps = load_components(resolve(models[ship_key])).to(dtype=torch.float16)  # stored fp16: half the size
         save_checkpoint(comps, BUNDLED["tiny"], extra={"_instaflow": {"stage": "distill", "recipe": "shapes",
                                                                       "default_steps": 1}})
+        print(f"shipped {models[ship_key]} as tiny", flush=True)
+    elif ship:
+        print("kept the bundled tiny model: " + doc["ship"]["reason"], flush=True)
     print(f"recipe done in {time.perf_counter() - t0:.0f} s: {report / 'SHAPES.md'}", flush=True)
     return report
 
@@ -355,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.recipes.shapes", description=__doc__.splitlines()[0])
     p.add_argument("-o", "--output", default="runs/shapes")
     p.add_argument("--smoke", action="store_true", help="tiny step counts (CI)")
-    p.add_argument("--ship", action="store_true", help="copy the 2-RF student into runtime/assets/tiny")
+    p.add_argument("--ship", action="store_true",
+                   help="copy the best one-step student into runtime/assets/tiny if it beats the bundled model")
     p.add_argument("--publish", action="store_true", help="copy the report into train/recipes/")
     a = p.parse_args(argv)
     return run_cli(lambda: run(a.output, a.smoke, a.ship, a.publish))
