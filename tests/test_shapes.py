@@ -164,3 +164,15 @@ def test_model_dims_at_sd_shape_and_manifest_round_trip():
     assert specs["vae_decoder"].output_shape([x]) == (2, 3, 64, 128)
     ids = specs["text_encoder"].sample_inputs(64, seed=3)["input_ids"]
     assert ids.max() >= 1000  # token ids over the whole vocabulary, not a small range
+
+
+def test_recipe_budget_overrides_and_bad_ones(tmp_path, capsys):
+    from train.recipes.shapes import budget, main
+
+    assert budget(False, ["pairs=6000", "teacher_guidance=4"]).pairs == 6000
+    assert budget(True, ["pairs=6000"]).rf2_steps == 2  # overrides apply to the smoke budget too
+    for bad, says in (("pears=1", "no such setting"), ("pairs=many", "pairs takes a int")):
+        assert main(["-o", str(tmp_path / "r"), "--budget", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and "\n" not in err
+    assert not (tmp_path / "r").exists()  # refused before anything was written

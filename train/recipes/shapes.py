@@ -21,7 +21,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +36,7 @@ from runtime.testing import SD_SCHEDULER_CONFIG, TinySpec, build_tiny_components
 
 from runtime.files import atomic_write_bytes, atomic_write_json
 
-from ..common import progress
+from ..common import TrainError, progress
 from ..data import ATTRIBUTES, Label, all_labels, longest_caption_tokens, make_dataset
 from ..loop import Trainer, TrainConfig, epsilon_loss, l2_loss, reflow_loss
 from ..pairs import generate, write_pairs
@@ -203,10 +203,27 @@ def stage_baseline(out: Path) -> Path:
     return folder
 
 
-def run(out: str | Path, smoke: bool = False, ship: bool = False, publish: bool = False) -> Path:
+def budget(smoke: bool = False, overrides: Sequence[str] = ()) -> Budget:
+    """The default (or smoke) budget with ``KEY=VALUE`` overrides, e.g. ``pairs=6000`` (one line for a bad one)."""
+    b = SMOKE if smoke else Budget()
+    fields = {k: type(v) for k, v in asdict(b).items()}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise TrainError(f"--budget {item!r}: no such setting; one of {', '.join(fields)}")
+        try:
+            changes[key] = fields[key](value)
+        except ValueError:
+            raise TrainError(f"--budget {item!r}: {key} takes a {fields[key].__name__}") from None
+    return replace(b, **changes)
+
+
+def run(out: str | Path, smoke: bool = False, ship: bool = False, publish: bool = False,
+        b: Budget | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    b = SMOKE if smoke else Budget()
+    b = b or budget(smoke)
     t0 = time.perf_counter()
     baseline = stage_baseline(out)
     images, labels = stage_data(out, b)
@@ -252,8 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ship", action="store_true",
                    help="copy the best one-step student into runtime/assets/tiny if it beats the bundled model")
     p.add_argument("--publish", action="store_true", help="copy the report into train/recipes/")
+    p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one setting of the budget, e.g. pairs=6000 (repeatable; use a new -o folder)")
     a = p.parse_args(argv)
-    return run_cli(lambda: run(a.output, a.smoke, a.ship, a.publish))
+    return run_cli(lambda: run(a.output, a.smoke, a.ship, a.publish, budget(a.smoke, a.budget)))
 
 
 if __name__ == "__main__":
