@@ -299,6 +299,8 @@ def test_diffusion_teacher_trained_saved_and_solved(sd_pairs, prompts_file, tmp_
     times = [t for t, _ in path]
     assert len(path) == 6 and times == sorted(times) and 0.05 < times[0] < 0.08 and times[-1] == 1.0
     assert torch.allclose(path[-1][1], out) and torch.allclose(out, x1, atol=1e-4)
+    with pytest.raises(TrainError, match="2 prompts for 4 noise samples"):
+        teacher.solve(x0, texts[:2])
 
 
 def test_diffusion_path_in_flow_coordinates_and_its_straightness():

@@ -54,6 +54,8 @@ class Teacher:
         (:func:`diffusion_as_flow`), so both kinds of path are measured alike."""
         noise = noise.to(self.pipe.device, torch.float32)
         prompts = list(prompts)
+        if len(prompts) != noise.shape[0]:
+            raise TrainError(f"{len(prompts)} prompts for {noise.shape[0]} noise samples: one prompt per sample")
         cfg = flow.uses_cfg(self.guidance)
         # each text encoded in a call of its own: on the CPU a batched matrix product can round differently with
         # the batch's other rows, and pair i must not depend on which prompts shared its batch, rank or run
