@@ -83,6 +83,7 @@ def export_component(spec: ComponentSpec, components: Components, out: Path, set
 
     dtype = settings.dtype_of(spec.name)
     module = module_for(spec.name, components)
+    _check_free_space(out, spec.name, module)
     inputs = spec.sample_inputs(1, dtype=torch.float32)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out))
     try:
@@ -114,6 +115,16 @@ def export_component(spec: ComponentSpec, components: Components, out: Path, set
         "inputs": [t.manifest(dtype) for t in spec.inputs],
         "outputs": [t.manifest(dtype) for t in spec.outputs],
     }
+
+
+def _check_free_space(out: Path, name: str, module: torch.nn.Module) -> None:
+    """The exporter writes the fp32 weights (3.4 GB for SD's UNet) before any conversion, and a full disk surfaces
+    as "Could not open file" deep in torch: say it in one line before the work instead."""
+    need = int(1.1 * sum(t.numel() * 4 for t in (*module.parameters(), *module.buffers()))) + 2**26
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ExportError(f"not enough disk space in {out} to export {name}: it needs about {need / 2**30:.1f} GiB "
+                          f"free (its fp32 weights while converting), {free / 2**30:.1f} GiB left")
 
 
 def _set_output_shapes(path: Path, spec: ComponentSpec, dynamic_hw: bool) -> None:

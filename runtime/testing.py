@@ -143,13 +143,16 @@ def write_tiny_tokenizer(folder: str | os.PathLike[str], words: Sequence[str], m
 def build_tiny_components(spec: TinySpec | None = None, seed: int = 0, tokenizer_dir: str | None = None
                           ) -> Components:
     """Randomly initialised tiny components (deterministic for a seed). The tokenizer is written to
-    ``tokenizer_dir`` (a temporary folder when None)."""
+    ``tokenizer_dir`` (when None, a temporary folder removed once the tokenizer is loaded)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = spec or TinySpec()
-    tok_dir = tokenizer_dir or tempfile.mkdtemp(prefix="instaflow-tok-")
-    tokenizer = write_tiny_tokenizer(tok_dir, spec.words, spec.max_length)
+    if tokenizer_dir:
+        tokenizer = write_tiny_tokenizer(tokenizer_dir, spec.words, spec.max_length)
+    else:  # the slow CLIP tokenizer holds its vocabulary in memory: the files need not outlive the load
+        with tempfile.TemporaryDirectory(prefix="instaflow-tok-") as tok_dir:
+            tokenizer = write_tiny_tokenizer(tok_dir, spec.words, spec.max_length)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=max(len(tokenizer), spec.text_vocab or 0), hidden_size=spec.text_hidden,

@@ -329,7 +329,11 @@ def _snapshot(onnx_path: str) -> str:
     from pathlib import Path
 
     global SNAPSHOTS
-    SNAPSHOTS = SNAPSHOTS or tempfile.mkdtemp(prefix="fake-trt-")
+    if SNAPSHOTS is None:  # one folder for the test process, removed when it exits
+        import atexit
+
+        SNAPSHOTS = tempfile.mkdtemp(prefix="fake-trt-")
+        atexit.register(shutil.rmtree, SNAPSHOTS, ignore_errors=True)
     src = Path(onnx_path)
     files = [f for f in (src, src.with_name(src.name + ".data")) if f.exists()]
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]

@@ -295,6 +295,23 @@ def test_damaged_manifest_and_read_only_folder(tiny_ckpt, tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_full_disk_is_one_line_before_the_export(tiny_ckpt, tmp_path, monkeypatch):
+    """A disk without room for a graph's fp32 weights stops the export in one line naming the graph, before
+    torch writes anything (a full disk otherwise surfaces as "Could not open file" from deep in the exporter)."""
+    import shutil
+
+    import export.onnx as export_onnx
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(export_onnx.shutil, "disk_usage", lambda p: real(p)._replace(free=2**20))
+    with pytest.raises(ExportError, match=r"not enough disk space in .* to export unet: it needs about") as info:
+        export(str(tiny_ckpt), tmp_path / "e", ExportSettings(), verify=False, only=["unet"])
+    assert "\n" not in str(info.value) and not list((tmp_path / "e").glob("*.onnx*"))
+    monkeypatch.setattr(export_onnx.shutil, "disk_usage", real)
+    export(str(tiny_ckpt), tmp_path / "e", ExportSettings(), verify=False, only=["unet"])
+    assert (tmp_path / "e" / "unet.onnx").is_file()
+
+
 def test_fp16_fused_graph_is_checked_part_by_part(tmp_path):
     """On the bundled model (hard-edged shapes), the fp16 fused graph's reference takes the velocity of the
     export's own fp16 UNet graph and runs the rest in fp32: the graph agrees within the fp16 bound (1e-2) on

@@ -55,8 +55,10 @@ def sd_pairs(sd_style_ckpt, prompts_file, tmp_path_factory):
     return out
 
 
-def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def _env(tmp: Path | None = None):
+    """The subprocesses' environment; with ``tmp``, their temporary files (torchrun's log folders) go there."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return {**env, "TMPDIR": str(tmp)} if tmp else env
 
 
 def _pairs_cmd(teacher, prompts, out, n=20):
@@ -89,7 +91,7 @@ def test_pairs_content_and_manifest(sd_pairs, sd_style_ckpt):
 def test_pairs_identical_with_two_processes(sd_style_ckpt, prompts_file, sd_pairs, tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        *_pairs_cmd(sd_style_ckpt, prompts_file, out)], env=_env(), cwd=tmp_path,
+                        *_pairs_cmd(sd_style_ckpt, prompts_file, out)], env=_env(tmp_path), cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     _same_shards(sd_pairs, out)
@@ -342,8 +344,8 @@ def test_whole_chain_smoke(sd_style_ckpt, prompts_file, tmp_path):
 def test_reflow_under_torchrun_two_processes(sd_pairs, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
                         "train.reflow", "--pairs", str(sd_pairs), "-o", str(tmp_path / "ddp"), "--max-steps", "4",
-                        "--batch-size", "4", "--save-every", "2"], env=_env(), cwd=tmp_path, capture_output=True,
-                       text=True, timeout=300)
+                        "--batch-size", "4", "--save-every", "2"], env=_env(tmp_path), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "ddp" / "model" / "model_index.json").is_file()
     assert sorted(p.name for p in (tmp_path / "ddp" / "state").glob("*.pt")) == ["step-00000002.pt",
