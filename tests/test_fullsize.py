@@ -19,6 +19,7 @@ import platform
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -46,8 +47,13 @@ def sd15_ckpt() -> Path:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("fullsize")
+def work(tmp_path_factory) -> Iterator[Path]:
+    """The tier's exports (GBs each), removed when the module ends: pytest keeps its last three temp roots."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("fullsize")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager
