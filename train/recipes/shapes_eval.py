@@ -101,8 +101,17 @@ def score(clf: Classifier, images: torch.Tensor, labels: list[Label]) -> tuple[n
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to feature sets ``a`` and ``b`` (rows are samples); the trace of
     sqrtm(S1 S2) is the sum of the square roots of S1 S2's eigenvalues (real and >= 0 up to rounding)."""
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return frechet_of(gaussian(a), gaussian(b))
+
+
+def gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of feature set ``x`` (rows are samples)."""
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def frechet_of(g1: tuple[np.ndarray, np.ndarray], g2: tuple[np.ndarray, np.ndarray]) -> float:
+    """Fréchet distance between two fitted Gaussians (:func:`gaussian`)."""
+    (mu1, s1), (mu2, s2) = g1, g2
     ev = np.linalg.eigvals(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
 
@@ -207,8 +216,9 @@ def bootstrap(real: np.ndarray, rows: dict[str, dict[str, Any]], s: dict[str, np
     st = {k: np.empty(reps) for k in s}
     for r in range(reps):
         idx, ridx, sidx = rng.integers(n, size=n), rng.integers(n_real, size=n_real), rng.integers(n_s, size=n_s)
+        real_g = gaussian(real[ridx])  # once per replicate, shared by the rows
         for k, row in rows.items():
-            fid[k][r] = frechet(real[ridx], row["feats"][idx])
+            fid[k][r] = frechet_of(real_g, gaussian(row["feats"][idx]))
             for a in ATTRIBUTES:
                 acc[k][a][r] = row["correct"][a][idx].mean()
         for k, v in s.items():
