@@ -54,7 +54,7 @@ class Budget:
     images: int = 12000
     vae_steps: int = 1500  # 700 left small shapes blurred: 70% shape accuracy on reconstructions
     vae_batch: int = 32
-    teacher_steps: int = 2200  # with the rest, the whole recipe fits 90 minutes on 2 cores
+    teacher_steps: int = 2200  # cut from 3000 towards 90 min on 2 cores; measured 107 (SHAPES.md)
     pairs: int = 3000
     rf2_steps: int = 1200
     distill_steps: int = 800
