@@ -73,6 +73,17 @@ def test_recipe_smoke(tmp_path):
     assert json.loads((out / "rf2" / "model" / "model_index.json").read_text())["_instaflow"]["init"].endswith(
         "teacher/model")
     assert set(doc["straightness"]) == {"teacher/sampling", "teacher/conditional", "rf2/sampling", "rf2/conditional"}
+    # the sampling paths are recorded while the multi-step rows sample: the same S as a path of their own
+    from train.recipes.shapes_eval import path_s
+
+    n = SMOKE.straightness_n
+    z0 = torch.randn((SMOKE.eval_n, 4, 8, 8), generator=torch.Generator().manual_seed(123))[:n]
+    captions = [all_labels()[i % 120].caption for i in range(n)]
+    for name, guidance in (("teacher", 5.0), ("rf2", 1.5)):
+        want = path_s(out / name / "model", SMOKE.ode_steps, guidance, captions, z0)
+        got = np.load(report / "rows" / f"straightness-{name}-sampling.npy")
+        assert got.shape == (n,) and np.allclose(got, want, rtol=1e-4, atol=1e-7)
+        assert doc["straightness"][f"{name}/sampling"]["value"] == pytest.approx(float(want.mean()), rel=1e-4)
     assert len(doc["claims"]) == 5 and all(isinstance(c["met"], bool) for c in doc["claims"])
     assert all((report / r["grid"]).is_file() for r in doc["rows"])
     assert "## The paper's claims" in (report / "SHAPES.md").read_text()

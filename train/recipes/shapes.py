@@ -120,14 +120,14 @@ def stage_vae_and_init(out: Path, b: Budget, images: np.ndarray) -> Path:
         loss.backward()
         opt.step()
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     bar.close()
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([vae.encode(x[i:i + 512]).latent_dist.mean for i in range(0, min(len(x), 4096), 512)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     save_checkpoint(comps, folder)
-    _mark(folder, {"vae_recon_mse": float(loss), "scaling_factor": float(1.0 / z.std())})
+    _mark(folder, {"vae_recon_mse": float(loss.detach()), "scaling_factor": float(1.0 / z.std())})
     return folder
 
 

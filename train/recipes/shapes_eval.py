@@ -149,22 +149,33 @@ def rows_for(b: Budget) -> list[Row]:
             Row("before", "Bundled `tiny` before this run, 1-step", "before", 1, 0.0)]
 
 
-#: straightness is measured on these sampler paths: (name, model, guidance: None = the row's sampling guidance)
+#: straightness is measured on these sampler paths: (name, model, kind); "sampling" is the multi-step row's own path
+#: (its guidance; recorded while that row samples), "conditional" the same sampler without guidance
 STRAIGHTNESS = (("teacher", "teacher", "sampling"), ("teacher", "teacher", "conditional"),
                 ("rf2", "rf2", "sampling"), ("rf2", "rf2", "conditional"))
 
 
 def sample_row(row: Row, model: Path, captions: list[str], z0: torch.Tensor, clf: Classifier, labels: list[Label],
-               folder: Path, smoke: bool) -> dict[str, Any]:
-    """The row's images for every (caption, noise) -> features and correctness (cached), a grid, latency."""
+               folder: Path, smoke: bool, straightness: tuple[Path, int] | None = None) -> dict[str, Any]:
+    """The row's images for every (caption, noise) -> features and correctness (cached), a grid, latency.
+
+    ``straightness`` (cache file, n): the sampler's path over the first n samples is recorded on the way and its
+    straightness saved there (the row's own path: the same noise, prompts, sampler and guidance), so the multi-step
+    rows give S without sampling those paths a second time."""
     cache = folder / "rows" / f"{row.key}.npz"
     if cache.is_file():
         d = np.load(cache)
         return {"feats": d["feats"], "correct": {k: d[k] for k in ATTRIBUTES}, "latency_ms": float(d["latency_ms"])}
     teacher = load_teacher(str(model), torch.device("cpu"), steps=row.steps, guidance=row.guidance)
     teacher.pipe.embedding_cache_size = 512
-    images = []
-    for i in range(0, len(captions), 256):
+    images, start = [], 0
+    if straightness is not None:
+        s_cache, start = straightness
+        path: flow.Trajectory = []
+        images.append(teacher.pipe.decode(teacher.solve(z0[:start], captions[:start], trajectory=path)))
+        values = path_straightness(path).numpy().astype(np.float64)
+        atomic_write_with(s_cache, lambda f: np.save(f, values))
+    for i in range(start, len(captions), 256):
         images.append(teacher.pipe.decode(teacher.solve(z0[i:i + 256], captions[i:i + 256])))
     imgs = torch.cat(images)
     grid(imgs, folder / f"grid-{row.key}.png")
@@ -286,16 +297,24 @@ def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier,
     floor = frechet(real, score(clf, (to_tensor(make_dataset(b.eval_n, seed=21)[0]) + 1) / 2, real_labels)[0])
     z0 = torch.randn((b.eval_n, 4, 8, 8), generator=torch.Generator().manual_seed(123))
     specs = rows_for(b)
+    guidance = {"teacher": b.teacher_guidance, "rf2": b.guidance}
+    n = min(b.straightness_n, b.eval_n)
+
+    def s_cache(name: str, kind: str) -> Path:
+        return report / "rows" / f"straightness-{name}-{kind}.npy"
+
     rows = {}
     for row in specs:
         print(f"report: {row.title}", flush=True)
-        rows[row.key] = sample_row(row, models[row.model], captions, z0, clf, labels, report, smoke)
-    guidance = {"teacher": b.teacher_guidance, "rf2": b.guidance}
+        # the multi-step rows sample exactly the "sampling" straightness paths: recorded on the way
+        own = (row.model in guidance and row.steps == b.ode_steps and row.guidance == guidance[row.model]
+               and not s_cache(row.model, "sampling").is_file())
+        rows[row.key] = sample_row(row, models[row.model], captions, z0, clf, labels, report, smoke,
+                                   (s_cache(row.model, "sampling"), n) if own else None)
     s = {}
     for name, model, kind in STRAIGHTNESS:
-        n = b.straightness_n
-        cache = report / "rows" / f"straightness-{name}-{kind}.npy"
-        if not cache.is_file():
+        cache = s_cache(name, kind)
+        if not cache.is_file():  # the conditional paths (and a sampling path whose row was cached without it)
             values = path_s(models[model], b.ode_steps, guidance[name] if kind == "sampling" else 1.0, captions[:n],
                             z0[:n])
             atomic_write_with(cache, lambda f, v=values: np.save(f, v))
