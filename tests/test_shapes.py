@@ -72,6 +72,9 @@ def test_recipe_smoke(tmp_path):
     assert rf2["kind"] == "flow" and rf2["guidance"] == 1.5
     assert json.loads((out / "rf2" / "model" / "model_index.json").read_text())["_instaflow"]["init"].endswith(
         "teacher/model")
+    for stage in ("teacher", "rf2", "student", "student_teacher"):  # EMA weights in every stage, students included
+        info = json.loads((out / stage / "model" / "model_index.json").read_text())["_instaflow"]
+        assert info["config"]["ema"] == 0.999, stage
     assert set(doc["straightness"]) == {"teacher/sampling", "teacher/conditional", "rf2/sampling", "rf2/conditional"}
     # the sampling paths are recorded while the multi-step rows sample: the same S as a path of their own
     from train.recipes.shapes_eval import path_s

@@ -54,7 +54,7 @@ class Budget:
     images: int = 12000
     vae_steps: int = 1500  # 700 left small shapes blurred: 70% shape accuracy on reconstructions
     vae_batch: int = 32
-    teacher_steps: int = 2200  # cut from 3000 towards 90 min on 2 cores; measured 107 (SHAPES.md)
+    teacher_steps: int = 2200  # cut from 3000 to fit 90 min on 2 cores: 84 measured alone on them (SHAPES.md)
     pairs: int = 3000
     rf2_steps: int = 1200
     distill_steps: int = 800
@@ -171,7 +171,7 @@ def train_stage(out: Path, name: str, pairs: Path, init: Path, steps: int, b: Bu
         return run / "model"
     cfg = TrainConfig(pairs=str(pairs), out=str(run), init=str(init), max_steps=steps, batch_size=b.batch, lr=b.lr,
                       text_dropout=dropout, save_every=max(steps // 5, 1), fresh_noise=fresh_noise, loss=loss,
-                      warmup_steps=min(100, steps), ema=0.999 if steps >= 1000 else 0.0,
+                      warmup_steps=min(100, steps), ema=0.999,  # every stage: a last iterate at lr 1e-3 is noisy
                       extra={"default_steps": 1 if loss == "l2" else b.ode_steps, "recipe": "shapes"})
     if loss == "epsilon":
         trainer = Trainer(cfg, epsilon_loss(SD_SCHEDULER_CONFIG), name, diffusion_scheduler=SD_SCHEDULER_CONFIG)
