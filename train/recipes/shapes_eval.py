@@ -25,7 +25,7 @@ from runtime.files import atomic_write_bytes, atomic_write_json, atomic_write_wi
 
 from ..data import ATTRIBUTES, Label, all_labels, make_dataset
 from ..metrics import path_straightness
-from ..teacher import load_teacher
+from ..teacher import Teacher, load_teacher
 
 if TYPE_CHECKING:
     from .shapes import Budget
@@ -171,9 +171,8 @@ def sample_row(row: Row, model: Path, captions: list[str], z0: torch.Tensor, clf
     images, start = [], 0
     if straightness is not None:
         s_cache, start = straightness
-        path: flow.Trajectory = []
-        images.append(teacher.pipe.decode(teacher.solve(z0[:start], captions[:start], trajectory=path)))
-        values = path_straightness(path).numpy().astype(np.float64)
+        x1, values = solve_with_straightness(teacher, z0[:start], captions[:start])
+        images.append(teacher.pipe.decode(x1))
         atomic_write_with(s_cache, lambda f: np.save(f, values))
     for i in range(start, len(captions), 256):
         images.append(teacher.pipe.decode(teacher.solve(z0[i:i + 256], captions[i:i + 256])))
@@ -196,9 +195,14 @@ def path_s(model: Path, steps: int, guidance: float, captions: list[str], z0: to
     """Straightness per sample of the model's own sampler path (DPM-Solver for a diffusion model, Euler for a flow),
     measured the same way for both (:func:`train.metrics.path_straightness`)."""
     teacher = load_teacher(str(model), torch.device("cpu"), steps=steps, guidance=guidance)
+    return solve_with_straightness(teacher, z0, captions)[1]
+
+
+def solve_with_straightness(teacher: Teacher, z0: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, np.ndarray]:
+    """The sampler's X1 and the straightness of each sample's path on the way."""
     path: flow.Trajectory = []
-    teacher.solve(z0, captions, trajectory=path)
-    return path_straightness(path).numpy().astype(np.float64)
+    x1 = teacher.solve(z0, captions, trajectory=path)
+    return x1, path_straightness(path).numpy().astype(np.float64)
 
 
 # ------------------------------------------------------------------------------------------------- statistics
