@@ -190,3 +190,39 @@ def test_recipe_budget_overrides_and_bad_ones(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert says in err and "\n" not in err
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_recipe_stages_compute_in_fp32_with_the_budget_seed_on_any_device(tmp_path, monkeypatch):
+    """A GPU run of the recipe computes what the CPU run does: the pairs' teacher and every training stage in fp32
+    (no fp16 sampling, no bf16 autocast), and ``--budget seed=N`` reaches every trained stage."""
+    import train.recipes.shapes as shapes
+
+    seen: dict[str, object] = {}
+
+    class FakeTrainer:
+        def __init__(self, cfg, loss, name, **kw):
+            seen["cfg"], self.losses, self.steps_per_s = cfg, [], 0.0
+
+        def run(self):
+            return tmp_path / "model"
+
+    monkeypatch.setattr(shapes, "Trainer", FakeTrainer)
+    monkeypatch.setattr(shapes, "generate", lambda *a, **kw: seen.update(generate=kw))
+    b = shapes.budget(True, ["seed=3"])
+    shapes.train_stage(tmp_path, "rf2", tmp_path / "pairs", tmp_path / "init", 2, b, "reflow")
+    shapes.stage_pairs(tmp_path, "pairs_rf2", tmp_path / "rf2", 1.5, b)
+    cfg = seen["cfg"]
+    assert cfg.seed == 3 and cfg.mixed_precision == "no"
+    assert seen["generate"]["dtype"] == "fp32"
+
+
+def test_path_straightness_returns_host_float64():
+    from train.metrics import path_straightness
+
+    z0, z1 = torch.zeros(2, 4), torch.ones(2, 4)
+    straight = [(0.0, z0), (0.5, 0.5 * z1), (1.0, z1)]
+    bent = [(0.0, z0), (0.5, z1), (1.0, z1)]
+    s = path_straightness(straight)
+    assert s.dtype == torch.float64 and s.device.type == "cpu"
+    assert torch.allclose(s, torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(path_straightness(bent), torch.ones(2, dtype=torch.float64))

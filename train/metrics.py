@@ -41,11 +41,11 @@ def path_straightness(path: Sequence[tuple[float, torch.Tensor]]) -> torch.Tenso
     times = [t for t, _ in path]
     span = times[-1] - times[0]
     direction = path[-1][1] - path[0][1]
-    total = torch.zeros(direction.shape[0], dtype=torch.float64)
+    total = torch.zeros(direction.shape[0], dtype=torch.float64, device=direction.device)
     for (ta, a), (tb, b) in zip(path, path[1:]):
         dt = (tb - ta) / span
         total += dt * ((direction - (b - a) / dt) ** 2).flatten(1).mean(1).double()
-    return total
+    return total.cpu()
 
 
 def pipeline_velocity(pipe: Pipeline, prompts: Sequence[str]) -> FlowTimeVelocity:

@@ -67,6 +67,7 @@ class Budget:
     teacher_guidance: float = 5.0  # the paper's SD setting for reflow pairs
     guidance: float = 1.5  # the paper's 2-RF setting for distillation pairs
     ode_steps: int = 25  # DPM-Solver steps (teacher) and Euler steps (2-RF) for pairs and multi-step rows
+    seed: int = 0  # training seed of every trained stage (batch order, t, text dropout): the students' training noise
 
 
 SMOKE = Budget(images=128, vae_steps=3, vae_batch=8, teacher_steps=3, pairs=16, rf2_steps=2, distill_steps=2,
@@ -172,6 +173,7 @@ def train_stage(out: Path, name: str, pairs: Path, init: Path, steps: int, b: Bu
     cfg = TrainConfig(pairs=str(pairs), out=str(run), init=str(init), max_steps=steps, batch_size=b.batch, lr=b.lr,
                       text_dropout=dropout, save_every=max(steps // 5, 1), fresh_noise=fresh_noise, loss=loss,
                       warmup_steps=min(100, steps), ema=0.999,  # every stage: a last iterate at lr 1e-3 is noisy
+                      mixed_precision="no", seed=b.seed,  # fp32 on any device: a GPU run computes what the CPU does
                       extra={"default_steps": 1 if loss == "l2" else b.ode_steps, "recipe": "shapes"})
     if loss == "epsilon":
         trainer = Trainer(cfg, epsilon_loss(SD_SCHEDULER_CONFIG), name, diffusion_scheduler=SD_SCHEDULER_CONFIG)
@@ -188,7 +190,7 @@ def stage_pairs(out: Path, name: str, teacher: Path, guidance: float, b: Budget)
     flow)."""
     folder = out / name
     generate(str(teacher), str(out / "prompts.txt"), folder, num_pairs=b.pairs, batch_size=b.batch, seed=3,
-             steps=b.ode_steps, guidance=guidance, shard_size=1000)
+             steps=b.ode_steps, guidance=guidance, shard_size=1000, dtype="fp32")
     return folder
 
 

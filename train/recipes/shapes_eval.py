@@ -37,6 +37,12 @@ CLASSIFIER = HERE / "shapes_classifier.safetensors"
 DISCUSSION = "<!-- discussion: hand-written, kept when the report is regenerated -->"
 
 
+def eval_device() -> torch.device:
+    """Where the report samples: the GPU that trained the stages when there is one (fp32 like the CPU), else the CPU.
+    The classifier and the statistics stay on the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -166,23 +172,23 @@ def sample_row(row: Row, model: Path, captions: list[str], z0: torch.Tensor, clf
     if cache.is_file():
         d = np.load(cache)
         return {"feats": d["feats"], "correct": {k: d[k] for k in ATTRIBUTES}, "latency_ms": float(d["latency_ms"])}
-    teacher = load_teacher(str(model), torch.device("cpu"), steps=row.steps, guidance=row.guidance)
+    teacher = load_teacher(str(model), eval_device(), steps=row.steps, guidance=row.guidance)
     teacher.pipe.embedding_cache_size = 512
     images, start = [], 0
     if straightness is not None:
         s_cache, start = straightness
         x1, values = solve_with_straightness(teacher, z0[:start], captions[:start])
-        images.append(teacher.pipe.decode(x1))
+        images.append(teacher.pipe.decode(x1).cpu())
         atomic_write_with(s_cache, lambda f: np.save(f, values))
     for i in range(start, len(captions), 256):
-        images.append(teacher.pipe.decode(teacher.solve(z0[i:i + 256], captions[i:i + 256])))
+        images.append(teacher.pipe.decode(teacher.solve(z0[i:i + 256], captions[i:i + 256])).cpu())
     imgs = torch.cat(images)
     grid(imgs, folder / f"grid-{row.key}.png")
     feats, correct = score(clf, imgs, labels)
     times = []
     for _ in range(2 if smoke else 6):  # the first is a warm-up
         t = time.perf_counter()
-        teacher.pipe.decode(teacher.solve(z0[:1], captions[:1]))
+        teacher.pipe.decode(teacher.solve(z0[:1], captions[:1])).cpu()  # the copy waits for a GPU to finish
         times.append(time.perf_counter() - t)
     latency = 1e3 * statistics.median(times[1:])
     buf = io.BytesIO()
@@ -194,7 +200,7 @@ def sample_row(row: Row, model: Path, captions: list[str], z0: torch.Tensor, clf
 def path_s(model: Path, steps: int, guidance: float, captions: list[str], z0: torch.Tensor) -> np.ndarray:
     """Straightness per sample of the model's own sampler path (DPM-Solver for a diffusion model, Euler for a flow),
     measured the same way for both (:func:`train.metrics.path_straightness`)."""
-    teacher = load_teacher(str(model), torch.device("cpu"), steps=steps, guidance=guidance)
+    teacher = load_teacher(str(model), eval_device(), steps=steps, guidance=guidance)
     return solve_with_straightness(teacher, z0, captions)[1]
 
 
