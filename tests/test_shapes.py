@@ -214,6 +214,13 @@ def test_recipe_stages_compute_in_fp32_with_the_budget_seed_on_any_device(tmp_pa
     cfg = seen["cfg"]
     assert cfg.seed == 3 and cfg.mixed_precision == "no"
     assert seen["generate"]["dtype"] == "fp32"
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with shapes.strict_fp32():  # run() wraps the recipe in it: no TF32 convolutions or matmuls on a GPU
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    monkeypatch.setattr(shapes, "_run", lambda *a: seen.update(tf32=torch.backends.cudnn.allow_tf32))
+    shapes.run(tmp_path / "r", smoke=True)
+    assert seen["tf32"] is False
 
 
 def test_path_straightness_returns_host_float64():

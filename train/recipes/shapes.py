@@ -17,13 +17,14 @@ The text encoder is a frozen, randomly initialised tiny CLIP with one token per 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -221,8 +222,27 @@ def budget(smoke: bool = False, overrides: Sequence[str] = ()) -> Budget:
     return replace(b, **changes)
 
 
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """fp32 that is fp32 on a GPU too: cuDNN's convolutions (and matmuls, where enabled) would otherwise round
+    through TF32, and a GPU run of the recipe would no longer compute what the CPU run does."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def run(out: str | Path, smoke: bool = False, ship: bool = False, publish: bool = False,
         b: Budget | None = None) -> Path:
+    """The whole recipe into ``out`` (each stage resumes); returns the report folder. On a GPU the trained stages
+    and the report's sampling run there, in strict fp32."""
+    with strict_fp32():
+        return _run(out, smoke, ship, publish, b)
+
+
+def _run(out: str | Path, smoke: bool, ship: bool, publish: bool, b: Budget | None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     b = b or budget(smoke)
