@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from runtime import flow
 from runtime.files import atomic_write_bytes, atomic_write_json, atomic_write_with
+from runtime.inputs import parse_device
 
 from ..data import ATTRIBUTES, Label, all_labels, make_dataset
 from ..metrics import path_straightness
@@ -35,12 +36,6 @@ HERE = Path(__file__).resolve().parent
 CLASSIFIER = HERE / "shapes_classifier.safetensors"
 #: the hand-written discussion below this line in ``SHAPES.md`` survives a regenerated report
 DISCUSSION = "<!-- discussion: hand-written, kept when the report is regenerated -->"
-
-
-def eval_device() -> torch.device:
-    """Where the report samples: the GPU that trained the stages when there is one (fp32 like the CPU), else the CPU.
-    The classifier and the statistics stay on the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -172,7 +167,8 @@ def sample_row(row: Row, model: Path, captions: list[str], z0: torch.Tensor, clf
     if cache.is_file():
         d = np.load(cache)
         return {"feats": d["feats"], "correct": {k: d[k] for k in ATTRIBUTES}, "latency_ms": float(d["latency_ms"])}
-    teacher = load_teacher(str(model), eval_device(), steps=row.steps, guidance=row.guidance)
+    # sampled on the GPU when there is one (fp32, like the CPU); the classifier and the statistics stay on the CPU
+    teacher = load_teacher(str(model), parse_device(None), steps=row.steps, guidance=row.guidance)
     teacher.pipe.embedding_cache_size = 512
     images, start = [], 0
     if straightness is not None:
@@ -200,7 +196,7 @@ def sample_row(row: Row, model: Path, captions: list[str], z0: torch.Tensor, clf
 def path_s(model: Path, steps: int, guidance: float, captions: list[str], z0: torch.Tensor) -> np.ndarray:
     """Straightness per sample of the model's own sampler path (DPM-Solver for a diffusion model, Euler for a flow),
     measured the same way for both (:func:`train.metrics.path_straightness`)."""
-    teacher = load_teacher(str(model), eval_device(), steps=steps, guidance=guidance)
+    teacher = load_teacher(str(model), parse_device(None), steps=steps, guidance=guidance)
     return solve_with_straightness(teacher, z0, captions)[1]
 
 
