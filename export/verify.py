@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from runtime.checkpoints import resolve
-from runtime.decoders import TINY_CLASS, with_decoder
+from runtime.checkpoints import TINY_DECODER_CLASS
+from runtime.decoders import with_decoder
 from runtime.lora import with_loras
 from runtime.cli import run_cli
 from runtime.models import Components, load_components
@@ -149,7 +150,7 @@ def export_checkpoint(doc: dict[str, Any]) -> Any:
     """The checkpoint an export was made from, with the tiny decoder and the LoRAs it holds (if any)."""
     decoder = doc.get("decoder", {})
     checkpoint = with_decoder(resolve(doc["checkpoint"]["path"]),
-                              decoder.get("path") if decoder.get("class") == TINY_CLASS else None)
+                              decoder.get("path") if decoder.get("class") == TINY_DECODER_CLASS else None)
     return with_loras(checkpoint, [(x["file"], x["scale"]) for x in doc.get("loras", [])])
 
 

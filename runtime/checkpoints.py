@@ -16,17 +16,17 @@ need directly and ignore the rest. ``model_index.json``'s ``_class_name`` is wha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
+from . import identity
 from .errors import CheckpointError, InvalidInputError
-
-if TYPE_CHECKING:
-    from .decoders import Decoder
 
 #: Short names for the public checkpoints (hub ids).
 ALIASES: dict[str, str] = {
@@ -45,8 +45,37 @@ FLOW_PIPELINE_CLASS = "RectifiedFlowPipeline"
 #: Components needed to generate images.
 PIPELINE_COMPONENTS: tuple[str, ...] = ("tokenizer", "text_encoder", "unet", "vae")
 
+#: Components whose content identifies a checkpoint's images (hashes, fingerprints).
+IDENTITY_COMPONENTS: tuple[str, ...] = ("text_encoder", "tokenizer", "unet", "vae")
+
+#: ``_class_name`` of the tiny decoders (TAESD) that can replace a checkpoint's VAE (:mod:`runtime.decoders`).
+TINY_DECODER_CLASS = "AutoencoderTiny"
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A resolved tiny VAE decoder (see :mod:`runtime.decoders`): a local folder with ``config.json`` and
+    safetensors weights, used instead of a checkpoint's own VAE."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """:func:`runtime.identity.folder_fingerprint` of the folder, read once."""
+        return identity.folder_fingerprint(self.path)
+
+    def identity(self) -> dict[str, str]:
+        """What exports record (and compare) about the decoder they hold."""
+        return {"class": TINY_DECODER_CLASS, "name": self.name, "path": str(self.path.resolve()),
+                "fingerprint": self.fingerprint}
+
+
+#: What exports record for a checkpoint's own VAE decoder (and what exports made before decoders were recorded hold).
+OWN_DECODER: dict[str, str] = {"class": "AutoencoderKL", "name": "the checkpoint's own VAE"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +88,7 @@ class Checkpoint:
     path: Path
     index: dict[str, Any] = field(repr=False)
     repo_id: str | None = None
-    decoder: "Decoder | None" = None
+    decoder: Decoder | None = None
     loras: tuple[dict[str, Any], ...] = ()  # LoRAs fused at load (runtime.lora.lora_identity)
 
     @property
@@ -81,6 +110,39 @@ class Checkpoint:
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint {self.name!r} lacks the {name!r} component (no {folder})")
         return folder
+
+    def fingerprint(self, components: tuple[str, ...] = IDENTITY_COMPONENTS) -> str:
+        """Fast identity for load-time checks (:func:`runtime.identity.hash_folder` of each component, about 1 MB
+        read per weight file), covering the tiny decoder in place of the VAE and the fused LoRAs."""
+        h = hashlib.sha256()
+        h.update((self.path / "model_index.json").read_bytes())
+        for comp in components:
+            if comp == "vae" and self.decoder is not None:
+                h.update(f"decoder:{self.decoder.fingerprint}".encode())
+            else:
+                identity.hash_folder(h, self.component(comp), comp, weights=comp != "tokenizer")
+        for lora in self.loras:
+            h.update(f"lora:{lora['sha256']}:{lora['scale']!r}".encode())
+        return h.hexdigest()
+
+    def content_hash(self, components: tuple[str, ...] = IDENTITY_COMPONENTS) -> str:
+        """Full identity of the checkpoint's own files: its model_index, every config and every weight file of
+        ``components``, each hashed in full (what an export records it was made from)."""
+        h = hashlib.sha256()
+        h.update((self.path / "model_index.json").read_bytes())
+        for comp in components:
+            folder = self.component(comp)
+            files = identity.config_files(folder)
+            if comp != "tokenizer":
+                files += identity.weight_files(folder)
+            for f in files:
+                h.update(f"{comp}/{f.name}:".encode())
+                h.update(identity.sha256_file(f).encode())
+        return h.hexdigest()
+
+    def decoder_identity(self) -> dict[str, str]:
+        """The VAE decoder an export of this checkpoint holds (recorded in manifests and engine indexes)."""
+        return self.decoder.identity() if self.decoder is not None else dict(OWN_DECODER)
 
 
 def hub_id(name: str) -> str | None:
@@ -141,59 +203,9 @@ def _validate(name: str, path: Path, repo: str | None, components: tuple[str, ..
             continue
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"checkpoint {name!r}: component {comp!r} has no config.json in {folder}")
-        for f in weight_files(folder):
-            check_safetensors(f)
+        for f in identity.weight_files(folder):
+            identity.check_safetensors(f)
     return ckpt
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files holding one component's weights (single file or sharded with an index).
-
-    Raises :class:`CheckpointError` when there are none; pickled ``.bin`` weights are refused, never loaded.
-    """
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"unreadable shard index {indexes[0]}: {e}") from None
-        files = [folder / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{folder} is missing weight shards: {', '.join(missing)}")
-        return files
-    files = sorted(f for f in folder.glob("*.safetensors") if len(f.suffixes) == 1)  # not the .fp16. variants
-    if files:
-        return files
-    if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")):
-        raise CheckpointError(
-            f"{folder} holds only pickled weights (.bin/.ckpt); instaflow-rt loads safetensors only "
-            "(convert them with a trusted tool first)"
-        )
-    raise CheckpointError(f"no safetensors weights in {folder}")
-
-
-def check_safetensors(path: Path) -> None:
-    """Check that a safetensors file is whole: a readable header whose tensors end exactly at the end of the file.
-
-    Catches truncated downloads and most corruption without reading the tensor data.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n <= 0 or n > min(size - 8, _MAX_SAFETENSORS_HEADER):
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupted safetensors file {path} ({e})") from None
-    expected = 8 + n + max(ends, default=0)
-    if expected != size:
-        raise CheckpointError(
-            f"corrupted safetensors file {path}: {size} bytes, header says {expected} (truncated download?)"
-        )
 
 
 def _hub_patterns(components: Iterable[str]) -> list[str]:

@@ -13,37 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import TINY_DECODER_CLASS, Checkpoint, Decoder, hub_id, snapshot
 from .errors import CheckpointError
+from .identity import check_safetensors, weight_files
 
 #: Short names of tiny decoders (hub ids).
 DECODER_ALIASES: dict[str, str] = {"taesd": "madebyollin/taesd"}
-TINY_CLASS = "AutoencoderTiny"
-
-
-@dataclass(frozen=True)
-class Decoder:
-    """A resolved tiny decoder: a local folder with ``config.json`` and safetensors weights."""
-
-    name: str
-    path: Path
-    config: dict[str, Any]
-
-    @cached_property
-    def fingerprint(self) -> str:
-        """:func:`runtime.manifest.folder_fingerprint`, read once (loads compare it twice: checkpoint and decoder)."""
-        from .manifest import folder_fingerprint
-
-        return folder_fingerprint(self.path)
-
-    def identity(self) -> dict[str, str]:
-        """What exports record (and compare) about the decoder they hold."""
-        return {"class": TINY_CLASS, "name": self.name, "path": str(self.path.resolve()),
-                "fingerprint": self.fingerprint}
 
 
 def vae_scale_factor(config: Any) -> int:
@@ -58,8 +37,6 @@ def vae_scale_factor(config: Any) -> int:
 
 def resolve_decoder(ref: str | os.PathLike[str]) -> Decoder:
     """Resolve ``taesd``, a hub id or a folder to a checked :class:`Decoder` (one line for any problem)."""
-    from .checkpoints import check_safetensors, hub_id, snapshot, weight_files
-
     if not isinstance(ref, (str, os.PathLike)) or not os.fspath(ref):
         raise CheckpointError(f"vae must be 'taesd', a hub id or a folder, got {ref!r}")
     name = os.fspath(ref)
@@ -74,20 +51,18 @@ def resolve_decoder(ref: str | os.PathLike[str]) -> Decoder:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a decoder folder (config.json: {e})") from None
-    if not isinstance(config, dict) or config.get("_class_name") != TINY_CLASS:
+    if not isinstance(config, dict) or config.get("_class_name") != TINY_DECODER_CLASS:
         found = config.get("_class_name") if isinstance(config, dict) else None
-        raise CheckpointError(f"{path} holds a {found or 'model of unknown class'}, not an {TINY_CLASS} (TAESD)")
+        raise CheckpointError(f"{path} holds a {found or 'model of unknown class'}, not an {TINY_DECODER_CLASS} (TAESD)")
     for f in weight_files(path):
         check_safetensors(f)
     return Decoder(name=name, path=path, config=config)
 
 
-def with_decoder(checkpoint: Any, vae: str | os.PathLike[str] | None) -> Any:
+def with_decoder(checkpoint: Checkpoint, vae: str | os.PathLike[str] | None) -> Checkpoint:
     """``checkpoint`` with the tiny decoder ``vae`` (resolved) instead of its own VAE; unchanged when None."""
     if vae is None:
         return checkpoint
-    from dataclasses import replace
-
     return replace(checkpoint, decoder=resolve_decoder(vae))
 
 

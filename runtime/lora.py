@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
+from .checkpoints import Checkpoint, hub_id, snapshot
 from .errors import CheckpointError
+from .identity import check_safetensors
 
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors",)
 
@@ -25,8 +27,6 @@ LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors",)
 def resolve_lora(ref: str | os.PathLike[str]) -> Path:
     """A LoRA safetensors file: given directly, in a folder (``pytorch_lora_weights.safetensors`` or the only
     ``.safetensors`` there), or from a hub id (Hugging Face cache; offline one line). Pickles are refused."""
-    from .checkpoints import check_safetensors, hub_id, snapshot
-
     if not isinstance(ref, (str, os.PathLike)) or not os.fspath(ref):
         raise CheckpointError(f"a LoRA is a file, a folder or a hub id, got {ref!r}")
     name = os.fspath(ref)
@@ -71,14 +71,12 @@ def _is_pair(x: Any) -> bool:
     return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) and not isinstance(x[1], bool)
 
 
-def with_loras(checkpoint: Any, lora: Any) -> Any:
+def with_loras(checkpoint: Checkpoint, lora: Any) -> Checkpoint:
     """``checkpoint`` with these LoRAs (resolved, hashed) to fuse when its components are loaded; unchanged when
     None or empty."""
     if not lora:
         return checkpoint
-    from dataclasses import replace
-
-    return replace(checkpoint, loras=tuple(lora_identity(resolve_lora(ref), scale)
+    return dataclasses.replace(checkpoint, loras=tuple(lora_identity(resolve_lora(ref), scale)
                                            for ref, scale in parse_loras(lora)))
 
 

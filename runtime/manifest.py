@@ -6,84 +6,29 @@ refusing mismatches) need it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import Checkpoint, weight_files
+from .checkpoints import OWN_DECODER, Checkpoint
 from .errors import ExportError
 from .files import atomic_write_json
+from .identity import sha256_file, sha256_files, stamp
 
 MANIFEST = "manifest.json"  # an ONNX export (``python -m export.onnx``)
 ENGINES = "engines.json"  # TensorRT engines (``python -m export.trt``), beside the ONNX export they come from
 FORMAT = 2  # 2: ``latent.multiple`` and ``text.vocab_size`` (runtime.specs.ModelDims)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def fingerprint(ckpt: Checkpoint) -> str:
+    """:meth:`Checkpoint.fingerprint` (the fast load-time identity)."""
+    return ckpt.fingerprint()
 
 
-def fingerprint(ckpt: Checkpoint, components: tuple[str, ...] = ("text_encoder", "tokenizer", "unet", "vae")) -> str:
-    """Fast identity of a checkpoint for load-time checks: configs, tokenizer files, and for each weight file its
-    size, safetensors header and evenly spaced samples of its data (about 1 MB read per file, instead of hashing
-    gigabytes on every load). With a tiny decoder (``ckpt.decoder``), it stands for the checkpoint's VAE."""
-    h = hashlib.sha256()
-    h.update((ckpt.path / "model_index.json").read_bytes())
-    for comp in components:
-        if comp == "vae" and ckpt.decoder is not None:
-            h.update(f"decoder:{ckpt.decoder.fingerprint}".encode())
-        else:
-            _hash_folder(h, ckpt.component(comp), comp, weights=comp != "tokenizer")
-    for lora in ckpt.loras:
-        h.update(f"lora:{lora['sha256']}:{lora['scale']!r}".encode())
-    return h.hexdigest()
-
-
-def folder_fingerprint(folder: Path) -> str:
-    """:func:`fingerprint` of one model folder (config and sampled weights)."""
-    h = hashlib.sha256()
-    _hash_folder(h, folder, "")
-    return h.hexdigest()
-
-
-def _hash_folder(h: Any, folder: Path, label: str, weights: bool = True, blocks: int = 16,
-                 block: int = 1 << 16) -> None:
-    for f in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in {".json", ".txt"}):
-        h.update(f"{label}/{f.name}:".encode() + f.read_bytes())
-    if not weights:
-        return
-    for f in weight_files(folder):
-        size = f.stat().st_size
-        h.update(f"{label}/{f.name}:{size}:".encode())
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(n))
-            start, span = 8 + n, max(size - 8 - n - block, 0)
-            for i in range(blocks):
-                fh.seek(start + span * i // max(blocks - 1, 1))
-                h.update(fh.read(block))
-
-
-def checkpoint_hash(ckpt: Checkpoint, components: tuple[str, ...] = ("text_encoder", "tokenizer", "unet", "vae")
-                    ) -> str:
-    """Identity of a checkpoint's content: its model_index, every config and every weight file of ``components``."""
-    h = hashlib.sha256()
-    h.update((ckpt.path / "model_index.json").read_bytes())
-    for comp in components:
-        folder = ckpt.component(comp)
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in {".json", ".txt"})
-        if comp != "tokenizer":
-            files += weight_files(folder)
-        for f in files:
-            h.update(f"{comp}/{f.name}:".encode())
-            h.update(sha256_file(f).encode())
-    return h.hexdigest()
+def checkpoint_hash(ckpt: Checkpoint) -> str:
+    """:meth:`Checkpoint.content_hash` (every file hashed in full)."""
+    return ckpt.content_hash()
 
 
 def graph_files(folder: Path, file: str) -> list[Path]:
@@ -94,10 +39,7 @@ def graph_files(folder: Path, file: str) -> list[Path]:
 
 
 def files_hash(folder: Path, file: str) -> str:
-    h = hashlib.sha256()
-    for f in graph_files(folder, file):
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
+    return sha256_files(graph_files(folder, file))
 
 
 def read(folder: Path) -> dict[str, Any] | None:
@@ -143,12 +85,6 @@ def engines_mismatch(doc: dict[str, Any], trt_version: str, gpu: str) -> str | N
 def write(folder: Path, doc: dict[str, Any]) -> None:
     """Atomic write (see :mod:`runtime.files`)."""
     atomic_write_json(folder / MANIFEST, doc)
-
-
-def stamp(files: list[Path]) -> list[list[int]]:
-    """(size, mtime in ns, inode) of each file: recorded next to a hash, so that loads can trust the hash while the
-    files are untouched instead of hashing gigabytes each time."""
-    return [[st.st_size, st.st_mtime_ns, st.st_ino] for st in (f.stat() for f in files)]
 
 
 def check_files(folder: Path, entry: dict[str, Any], full: bool = False) -> None:
@@ -205,13 +141,9 @@ def usable_export_problem(doc: dict[str, Any], folder: Path, allow_unverified: b
     return None
 
 
-#: what exports made before decoders were recorded hold
-OWN_DECODER = {"class": "AutoencoderKL", "name": "the checkpoint's own VAE"}
-
-
 def decoder_identity(ckpt: Checkpoint) -> dict[str, str]:
-    """The VAE decoder an export of ``ckpt`` holds (recorded in manifests and engine indexes)."""
-    return ckpt.decoder.identity() if ckpt.decoder is not None else dict(OWN_DECODER)
+    """:meth:`Checkpoint.decoder_identity`."""
+    return ckpt.decoder_identity()
 
 
 def check_decoder_matches(doc: dict[str, Any], ckpt: Checkpoint, folder: Path) -> None:

@@ -20,9 +20,10 @@ from typing import Any, Iterator
 
 import torch
 
-from .checkpoints import FLOW_PIPELINE_CLASS, Checkpoint
-from .decoders import check_decoder_fits, load_decoder, vae_scale_factor
+from .checkpoints import FLOW_PIPELINE_CLASS, Checkpoint, resolve
+from .decoders import check_decoder_fits, load_decoder, vae_scale_factor, with_decoder
 from .errors import CheckpointError
+from .lora import Fuser, with_loras
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,15 @@ def load_vae(folder: Path) -> torch.nn.Module:
     return _load(AutoencoderKL, folder, "VAE", use_safetensors=True)
 
 
+def resolve_checkpoint(ckpt: str | os.PathLike[str] | Checkpoint, vae: str | os.PathLike[str] | None = None,
+                       lora: Any = None) -> Checkpoint:
+    """A checkpoint as a pipeline or an export uses it: resolved (:func:`runtime.checkpoints.resolve`), with the
+    tiny decoder ``vae`` instead of its own VAE (:mod:`runtime.decoders`) and the LoRAs ``lora`` to fuse at load
+    (:mod:`runtime.lora`)."""
+    checkpoint = ckpt if isinstance(ckpt, Checkpoint) else resolve(ckpt)
+    return with_loras(with_decoder(checkpoint, vae), lora)
+
+
 def load_components(
     ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, weights: bool = True
 ) -> Components:
@@ -207,8 +217,6 @@ def _load_components(ckpt: Checkpoint, device: torch.device | str, dtype: torch.
         check_compatible(c, ckpt.name)
     c = c.to(device=device, dtype=dtype).eval()
     if ckpt.loras:
-        from .lora import Fuser
-
         c.lora = Fuser(c)
         for lora in ckpt.loras:
             c.lora.fuse(lora)

@@ -198,12 +198,12 @@ def test_onnxruntime_refuses_sizes_its_graphs_cannot_take(tiny_ckpt, tiny_onnx, 
 def test_loading_an_export_trusts_untouched_files_and_hashes_changed_ones(tiny_ckpt, tmp_path, monkeypatch):
     """Loads do not hash gigabytes: a graph whose (size, mtime, inode) stamp is unchanged is trusted; one modified in
     place, size kept, is hashed and refused."""
-    from runtime import manifest as mf
+    from runtime import identity
 
     export(str(tiny_ckpt), tmp_path, ExportSettings(), verify=False)
     hashed = []
-    real = mf.sha256_file
-    monkeypatch.setattr(mf, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    real = identity.sha256_file
+    monkeypatch.setattr(identity, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
     Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path, allow_unverified=True)
     assert hashed == []
     unet = tmp_path / "unet.onnx"

@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from runtime import ALIASES, CheckpointError, Pipeline, resolve
-from runtime.checkpoints import check_safetensors, hub_id
+from runtime.checkpoints import hub_id
+from runtime.identity import check_safetensors
 
 
 def test_aliases():

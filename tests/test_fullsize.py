@@ -158,12 +158,11 @@ def test_train_reflow_then_distill_two_steps(sd15_ckpt, work):
     import math
 
     from runtime.checkpoints import resolve
-    from runtime.manifest import fingerprint
     from train.loop import Trainer, TrainConfig, l2_loss, reflow_loss
     from train.pairs import write_pairs
 
     g = torch.Generator().manual_seed(0)
-    teacher = {"name": str(sd15_ckpt), "path": str(sd15_ckpt), "fingerprint": fingerprint(resolve(sd15_ckpt)),
+    teacher = {"name": str(sd15_ckpt), "path": str(sd15_ckpt), "fingerprint": resolve(sd15_ckpt).fingerprint(),
                "kind": "flow", "steps": 25, "guidance": 1.5}
     settings = {"teacher": teacher, "num_pairs": 2, "seed": 0, "shard_size": 2, "latent_shape": [4, 64, 64],
                 "height": 512, "width": 512, "storage": "fp32", "prompts_sha256": ""}

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from runtime import Pipeline, flow
 from runtime.checkpoints import resolve
-from runtime.manifest import fingerprint
 from runtime.models import Components, load_components, save_checkpoint
 
 from runtime.files import atomic_write_with
@@ -197,7 +196,7 @@ class Trainer:
         pairs = PairSet(cfg.pairs)
         teacher = pairs.settings["teacher"]
         checkpoint = resolve(cfg.init or teacher.get("path") or teacher["name"])
-        if cfg.init is None and fingerprint(checkpoint) != teacher["fingerprint"]:
+        if cfg.init is None and checkpoint.fingerprint() != teacher["fingerprint"]:
             raise TrainError(f"the teacher {checkpoint.path} changed after its pairs in {cfg.pairs} were made; "
                              "regenerate the pairs, or start from another model with --init")
         comps = load_components(checkpoint, device=dev, dtype=torch.float32)

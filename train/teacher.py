@@ -21,7 +21,6 @@ import torch
 from runtime import Pipeline, flow
 from runtime.checkpoints import PIPELINE_COMPONENTS, Checkpoint, resolve
 from runtime.errors import CheckpointError
-from runtime.manifest import fingerprint
 from runtime.models import load_components
 
 from .common import TrainError
@@ -42,7 +41,7 @@ class Teacher:
     @property
     def identity(self) -> dict:
         return {"name": self.checkpoint.name, "path": str(Path(self.checkpoint.path).resolve()),
-                "fingerprint": fingerprint(self.checkpoint), "kind": self.kind,
+                "fingerprint": self.checkpoint.fingerprint(), "kind": self.kind,
                 "steps": self.steps, "guidance": self.guidance}
 
     @torch.inference_mode()
