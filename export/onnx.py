@@ -13,118 +13,103 @@ hash, each file's hash, tensors, opset and tool versions; re-running with the sa
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
-import time
 import warnings
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from runtime.checkpoints import resolve
-from runtime.decoders import with_decoder
-from runtime.lora import with_loras
 from runtime.cli import run_cli
-from runtime.models import Components, load_components
-
-from runtime import manifest as mf
 from runtime.errors import ExportError
-from runtime.specs import COMPONENTS, ComponentSpec, ModelDims, component_specs, dtype_name, specs_by_name
+from runtime.manifest import ExportSettings, GraphEntry, Manifest, Verification
+from runtime.models import Components
+from runtime.specs import COMPONENTS, ComponentSpec
 
+from .exporter import Exporter, check_free_space
 from .graphs import module_for
+from .verify import verify_onnx
 
 MIN_OPSET, MAX_OPSET = 14, 20
 DEFAULT_OPSET = 17
-EXPORTER = "torchscript"
 #: graphs with more weight bytes than this keep them in external data (protobuf cannot serialise 2 GB)
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
 
-
-@dataclass(frozen=True)
-class ExportSettings:
-    fp16: bool = False
-    vae_fp32: bool = False  # with fp16: keep the VAE decoder in fp32 (fp16 overflow gives NaN/black images)
-    opset: int = DEFAULT_OPSET
-    dynamic_hw: bool = False
-    fused: bool = False
-
-    def dtype_of(self, component: str) -> torch.dtype:
-        """The graph's precision (its model-dtype tensors). The fused graph stays fp16 with ``vae_fp32``: only its
-        decoder nodes are kept in fp32 (:meth:`fp32_scopes`)."""
-        if not self.fp16 or (self.vae_fp32 and component == "vae_decoder"):
-            return torch.float32
-        return torch.float16
-
-    def fp32_scopes(self, component: str) -> tuple[str, ...]:
-        """Node-name prefixes kept in fp32 inside an fp16 graph."""
-        return ("/vae_decoder/",) if self.fp16 and self.vae_fp32 and component == "onestep" else ()
-
-    def check(self) -> None:
-        if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise ExportError(f"unsupported opset {self.opset}; choose {MIN_OPSET}..{MAX_OPSET}")
-        if self.vae_fp32 and not self.fp16:
-            raise ExportError("--vae-fp32 only makes sense with --fp16")
+__all__ = ["ExportSettings", "OnnxExporter", "export"]
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
+class OnnxExporter(Exporter):
+    """ONNX graphs through PyTorch's TorchScript-based exporter, verified in onnxruntime."""
+
+    kind = "onnx"
+    command = "python -m export.onnx"
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        if not MIN_OPSET <= self.settings.opset <= MAX_OPSET:
+            raise ExportError(f"unsupported opset {self.settings.opset}; choose {MIN_OPSET}..{MAX_OPSET}")
+
+    def versions(self) -> dict[str, str]:
+        import onnx
+
+        return {**super().versions(), "onnx": onnx.__version__}
+
+    def exporter_info(self) -> dict[str, Any]:
+        return {"name": "torchscript", "opset": self.settings.opset, **self.versions()}
+
+    def verify(self, out: Path, manifest: Manifest, components: Components) -> Verification:
+        return verify_onnx(out, manifest, components)
+
+    def make(self, spec: ComponentSpec, components: Components, out: Path, key: dict[str, Any]) -> GraphEntry:
+        """Export one graph into ``out`` (through a temporary folder, renamed at the end)."""
+        import onnx
+
+        settings = self.settings
+        dtype = settings.dtype_of(spec.name)
+        module = module_for(spec.name, components)
+        check_free_space(out, spec.name, module)
+        inputs = spec.sample_inputs(1, dtype=torch.float32)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out))
+        try:
+            path = tmp / spec.file
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    module, tuple(inputs.values()), str(path), input_names=[t.name for t in spec.inputs],
+                    output_names=[t.name for t in spec.outputs],
+                    dynamic_axes=spec.dynamic_axes(settings.dynamic_hw), opset_version=settings.opset,
+                    do_constant_folding=True, dynamo=False,
+                )
+            _consolidate(path)
+            if dtype == torch.float16:
+                _to_fp16(path, keep=[t.name for t in (*spec.inputs, *spec.outputs) if t.dtype == "float32"],
+                         fp32_scopes=settings.fp32_scopes(spec.name))
+            _set_output_shapes(path, spec, settings.dynamic_hw)
+            onnx.shape_inference.infer_shapes_path(str(path), str(path))
+            _consolidate(path)
+            for f in tmp.iterdir():
+                f.replace(out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        sha256, stamp = GraphEntry.hash_of(out, spec.file)
+        return GraphEntry(file=spec.file, sha256=sha256, stamp=stamp, dtype=str(dtype).replace("torch.", ""),
+                          inputs=tuple(t.resolved(dtype) for t in spec.inputs),
+                          outputs=tuple(t.resolved(dtype) for t in spec.outputs), key=key,
+                          external_data=(out / (spec.file + ".data")).exists())
 
 
-def export_component(spec: ComponentSpec, components: Components, out: Path, settings: ExportSettings
-                     ) -> dict[str, Any]:
-    """Export one graph into ``out`` (through a temporary folder, renamed at the end) and return its manifest
-    entry."""
-    import onnx
-
-    dtype = settings.dtype_of(spec.name)
-    module = module_for(spec.name, components)
-    _check_free_space(out, spec.name, module)
-    inputs = spec.sample_inputs(1, dtype=torch.float32)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out))
-    try:
-        path = tmp / spec.file
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, tuple(inputs.values()), str(path), input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(settings.dynamic_hw),
-                opset_version=settings.opset, do_constant_folding=True, dynamo=False,
-            )
-        _consolidate(path)
-        if dtype == torch.float16:
-            _to_fp16(path, keep=[t.name for t in (*spec.inputs, *spec.outputs) if t.dtype == "float32"],
-                     fp32_scopes=settings.fp32_scopes(spec.name))
-        _set_output_shapes(path, spec, settings.dynamic_hw)
-        onnx.shape_inference.infer_shapes_path(str(path), str(path))
-        _consolidate(path)
-        for f in mf.graph_files(tmp, spec.file):
-            f.replace(out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {
-        "file": spec.file,
-        "sha256": mf.files_hash(out, spec.file),
-        "stamp": mf.stamp(mf.graph_files(out, spec.file)),
-        "external_data": (out / (spec.file + ".data")).exists(),
-        "dtype": dtype_name(dtype),
-        "inputs": [t.manifest(dtype) for t in spec.inputs],
-        "outputs": [t.manifest(dtype) for t in spec.outputs],
-    }
-
-
-def _check_free_space(out: Path, name: str, module: torch.nn.Module) -> None:
-    """The exporter writes the fp32 weights (3.4 GB for SD's UNet) before any conversion, and a full disk surfaces
-    as "Could not open file" deep in torch: say it in one line before the work instead."""
-    need = int(1.1 * sum(t.numel() * 4 for t in (*module.parameters(), *module.buffers()))) + 2**26
-    free = shutil.disk_usage(out).free
-    if free < need:
-        raise ExportError(f"not enough disk space in {out} to export {name}: it needs about {need / 2**30:.1f} GiB "
-                          f"free (its fp32 weights while converting), {free / 2**30:.1f} GiB left")
+def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, force: bool = False,
+           verify: bool = True, only: Sequence[str] | None = None, vae: str | None = None,
+           lora: Any = None) -> Manifest:
+    """Export (or reuse) the graphs of ``ckpt`` into ``out`` (all, or those named in ``only``), verify them, and
+    return the manifest (:meth:`export.exporter.Exporter.run`). A re-run whose graphs are all reused, hash-checked,
+    keeps their earlier verification. ``vae``: a tiny decoder (``taesd``, hub id or folder) exported instead of the
+    checkpoint's VAE decoder; ``lora``: LoRAs fused into the exported weights (as ``Pipeline.from_pretrained(lora=
+    ...)`` takes them)."""
+    return OnnxExporter(settings or ExportSettings()).run(ckpt, out, force=force, verify=verify, only=only, vae=vae,
+                                                          lora=lora)
 
 
 def _set_output_shapes(path: Path, spec: ComponentSpec, dynamic_hw: bool) -> None:
@@ -190,158 +175,6 @@ def _consolidate(path: Path) -> None:
         p.unlink()
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
-
-
-def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, force: bool = False,
-           verify: bool = True, only: Sequence[str] | None = None, vae: str | None = None,
-           lora: Any = None) -> dict[str, Any]:
-    """Export (or reuse) the graphs of ``ckpt`` into ``out`` (all, or those named in ``only``), verify them, and
-    return the manifest. A re-run whose graphs are all reused, hash-checked, keeps their earlier verification.
-    ``vae``: a tiny decoder (``taesd``, hub id or folder) exported instead of the checkpoint's VAE decoder;
-    ``lora``: LoRAs fused into the exported weights (as ``Pipeline.from_pretrained(lora=...)`` takes them)."""
-    settings = settings or ExportSettings()
-    settings.check()
-    unknown = sorted(set(only or ()) - set(COMPONENTS))
-    if unknown:
-        raise ExportError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"output path is a file, not a folder: {out}")
-    t0 = time.perf_counter()
-    checkpoint = with_loras(with_decoder(resolve(ckpt), vae), lora)
-    ckpt_hash = mf.checkpoint_hash(checkpoint)
-    _log(f"[hash] {checkpoint.name}: {ckpt_hash[:12]} ({time.perf_counter() - t0:.1f} s)")
-    _check_writable(out)
-    old = _previous_export(out, ckpt_hash, force)
-    components = load_components(checkpoint, device="cpu", dtype=torch.float32)
-    dims = ModelDims.of(components)
-    doc = {
-        "format": mf.FORMAT,
-        "checkpoint": {"name": checkpoint.name, "path": str(checkpoint.path), "sha256": ckpt_hash,
-                       "fingerprint": mf.fingerprint(checkpoint), "class_name": checkpoint.class_name},
-        "settings": asdict(settings),
-        "exporter": {"name": EXPORTER, "opset": settings.opset, **_versions()},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **dims.to_manifest(),
-        "vae": {"scaling_factor": components.scaling_factor, "shift_factor": components.shift_factor},
-        "decoder": mf.decoder_identity(checkpoint),
-        "loras": list(checkpoint.loras),
-        "components": dict((old or {}).get("components", {})),  # graphs of earlier runs stay listed
-    }
-    specs = [s for s in component_specs(dims, fused=True) if s.name in only] if only else \
-        component_specs(dims, fused=settings.fused)
-    reused = [_export_or_reuse(spec, components, out, settings, old, doc) for spec in specs]
-    _drop_stale(out, doc, settings, keep={s.name for s in specs})
-    mf.write(out, doc)
-    doc["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    earlier = (old or {}).get("verification")
-    if all(reused) and earlier and earlier.get("passed") and set(doc["components"]) == set(old["components"]):
-        doc["verification"] = earlier  # the same files, hash-checked: verified already
-        _log("[verify] every graph reused (hash ok): earlier verification kept")
-    elif verify:
-        from .verify import verify_and_record
-
-        doc.pop("verification", None)
-        mf.write(out, doc)
-        doc = verify_and_record(out, components=components)  # a failure is recorded, then raised
-    else:
-        doc.pop("verification", None)  # --no-verify: the caller's explicit choice, recorded as no verification
-    mf.write(out, doc)
-    _log(f"[done] {out} in {time.perf_counter() - t0:.1f} s")
-    return doc
-
-
-def _check_writable(out: Path) -> None:
-    """Create ``out`` and probe it with a real file, so that a read-only folder is one line before minutes of work."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ExportError(f"cannot write into {out}: {e.strerror or e}") from None
-
-
-def _previous_export(out: Path, ckpt_hash: str, force: bool) -> dict[str, Any] | None:
-    """The manifest already in ``out`` (its graphs can be reused), or None; another checkpoint's export is refused,
-    or with ``force`` removed. Temporary folders of an export that was killed are removed."""
-    for name in COMPONENTS:
-        for tmp in out.glob(f".{name}.*"):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        old = mf.read(out)
-    except ExportError:
-        if not force:
-            raise
-        (out / mf.MANIFEST).unlink()  # --force replaces a damaged or foreign manifest
-        old = None
-    if old and old["checkpoint"].get("sha256") != ckpt_hash:
-        if not force:
-            raise ExportError(f"{out} holds an export of another checkpoint ({old['checkpoint']['name']}); "
-                              "choose another folder or pass --force to replace it")
-        for entry in old["components"].values():
-            for f in mf.graph_files(out, entry["file"]):
-                f.unlink(missing_ok=True)
-        (out / mf.MANIFEST).unlink()
-        old = None
-    return old
-
-
-def _component_key(spec: ComponentSpec, settings: ExportSettings, decoder: dict[str, Any],
-                   loras: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """What a graph was made with; a graph is reused only when this matches (the decoder for the graphs holding
-    one)."""
-    key = {"dtype": dtype_name(settings.dtype_of(spec.name)), "opset": settings.opset,
-           "fp32_scopes": list(settings.fp32_scopes(spec.name)), "dynamic_hw": settings.dynamic_hw, **_versions()}
-    if spec.name in ("vae_decoder", "onestep"):
-        key["decoder"] = decoder.get("fingerprint", decoder["class"])
-    if spec.name != "vae_decoder" and loras:
-        key["loras"] = [(x["sha256"], x["scale"]) for x in loras]
-    return key
-
-
-def _drop_stale(out: Path, doc: dict[str, Any], settings: ExportSettings, keep: set[str]) -> None:
-    """Graphs of earlier runs stay only if they were made with the current settings (another ``--only`` run);
-    others (e.g. a static fused graph after a ``--dynamic-hw`` re-export without ``--fused``) are deleted, so the
-    manifest describes exactly what the folder holds, all of one kind."""
-    specs = specs_by_name(ModelDims.from_manifest(doc))
-    for name in [n for n in doc["components"] if n not in keep]:
-        entry = doc["components"][name]
-        if name in specs and entry.get("key") == _component_key(specs[name], settings, doc["decoder"], doc["loras"]):
-            continue
-        for f in mf.graph_files(out, entry["file"]):
-            f.unlink(missing_ok=True)
-        del doc["components"][name]
-        _log(f"[export] {name}: removed (made with other settings)")
-
-
-def _export_or_reuse(spec: ComponentSpec, components: Components, out: Path, settings: ExportSettings,
-                     old: dict[str, Any] | None, doc: dict[str, Any]) -> bool:
-    """Export one graph into ``doc`` (and the manifest on disk: progress survives a crash), or reuse the earlier
-    one when it was made with the same settings and its files are intact; True when reused."""
-    key = _component_key(spec, settings, doc["decoder"], doc["loras"])
-    prev = (old or {}).get("components", {}).get(spec.name)
-    if prev and prev.get("key") == key:
-        try:
-            mf.check_files(out, prev)
-            doc["components"][spec.name] = prev
-            _log(f"[export] {spec.name}: cached ({spec.file}, hash ok)")
-            return True
-        except ExportError as e:
-            _log(f"[export] {spec.name}: re-exporting ({e})")
-    t = time.perf_counter()
-    doc["components"][spec.name] = {**export_component(spec, components, out, settings), "key": key}
-    size = sum(f.stat().st_size for f in mf.graph_files(out, spec.file)) / 2**20
-    _log(f"[export] {spec.name}: {spec.file} {size:,.1f} MB in {time.perf_counter() - t:.1f} s")
-    mf.write(out, doc)
-    return False
-
-
-def _versions() -> dict[str, str]:
-    import onnx
-
-    return {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__}
 
 
 def build_parser() -> argparse.ArgumentParser:

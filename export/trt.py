@@ -23,16 +23,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime import manifest as mf
 from runtime.cli import run_cli
 from runtime.errors import BackendUnavailableError, ExportError
-from runtime.files import atomic_write_bytes, atomic_write_json
+from runtime.files import atomic_write_bytes
+from runtime.identity import sha256_file, stamp
+from runtime.manifest import ENGINES, EngineEntry, EngineIndex, ExportSettings, read_engines, write_engines
 from runtime.models import load_components
 from runtime.specs import ComponentSpec, ModelDims, specs_by_name
 
+from .compare import TOLERANCE, Velocity, max_rel_error, reference, uses_unet_velocity
 from .graphs import module_for
-from .onnx import ExportSettings, export
-from .verify import TOLERANCE, Velocity, export_checkpoint, max_rel_error, reference, uses_unet_velocity
+from .onnx import export
+from .verify import export_checkpoint
 
 
 def _slug(text: str) -> str:
@@ -134,15 +136,14 @@ def _make_engine(trt: Any, name: str, onnx_path: Path, engine_path: Path, profil
         print(f"[build] {name}: {engine_path.name} in {time.perf_counter() - t:.1f} s", flush=True)
 
 
-def _refittable_predecessor(previous: dict[str, Any] | None, name: str, entry: dict[str, Any],
-                            profile: dict[str, tuple], out: Path) -> Path | None:
+def _refittable_predecessor(previous: EngineIndex | None, name: str, graph: Any, profile: dict[str, tuple],
+                            out: Path) -> Path | None:
     """The earlier engine of this component that a refit can turn into the new one: built refittable, from a graph
     of the same kind (precision, fp32 parts) with other weights, for the same profile."""
-    prev = (previous or {}).get("components", {}).get(name)
-    same = prev is not None and prev.get("refittable") and prev.get("precision") == entry["dtype"] and \
-        prev.get("fp32_scopes") == entry["key"]["fp32_scopes"] and prev.get("onnx_sha256") != entry["sha256"] and \
-        prev.get("profile") == {k: [list(x) for x in v] for k, v in profile.items()}
-    return out / prev["file"] if same and (out / prev["file"]).is_file() else None
+    prev = previous.components.get(name) if previous else None
+    same = prev is not None and prev.refittable and prev.precision == graph.dtype and \
+        prev.fp32_scopes == graph.fp32_scopes and prev.onnx_sha256 != graph.sha256 and prev.profile == profile
+    return out / prev.file if prev is not None and same and (out / prev.file).is_file() else None
 
 
 def compare_engine(engine_path: Path, module: Any, spec: ComponentSpec, batch: int, hw: tuple[int, int],
@@ -197,47 +198,45 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
     if not 1 <= min_batch <= max_batch:
         raise ExportError(f"need 1 <= --min-batch <= --max-batch, got {min_batch} and {max_batch}")
     settings = ExportSettings(fp16=True, vae_fp32=vae_fp32, dynamic_hw=not static, fused=True)
-    doc = export(ckpt, out, settings, force=force, vae=vae, lora=lora)
+    manifest = export(ckpt, out, settings, force=force, vae=vae, lora=lora)
     trt = require_tensorrt()
     import torch
 
-    dims = ModelDims.from_manifest(doc)
+    dims = manifest.dims
     hw = _latent_size(dims, height, width, static, ckpt)
     gpu = torch.cuda.get_device_name(0)
     opt_batch = opt_batch or min_batch
     timing_cache = out / f"timing.{_slug(trt.__version__)}.{_slug(gpu)}.cache"
     specs = specs_by_name(dims)
-    components = load_components(export_checkpoint(doc), device="cpu", dtype=torch.float32)
+    components = load_components(export_checkpoint(manifest), device="cpu", dtype=torch.float32)
     try:
-        previous = mf.read_engines(out) if (out / mf.ENGINES).is_file() else None
+        previous = read_engines(out) if (out / ENGINES).is_file() else None
     except ExportError:
         previous = None
-    engines: dict[str, Any] = {"format": mf.FORMAT, "tensorrt": trt.__version__, "gpu": gpu, "components": {},
-                               **{k: doc[k] for k in ("checkpoint", "decoder", "loras", "latent", "vae", "text")}}
-    for name in sorted(doc["components"], key=lambda n: n == "onestep"):  # the UNet's engine first: see reference()
-        entry = doc["components"][name]
+    entries: dict[str, EngineEntry] = {}
+    for name in sorted(manifest.components, key=lambda n: n == "onestep"):  # the UNet's engine first: reference()
+        graph = manifest.components[name]
         profile = specs[name].profile(min_batch, opt_batch, max_batch, hw, None if static else dims.size_range(hw))
-        file = f"{name}.{entry['sha256'][:12]}.trt{_slug(trt.__version__)}.{_slug(gpu)}.plan"
-        earlier = None if force or not refittable else _refittable_predecessor(previous, name, entry, profile, out)
-        _make_engine(trt, name, out / entry["file"], out / file, profile, timing_cache, force, refittable, earlier)
+        file = f"{name}.{graph.sha256[:12]}.trt{_slug(trt.__version__)}.{_slug(gpu)}.plan"
+        earlier = None if force or not refittable else _refittable_predecessor(previous, name, graph, profile, out)
+        _make_engine(trt, name, out / graph.file, out / file, profile, timing_cache, force, refittable, earlier)
         velocity = None
-        if uses_unet_velocity(name, entry["dtype"]):
-            velocity = engine_velocity(out / engines["components"]["unet"]["file"])
+        if uses_unet_velocity(name, graph.dtype):
+            velocity = engine_velocity(out / entries["unet"].file)
         err = compare_engine(out / file, module_for(name, components), specs[name], opt_batch, hw, velocity=velocity)
-        tol = TOLERANCE[entry["dtype"]]
+        tol = TOLERANCE[graph.dtype]
         ok = bool(np.isfinite(err) and err <= tol)
         print(f"[check] {name}: max rel err vs PyTorch fp32 {err:.2e} (tol {tol:.0e}: {'ok' if ok else 'FAIL'})",
               flush=True)
         if not ok:
             raise ExportError(f"engine {file} disagrees with PyTorch (max rel err {err:.2e} > {tol:.0e})")
-        engines["components"][name] = {
-            "file": file, "sha256": mf.sha256_file(out / file), "stamp": mf.stamp([out / file]),
-            "onnx_sha256": entry["sha256"], "precision": entry["dtype"], "fp32_scopes": entry["key"]["fp32_scopes"],
-            "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-            "inputs": entry["inputs"], "outputs": entry["outputs"], "max_rel_err": err, "refittable": refittable,
-        }
-    atomic_write_json(out / mf.ENGINES, engines)
-    return engines
+        entries[name] = EngineEntry(file=file, sha256=sha256_file(out / file), stamp=stamp([out / file]),
+                                    onnx_sha256=graph.sha256, precision=graph.dtype, fp32_scopes=graph.fp32_scopes,
+                                    profile=profile, inputs=graph.inputs, outputs=graph.outputs, max_rel_err=err,
+                                    refittable=refittable)
+    index = EngineIndex(source=manifest.source, tensorrt=trt.__version__, gpu=gpu, components=entries)
+    write_engines(out, index)
+    return index
 
 
 def _latent_size(dims: ModelDims, height: int | None, width: int | None, static: bool, ckpt: str

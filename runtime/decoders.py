@@ -53,7 +53,8 @@ def resolve_decoder(ref: str | os.PathLike[str]) -> Decoder:
         raise CheckpointError(f"{path} is not a decoder folder (config.json: {e})") from None
     if not isinstance(config, dict) or config.get("_class_name") != TINY_DECODER_CLASS:
         found = config.get("_class_name") if isinstance(config, dict) else None
-        raise CheckpointError(f"{path} holds a {found or 'model of unknown class'}, not an {TINY_DECODER_CLASS} (TAESD)")
+        raise CheckpointError(f"{path} holds a {found or 'model of unknown class'}, not an {TINY_DECODER_CLASS} "
+                              "(TAESD)")
     for f in weight_files(path):
         check_safetensors(f)
     return Decoder(name=name, path=path, config=config)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .errors import BackendUnavailableError, InvalidInputError, InvalidTypeError
+from .flow import uses_cfg
 
 OutputType = Literal["pil", "np", "pt", "latent"]
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
@@ -66,8 +67,6 @@ class Request:
     @property
     def cfg(self) -> bool:
         """Classifier-free guidance is on (``guidance_scale > 1``, as in the official pipeline)."""
-        from .flow import uses_cfg
-
         return uses_cfg(self.guidance_scale)
 
     @property

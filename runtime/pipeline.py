@@ -19,15 +19,14 @@ from typing import Any, Sequence, Union
 import torch
 
 from . import flow
-from .backends import Backend, create
-from .checkpoints import Checkpoint, check_is_flow, resolve
-from .decoders import with_decoder
-from .lora import Fuser, with_loras
+from .backends import Backend, check_name, choose, create
+from .checkpoints import Checkpoint, check_is_flow
 from .embeddings import EmbeddingCache
 from .errors import InvalidInputError, NonFiniteOutputError
 from .inputs import (OUTPUT_TYPES, Limits, OutputType, Request, check_guidance, check_noise_source, check_output_type,
                      check_pixels, check_prompts, parse_device, parse_dtype, positive_int)
-from .models import Components, load_components
+from .lora import Fuser
+from .models import Components, load_components, resolve_checkpoint
 from .timing import StageClock
 
 Generator = Union[torch.Generator, Sequence[torch.Generator]]
@@ -78,7 +77,7 @@ class Pipeline:
         #: Prompt-embedding cache: text -> embedding row; repeated prompts skip the text encoder (0 disables).
         self._embeddings = EmbeddingCache(embedding_cache_size)
         # backends with shared mutable state (CUDA graphs, TensorRT contexts) run one call at a time
-        self._run_lock = nullcontext() if getattr(self.backend, "thread_safe", True) else threading.Lock()
+        self._run_lock = nullcontext() if self.backend.thread_safe else threading.Lock()
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -95,7 +94,8 @@ class Pipeline:
         (useful for randomly initialised test models).
 
         ``backend``: ``"torch"``, ``"onnxruntime"`` (runs an export from ``python -m export.onnx``, found in
-        ``export_dir`` or the export cache), ``"tensorrt"`` or ``"auto"`` (the fastest one available here).
+        ``export_dir`` or the export cache), ``"tensorrt"`` or ``"auto"`` (the fastest one available here, see
+        :func:`runtime.backends.choose`). ``backend_options`` go to the backend (e.g. ``cuda_graph=True``).
 
         ``vae``: a tiny decoder used instead of the checkpoint's VAE: ``"taesd"`` (``madebyollin/taesd``), a hub id
         or a folder of an ``AutoencoderTiny`` (exports must have been made with the same ``--vae``).
@@ -103,12 +103,10 @@ class Pipeline:
         ``lora``: LoRAs fused into the weights, ``"file"``, ``("file", scale)`` or a list (files, folders or hub
         ids); with an exported backend, the export must hold the same ones (``--lora``).
         """
-        from .backends import check_name, choose
-
         device_ = parse_device(device)
         dtype_ = parse_dtype(dtype, device_)
         check_name(backend)
-        checkpoint = with_loras(with_decoder(resolve(ckpt), vae), lora)
+        checkpoint = resolve_checkpoint(ckpt, vae, lora)
         check_is_flow(checkpoint, treat_as_flow)
         backend, backend_options = choose(backend, device_, checkpoint, export_dir, backend_options)  # auto: once
         components = load_components(checkpoint, device=device_, dtype=dtype_, weights=backend == "torch")
@@ -135,12 +133,7 @@ class Pipeline:
         return list(self.components.lora.fused) if self.components.lora is not None else []
 
     def _fuser(self) -> Fuser:
-        if self.backend.name != "torch":
-            raise InvalidInputError(f"the {self.backend.name} backend runs an export: fuse LoRAs into it with "
-                                    "`python -m export.onnx --lora FILE[:SCALE]` (or export.trt)")
-        if getattr(self.backend, "fuse_qkv", False):
-            raise InvalidInputError("LoRAs cannot change fused QKV projections: pass lora= to from_pretrained, "
-                                    "which fuses them before fuse_qkv")
+        self.backend.check_lora_change()
         if self.components.lora is None:
             self.components.lora = Fuser(self.components)
         return self.components.lora
@@ -187,7 +180,7 @@ class Pipeline:
         clock = StageClock(sync=self.device if self.profile and self.device.type == "cuda" else None)
         # 2. initial noise
         x = self.prepare_latents(req.num_images, self.latent_shape(req.height, req.width), seed=seed,
-                                 generator=generator, latents=latents)
+                                 generator=generator, latents=latents, checked=True)
         # 3. text embeddings -> the guidance context
         context = self.encode_prompt(req.prompts, req.negatives if req.cfg else None, req.num_images_per_prompt)
         clock.lap("encode")
@@ -207,7 +200,7 @@ class Pipeline:
 
     def _fused(self, req: Request) -> bool:
         return (req.num_inference_steps == 1 and not req.cfg and req.output_type != "latent"
-                and bool(getattr(self.backend, "has_one_step", False)))
+                and self.backend.has_one_step)
 
     # ------------------------------------------------------------------------------------------------ steps
     def check_inputs(self, prompt: Any, negative_prompt: Any = None, num_inference_steps: Any = 1,
@@ -220,9 +213,7 @@ class Pipeline:
                       check_guidance(guidance_scale), *self.check_size(height, width),
                       positive_int(num_images_per_prompt, "num_images_per_prompt"), check_output_type(output_type))
         self.limits.check(req)  # bounded work, before anything is allocated
-        check_batch = getattr(self.backend, "check_batch", None)  # engines built for a largest batch
-        if check_batch is not None:
-            check_batch(req.num_images)
+        self.backend.check_batch(req.num_images)  # engines built for a largest batch
         check_noise_source(req.num_images, self.latent_shape(req.height, req.width), seed, generator, latents)
         return req
 
@@ -236,9 +227,7 @@ class Pipeline:
         default_h, default_w = self.components.default_size
         h, w = check_pixels(default_h if height is None else height, default_w if width is None else width,
                             self.scale)
-        check = getattr(self.backend, "check_size", None)
-        if check is not None:
-            check(h, w)
+        self.backend.check_size(h, w)
         return h, w
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -305,13 +294,16 @@ class Pipeline:
         self._embeddings.clear()
 
     def prepare_latents(self, n: int, shape: tuple[int, int, int], *, seed: int | None = None,
-                        generator: Generator | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
+                        generator: Generator | None = None, latents: torch.Tensor | None = None,
+                        checked: bool = False) -> torch.Tensor:
         """Initial noise ``[n, *shape]`` in float32 on the pipeline's device.
 
         Noise is drawn on the CPU (identical on every device): image ``j`` from ``seed + j`` when ``seed`` is
-        given, else from ``generator`` (one, or one per image), else from torch's global generator.
+        given, else from ``generator`` (one, or one per image), else from torch's global generator. The arguments
+        are checked first, unless ``checked`` says :meth:`check_inputs` did it already.
         """
-        check_noise_source(n, shape, seed, generator, latents)
+        if not checked:
+            check_noise_source(n, shape, seed, generator, latents)
         if latents is not None:
             return latents.to(device=self.device, dtype=torch.float32)
         if seed is not None:
@@ -379,6 +371,3 @@ class Pipeline:
         h, w = self.components.default_size
         return (f"Pipeline({self.name or 'in-memory'!r}, backend={self.backend.name}, device={self.device}, "
                 f"dtype={self.dtype}, default_size={h}x{w})")
-
-
-# ---------------------------------------------------------------------------------------------------- checks

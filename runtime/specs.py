@@ -3,7 +3,7 @@ TensorRT profiles (with the guidance batch rule), output shapes, sample inputs a
 
 ``export.onnx`` exports by it, ``export.verify`` and ``export.trt`` check and build by it, and the onnxruntime and
 TensorRT backends bind buffers by it. Every number comes from the checkpoint (:meth:`ModelDims.of`) or from the
-manifest an export wrote (:meth:`ModelDims.from_manifest`), never from SD's defaults.
+manifest an export wrote (:meth:`ModelDims.from_json`), never from SD's defaults.
 
 Symbolic dimensions: ``B`` batch, ``h``/``w`` latent height/width, ``H``/``W`` = VAE factor x ``h``/``w`` pixels.
 
@@ -15,14 +15,12 @@ decoder and the fused one-step graph (used only without guidance) see the images
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from .errors import InvalidInputError
-
-if TYPE_CHECKING:
-    from .models import Components
+from .models import Components
 
 Dim = int | str
 
@@ -54,7 +52,7 @@ class ModelDims:
     latent_multiple: int = 1
 
     @classmethod
-    def of(cls, c: "Components") -> "ModelDims":
+    def of(cls, c: Components) -> "ModelDims":
         blocks = len(getattr(c.unet.config, "block_out_channels", ()) or (1,))
         h, w = c.default_size
         f = c.vae_scale_factor
@@ -62,7 +60,7 @@ class ModelDims:
                    vocab_size=int(c.text_encoder.config.vocab_size), latent_channels=c.latent_channels,
                    vae_scale_factor=f, latent_size=(h // f, w // f), latent_multiple=2 ** (blocks - 1))
 
-    def to_manifest(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         """The ``latent`` and ``text`` sections of a manifest."""
         return {"latent": {"channels": self.latent_channels, "height": self.latent_size[0],
                            "width": self.latent_size[1], "vae_scale_factor": self.vae_scale_factor,
@@ -71,7 +69,7 @@ class ModelDims:
                          "vocab_size": self.vocab_size}}
 
     @classmethod
-    def from_manifest(cls, doc: dict[str, Any]) -> "ModelDims":
+    def from_json(cls, doc: dict[str, Any]) -> "ModelDims":
         lat, text = doc["latent"], doc["text"]
         return cls(text_length=int(text["max_length"]), text_hidden=int(text["hidden_size"]),
                    vocab_size=int(text["vocab_size"]), latent_channels=int(lat["channels"]),
@@ -112,8 +110,16 @@ class TensorSpec:
     def torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype if self.dtype == "model" else DTYPES[self.dtype]
 
-    def manifest(self, model_dtype: torch.dtype) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": dtype_name(self.torch_dtype(model_dtype))}
+    def resolved(self, model_dtype: torch.dtype) -> "TensorSpec":
+        """This tensor with the ``"model"`` dtype replaced by the export's precision (as manifests record it)."""
+        return TensorSpec(self.name, self.shape, dtype_name(self.torch_dtype(model_dtype)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "TensorSpec":
+        return cls(str(raw["name"]), tuple(raw["shape"]), str(raw["dtype"]))
 
 
 @dataclass(frozen=True)

@@ -54,11 +54,11 @@ def sd_style_ckpt(tmp_path_factory):
 def tiny_pipe(tiny_ckpt):
     from runtime import Pipeline
 
-    return Pipeline.from_pretrained(tiny_ckpt, device="cpu")
+    return Pipeline.from_pretrained(tiny_ckpt, device="cpu", backend="torch")  # the eager reference
 
 
 @pytest.fixture(scope="session")
 def odd_pipe(odd_ckpt):
     from runtime import Pipeline
 
-    return Pipeline.from_pretrained(odd_ckpt, device="cpu")
+    return Pipeline.from_pretrained(odd_ckpt, device="cpu", backend="torch")  # the eager reference

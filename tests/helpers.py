@@ -48,7 +48,34 @@ def install_fake_tensorrt(monkeypatch: Any, version: str = "11.1.0") -> Any:
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: fake.flush())
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
     monkeypatch.setattr(export_trt, "_engine_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(tensorrt_backend.TensorRTBackend, "runs_on", staticmethod(lambda device: True))
     fake.LOG.clear()
     fake.PENDING.clear()
     fake.CAPTURING.clear()
     return fake
+
+
+def make_lora(ckpt, folder, text_encoder: bool = True, seed: int = 0):
+    """A random LoRA for ``ckpt``'s UNet (attention projections) and text encoder, in diffusers' file layout."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from runtime.checkpoints import resolve
+    from runtime.models import load_components
+
+    c = load_components(resolve(ckpt))
+    torch.manual_seed(seed)
+    c.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = {"unet_lora_layers": get_peft_model_state_dict(c.unet),  # with its config: alpha 8 on rank 4
+              "unet_lora_adapter_metadata": c.unet.peft_config["default"].to_dict()}
+    if text_encoder:  # through peft itself (transformers' add_adapter asks for a newer peft than PyPI has here)
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                           target_modules=["q_proj", "v_proj"]), c.text_encoder)
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(c.text_encoder)
+        layers["text_encoder_lora_adapter_metadata"] = c.text_encoder.peft_config["default"].to_dict()
+    StableDiffusionLoraLoaderMixin.save_lora_weights(folder, **layers)
+    return folder / "pytorch_lora_weights.safetensors"

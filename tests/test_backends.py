@@ -9,7 +9,8 @@ import torch
 
 from export.onnx import ExportSettings, export
 from runtime import BackendUnavailableError, ExportError, InvalidInputError, Pipeline
-from runtime.backends import resolve_auto
+from runtime.backends import choose
+from runtime.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +63,13 @@ def test_onnxruntime_graph_cache_with_graph_ids(tiny_onnx):
     """onnxruntime's CUDA-graph bookkeeping (static bound buffers, one gpu_graph_id per shape), on the CPU provider,
     which ignores the graph id: results follow the new inputs of every call, and since onnxruntime cannot free a
     captured graph, a shape beyond max_graphs is refused in one line rather than evicted."""
-    import json
-
     from runtime.backends.onnxruntime_backend import Session
-    from runtime.specs import ModelDims, specs_by_name
+    from runtime.specs import specs_by_name
 
-    doc = json.loads((tiny_onnx / "manifest.json").read_text())
-    entry, spec = doc["components"]["unet"], specs_by_name(ModelDims.from_manifest(doc))["unet"]
-    plain = Session(tiny_onnx / entry["file"], spec, entry, ["CPUExecutionProvider"], torch.device("cpu"))
-    graphed = Session(tiny_onnx / entry["file"], spec, entry, ["CPUExecutionProvider"], torch.device("cpu"),
+    manifest = read_manifest(tiny_onnx)
+    entry, spec = manifest.components["unet"], specs_by_name(manifest.dims)["unet"]
+    plain = Session(tiny_onnx / entry.file, spec, entry, ["CPUExecutionProvider"], torch.device("cpu"))
+    graphed = Session(tiny_onnx / entry.file, spec, entry, ["CPUExecutionProvider"], torch.device("cpu"),
                       max_graphs=2, io_binding=True)
     g = torch.Generator().manual_seed(0)
     for batch in (1, 2, 1, 2):
@@ -106,8 +105,8 @@ def test_onnxruntime_loads_no_torch_weights(tiny_ckpt, tiny_onnx):
 
 def test_auto_picks_onnxruntime_on_cpu_when_an_export_exists(tiny_ckpt, tiny_onnx, tmp_path):
     ckpt = __import__("runtime").resolve(tiny_ckpt)
-    assert resolve_auto(torch.device("cpu"), ckpt, tiny_onnx) == "onnxruntime"
-    assert resolve_auto(torch.device("cpu"), ckpt, tmp_path / "none") == "torch"
+    assert choose("auto", torch.device("cpu"), ckpt, tiny_onnx, {})[0] == "onnxruntime"
+    assert choose("auto", torch.device("cpu"), ckpt, tmp_path / "none", {}) == ("torch", {"channels_last": True})
     assert Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tiny_onnx).backend.name == "onnxruntime"
     fallback = Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path)
     assert fallback.backend.name == "torch" and not fallback.backend.cuda_graph
@@ -115,12 +114,14 @@ def test_auto_picks_onnxruntime_on_cpu_when_an_export_exists(tiny_ckpt, tiny_onn
 
 
 def test_default_export_dir_is_found(tiny_ckpt, tiny_onnx, tmp_path, monkeypatch):
-    from runtime import manifest as mf
+    from runtime.cache import default_export_dir
 
     monkeypatch.setenv("INSTAFLOW_CACHE", str(tmp_path))
-    folder = mf.default_export_dir(__import__("runtime").resolve(tiny_ckpt))
+    folder = default_export_dir(__import__("runtime").resolve(tiny_ckpt))
+    assert folder.parent == tmp_path / "onnx"
     shutil.copytree(tiny_onnx, folder)
-    assert Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime").backend.folder == folder
+    assert Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime").backend.export_dir == folder
+    assert Pipeline.from_pretrained(tiny_ckpt, backend="auto").backend.name == "onnxruntime"
 
 
 def test_backend_errors(tiny_ckpt, odd_ckpt, odd_onnx, tmp_path, tiny_pipe):
@@ -219,7 +220,7 @@ def test_only_verified_exports_run_unless_the_caller_allows_it(tiny_ckpt, tmp_pa
     """An export never verified (--no-verify, or a verification that was killed) is refused in one line by
     onnxruntime, skipped with one warning by auto, and run only with allow_unverified=True; export.verify then
     makes it usable."""
-    from export.verify import verify_and_record
+    from export.verify import verify_export
 
     export(str(tiny_ckpt), tmp_path, ExportSettings(), verify=False)
     with pytest.raises(ExportError, match=r"was never verified .*python -m export.verify .*allow_unverified=True"):
@@ -229,5 +230,5 @@ def test_only_verified_exports_run_unless_the_caller_allows_it(tiny_ckpt, tmp_pa
     allowed = Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path, allow_unverified=True)
     assert allowed.backend.name == "onnxruntime"
     assert allowed("a cat", seed=0, output_type="pt").images.shape == (1, 3, 32, 32)
-    verify_and_record(tmp_path)
+    verify_export(tmp_path)
     assert Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path).backend.name == "onnxruntime"

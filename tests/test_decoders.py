@@ -98,8 +98,8 @@ def test_export_with_the_tiny_decoder_and_onnxruntime(tiny_ckpt, tiny_decoder, t
 
     out = tmp_path / "e"
     doc = export(str(tiny_ckpt), out, ExportSettings(fused=True), vae=str(tiny_decoder))
-    assert doc["verification"]["passed"] and doc["decoder"]["class"] == "AutoencoderTiny"
-    assert doc["vae"]["scaling_factor"] == 1.0
+    assert doc.verification.passed and doc.source.decoder["class"] == "AutoencoderTiny"
+    assert doc.source.scaling_factor == 1.0
     ort = Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=out, vae=tiny_decoder)
     ref = Pipeline.from_pretrained(tiny_ckpt, vae=tiny_decoder)
     for kwargs in (dict(), dict(num_inference_steps=2, guidance_scale=1.5)):
@@ -140,7 +140,7 @@ def test_engines_with_the_tiny_decoder_on_the_stand_ins(monkeypatch, tiny_ckpt, 
     fake = install_fake_tensorrt(monkeypatch, "11.1.0")
     try:
         engines = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=1, static=True, vae=str(tiny_decoder))
-        assert engines["decoder"]["class"] == "AutoencoderTiny"
+        assert engines.source.decoder["class"] == "AutoencoderTiny"
         checkpoint = with_decoder(resolve(tiny_ckpt), tiny_decoder)
         backend = TensorRTBackend(checkpoint, tmp_path, device=torch.device("cpu"), dtype=torch.float32)
         pipe = Pipeline(load_components(checkpoint, weights=False), device="cpu", backend=backend)

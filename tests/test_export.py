@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import manifest as mf
+from runtime import identity
+from runtime.checkpoints import resolve
 from runtime.errors import ExportError
+from runtime.backends.onnxruntime_backend import open_session as ort_session
 from export.onnx import ExportSettings, export, main
-from export.verify import ort_session, verify_export
+from export.verify import verify_export
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +30,18 @@ def tiny_export(tiny_ckpt, tmp_path_factory):
 
 def test_fp32_fused_export_verified_and_manifest(tiny_export, tiny_ckpt):
     out, doc = tiny_export
-    assert doc["verification"]["passed"]
-    rows = doc["verification"]["rows"]
+    assert doc.verification.passed
+    rows = doc.verification.rows
     assert {r["component"] for r in rows} == {"text_encoder", "unet", "vae_decoder", "onestep"}
     assert {r["shape"].split()[0] for r in rows} == {"B=1", "B=2"}
     assert all(r["max_rel_err"] <= 1e-4 for r in rows)
     m = json.loads((out / "manifest.json").read_text())
-    assert m["checkpoint"]["sha256"] == mf.checkpoint_hash(__import__("runtime").resolve(tiny_ckpt))
+    assert m["checkpoint"]["sha256"] == resolve(tiny_ckpt).content_hash()
     assert m["exporter"]["opset"] == 17 and m["exporter"]["name"] == "torchscript" and "torch" in m["exporter"]
     unet = m["components"]["unet"]
     assert [t["name"] for t in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
     assert unet["inputs"][2]["shape"] == ["B", 16, 32] and unet["dtype"] == "float32"
-    assert unet["sha256"] == mf.files_hash(out, "unet.onnx")
+    assert unet["sha256"] == identity.sha256_files([out / "unet.onnx"])
 
 
 def test_exported_input_shapes(tiny_export):
@@ -73,12 +75,12 @@ def test_ort_graphs_reproduce_the_pipeline(tiny_export, tiny_pipe):
 def test_fp16_dynamic_hw_odd_shapes(odd_ckpt, odd_pipe, tmp_path):
     doc = export(str(odd_ckpt), tmp_path / "odd", ExportSettings(fp16=True, vae_fp32=True, dynamic_hw=True,
                                                                  fused=True))
-    rows = doc["verification"]["rows"]
+    rows = doc.verification.rows
     assert {r["shape"] for r in rows} == {"B=1 6x10", "B=2 6x10", "B=1 8x8"}
-    comps = doc["components"]
-    assert comps["unet"]["dtype"] == "float16" and comps["vae_decoder"]["dtype"] == "float32"
-    assert comps["unet"]["inputs"][1]["dtype"] == "float32"  # timestep stays fp32
-    assert comps["onestep"]["dtype"] == "float16"  # the fused UNet stays fp16; only its decoder nodes are fp32
+    comps = doc.components
+    assert comps["unet"].dtype == "float16" and comps["vae_decoder"].dtype == "float32"
+    assert comps["unet"].inputs[1].dtype == "float32"  # timestep stays fp32
+    assert comps["onestep"].dtype == "float16"  # the fused UNet stays fp16; only its decoder nodes are fp32
     # the fused graph gives the pipeline's image for the odd checkpoint (within fp16 rounding of the UNet)
     noise = torch.randn(1, 3, 6, 10, generator=torch.Generator().manual_seed(3))
     ref = odd_pipe("a cat", latents=noise, output_type="pt").images.numpy()
@@ -91,7 +93,7 @@ def test_fp16_dynamic_hw_odd_shapes(odd_ckpt, odd_pipe, tmp_path):
     # fully fp16 (no --vae-fp32): the fused graph takes fp16 inputs
     doc = export(str(odd_ckpt), tmp_path / "odd16", ExportSettings(fp16=True, fused=True),
                  only=["unet", "onestep"])  # the fused fp16 graph is verified with the export's own UNet
-    assert doc["components"]["onestep"]["dtype"] == "float16"
+    assert doc.components["onestep"].dtype == "float16"
     fused16 = ort_session(tmp_path / "odd16" / "onestep.onnx").run(
         None, {"text_embeddings": emb.astype(np.float16), "noise": noise.numpy().astype(np.float16)})[0]
     assert np.abs(fused16.astype(np.float32) - ref).max() < 2e-2
@@ -111,10 +113,10 @@ def test_cache_reuse_and_corruption(tiny_ckpt, tmp_path, capsys):
         verify_export(out)
     doc = export(str(tiny_ckpt), out, ExportSettings(), only=["unet"])  # re-exported, then verified
     assert "re-exporting" in capsys.readouterr().out
-    assert set(doc["components"]) == {"unet", "vae_decoder"} and doc["verification"]["passed"]
+    assert set(doc.components) == {"unet", "vae_decoder"} and doc.verification.passed
     again = export(str(tiny_ckpt), out, ExportSettings(), only=["unet"])  # all reused: no second verification
     assert "earlier verification kept" in capsys.readouterr().out
-    assert again["verification"] == doc["verification"]
+    assert again.verification == doc.verification
     (out / "unet.onnx").write_bytes(data[: len(data) // 2])  # a changed file is re-exported and verified again
     export(str(tiny_ckpt), out, ExportSettings(), only=["unet"])
     assert "earlier verification kept" not in capsys.readouterr().out
@@ -126,7 +128,7 @@ def test_export_of_another_checkpoint_refused(tiny_ckpt, odd_ckpt, tmp_path):
     with pytest.raises(ExportError, match="holds an export of another checkpoint"):
         export(str(odd_ckpt), out, ExportSettings(), verify=False, only=["vae_decoder"])
     doc = export(str(odd_ckpt), out, ExportSettings(), verify=False, only=["vae_decoder"], force=True)
-    assert doc["checkpoint"]["path"] == str(odd_ckpt)
+    assert doc.source.checkpoint.path == str(odd_ckpt)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -170,11 +172,11 @@ def test_fp16_of_a_graph_with_external_data(tiny_ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_BYTES", 4096)  # every graph counts as large
     doc = export(str(tiny_ckpt), tmp_path, ExportSettings(fp16=True, fused=True))
-    assert doc["verification"]["passed"]
-    assert max(r["tol"] for r in doc["verification"]["rows"]) == 1e-2  # the fused graph too: no looser bound
+    assert doc.verification.passed
+    assert max(r["tol"] for r in doc.verification.rows) == 1e-2  # the fused graph too: no looser bound
     for name in ("unet", "vae_decoder", "onestep"):
-        entry = doc["components"][name]
-        assert entry["external_data"] and entry["dtype"] == "float16"
+        entry = doc.components[name]
+        assert entry.external_data and entry.dtype == "float16"
         assert sorted(p.name for p in tmp_path.glob(f"{name}.onnx*")) == [f"{name}.onnx", f"{name}.onnx.data"]
 
 
@@ -194,11 +196,11 @@ def test_sd15_unet_external_data(tmp_path_factory, fp16):
     t = time.perf_counter()
     doc = export(str(ckpt), tmp_path / "onnx", ExportSettings(fp16=fp16), only=["unet"])
     elapsed = time.perf_counter() - t
-    entry = doc["components"]["unet"]
+    entry = doc.components["unet"]
     size = sum(p.stat().st_size for p in (tmp_path / "onnx").glob("unet.onnx*"))
     assert size > (1.6e9 if fp16 else 3.2e9)
-    assert entry["external_data"] == (not fp16)  # fp16: 1.6 GB fits one protobuf; fp32: 3.4 GB does not
-    assert doc["verification"]["passed"]
+    assert entry.external_data == (not fp16)  # fp16: 1.6 GB fits one protobuf; fp32: 3.4 GB does not
+    assert doc.verification.passed
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\nSD-1.5 UNet {'fp16' if fp16 else 'fp32'} export+verify: {elapsed:.0f} s, peak RSS {peak_gb:.1f} GB")
 
@@ -209,10 +211,10 @@ def test_vae_fp32_keeps_the_fused_unet_in_fp16(tiny_ckpt, tmp_path):
     import onnx
 
     doc = export(str(tiny_ckpt), tmp_path, ExportSettings(fp16=True, vae_fp32=True, fused=True))
-    assert doc["verification"]["passed"]
-    c = doc["components"]
-    assert (c["unet"]["dtype"], c["vae_decoder"]["dtype"], c["onestep"]["dtype"]) == ("float16", "float32", "float16")
-    assert [t["dtype"] for t in c["onestep"]["outputs"]] == ["float32"]
+    assert doc.verification.passed
+    c = doc.components
+    assert (c["unet"].dtype, c["vae_decoder"].dtype, c["onestep"].dtype) == ("float16", "float32", "float16")
+    assert [t.dtype for t in c["onestep"].outputs] == ["float32"]
     init = onnx.load(str(tmp_path / "onestep.onnx")).graph.initializer
     unet = {i.data_type for i in init if i.name.startswith("unet.")}
     vae = {i.data_type for i in init if i.name.startswith("vae_decoder.")}
@@ -228,21 +230,21 @@ def test_reexport_leaves_a_folder_the_manifest_describes(tiny_ckpt, tmp_path):
     killed.mkdir()
     (killed / "unet.onnx").write_bytes(b"")
     doc = export(str(tiny_ckpt), tmp_path, ExportSettings(dynamic_hw=True))
-    assert set(doc["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(doc.components) == {"text_encoder", "unet", "vae_decoder"}
     assert not (tmp_path / "onestep.onnx").exists() and not killed.exists()
-    assert all(e["key"]["dynamic_hw"] for e in doc["components"].values()) and doc["verification"]["passed"]
+    assert all(e.key["dynamic_hw"] for e in doc.components.values()) and doc.verification.passed
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
-    assert set(on_disk["components"]) == set(doc["components"])
+    assert set(on_disk["components"]) == set(doc.components)
 
 
 def test_failed_verification_is_recorded_and_the_export_refused(tiny_ckpt, tmp_path, monkeypatch):
     """An export that fails its verification is not used: the onnxruntime backend refuses it in one line, auto
     falls back to torch with a warning, and `python -m export.verify` records a later pass."""
-    import export.verify as verify_module
+    import export.compare as compare_module
     from runtime import Pipeline
 
     export(str(tiny_ckpt), tmp_path, ExportSettings(), verify=False)
-    monkeypatch.setattr(verify_module, "TOLERANCE", {"float32": 0.0, "float16": 0.0})  # every graph fails
+    monkeypatch.setattr(compare_module, "TOLERANCE", {"float32": 0.0, "float16": 0.0})  # every graph fails
     with pytest.raises(ExportError, match="verification failed"):
         export(str(tiny_ckpt), tmp_path, ExportSettings())
     assert json.loads((tmp_path / "manifest.json").read_text())["verification"]["passed"] is False
@@ -285,7 +287,7 @@ def test_damaged_manifest_and_read_only_folder(tiny_ckpt, tmp_path):
     with pytest.raises(ExportError, match="is damaged"):
         export(str(tiny_ckpt), tmp_path / "e", ExportSettings(), verify=False, only=["vae_decoder"])
     redone = export(str(tiny_ckpt), tmp_path / "e", ExportSettings(), verify=False, only=["vae_decoder"], force=True)
-    assert set(redone["components"]) == {"vae_decoder"}
+    assert set(redone.components) == {"vae_decoder"}
     # a folder that cannot be written: /proc refuses new entries even for root; a 0o500 folder for other users
     target = Path("/proc/instaflow-export") if os.geteuid() == 0 else tmp_path / "ro"
     if os.geteuid() != 0:
@@ -300,14 +302,14 @@ def test_full_disk_is_one_line_before_the_export(tiny_ckpt, tmp_path, monkeypatc
     torch writes anything (a full disk otherwise surfaces as "Could not open file" from deep in the exporter)."""
     import shutil
 
-    import export.onnx as export_onnx
+    import export.exporter as exporter
 
     real = shutil.disk_usage
-    monkeypatch.setattr(export_onnx.shutil, "disk_usage", lambda p: real(p)._replace(free=2**20))
+    monkeypatch.setattr(exporter.shutil, "disk_usage", lambda p: real(p)._replace(free=2**20))
     with pytest.raises(ExportError, match=r"not enough disk space in .* to export unet: it needs about") as info:
         export(str(tiny_ckpt), tmp_path / "e", ExportSettings(), verify=False, only=["unet"])
     assert "\n" not in str(info.value) and not list((tmp_path / "e").glob("*.onnx*"))
-    monkeypatch.setattr(export_onnx.shutil, "disk_usage", real)
+    monkeypatch.setattr(exporter.shutil, "disk_usage", real)
     export(str(tiny_ckpt), tmp_path / "e", ExportSettings(), verify=False, only=["unet"])
     assert (tmp_path / "e" / "unet.onnx").is_file()
 
@@ -318,8 +320,7 @@ def test_fp16_fused_graph_is_checked_part_by_part(tmp_path):
     samples where end to end vs the fp32 chain it does not (the decoder amplifies the UNet's fp16 error), and a
     wrong velocity still fails."""
     from export.graphs import module_for
-    from export.verify import TOLERANCE, max_rel_error, ort_velocity, reference
-    from runtime.checkpoints import resolve
+    from export.compare import TOLERANCE, max_rel_error, onnx_runner, reference, runner_velocity
     from runtime.models import load_components
     from runtime.specs import ModelDims, specs_by_name
 
@@ -327,7 +328,7 @@ def test_fp16_fused_graph_is_checked_part_by_part(tmp_path):
     comps = load_components(resolve("tiny"), device="cpu", dtype=torch.float32)
     specs = specs_by_name(ModelDims.of(comps))
     fused, module = ort_session(tmp_path / "onestep.onnx"), module_for("onestep", comps)
-    velocity = ort_velocity(ort_session(tmp_path / "unet.onnx"), specs["unet"], torch.float16)
+    velocity = runner_velocity(onnx_runner(tmp_path / "unet.onnx"), specs["unet"], torch.float16)
     end_to_end = []
     for seed in range(1230, 1250):
         inputs = specs["onestep"].sample_inputs(2, dtype=torch.float16, seed=seed)

@@ -96,8 +96,8 @@ def test_fp16_unet_export_verified(sd15_ckpt, work):
     with step("export.onnx --fp16 --only unet"):
         export(str(sd15_ckpt), out, ExportSettings(fp16=True), only=["unet"], verify=False)
     with step("export.verify fp16 unet, batch 1"):
-        report = verify_export(out, batches=(1,))
-    assert report["passed"] and {r["component"] for r in report["rows"]} == {"unet"}
+        report = verify_export(out, batches=(1,)).verification
+    assert report.passed and {r["component"] for r in report.rows} == {"unet"}
 
 
 def test_export_fp32_fused_and_onnxruntime(sd15_ckpt, work):
@@ -106,8 +106,8 @@ def test_export_fp32_fused_and_onnxruntime(sd15_ckpt, work):
     out = work / "fp32"
     with step("export.onnx fp32 --fused (verified)"):
         doc = export(str(sd15_ckpt), out, ExportSettings(fused=True))
-    assert doc["verification"]["passed"] and doc["components"]["unet"]["external_data"]
-    ref = Pipeline.from_pretrained(sd15_ckpt, device="cpu")
+    assert doc.verification.passed and doc.components["unet"].external_data
+    ref = Pipeline.from_pretrained(sd15_ckpt, device="cpu", backend="torch")
     with step("onnxruntime backend, load"):
         ort_pipe = Pipeline.from_pretrained(sd15_ckpt, backend="onnxruntime", export_dir=out)
     with step("onnxruntime backend, one step 512x512"):
@@ -141,13 +141,13 @@ def test_export_fp16_dynamic_vae_fp32_then_trt(sd15_ckpt, work, monkeypatch, cap
     install_fake_tensorrt(monkeypatch, "11.1.0")
     with step("export.trt engines against the TensorRT 11 stand-ins"):
         engines = build(str(sd15_ckpt), out, min_batch=1, max_batch=1, vae_fp32=True)
-    assert engines["components"]["unet"]["precision"] == "float16"
+    assert engines.components["unet"].precision == "float16"
     checkpoint = resolve(sd15_ckpt)
     backend = TensorRTBackend(checkpoint, out, device=torch.device("cpu"), dtype=torch.float32)
     pipe = Pipeline(load_components(checkpoint, weights=False), device="cpu", backend=backend)
     with step("tensorrt backend (stand-ins), one step 512x512"):
         b = pipe(PROMPT, seed=2, output_type="pt").images
-    a = Pipeline.from_pretrained(sd15_ckpt, device="cpu")(PROMPT, seed=2, output_type="pt").images
+    a = Pipeline.from_pretrained(sd15_ckpt, device="cpu", backend="torch")(PROMPT, seed=2, output_type="pt").images
     assert (a - b).abs().max() < 5e-2 and (a - b).abs().mean() < 5e-3
 
 

@@ -15,28 +15,7 @@ from runtime.models import load_components
 
 peft = pytest.importorskip("peft", reason="LoRAs need peft (the lora extra; dev installs it)")
 
-
-def make_lora(ckpt, folder, text_encoder: bool = True, seed: int = 0):
-    """A random LoRA for ``ckpt``'s UNet (attention projections) and text encoder, in diffusers' file layout."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    c = load_components(resolve(ckpt))
-    torch.manual_seed(seed)
-    c.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = {"unet_lora_layers": get_peft_model_state_dict(c.unet),  # with its config: alpha 8 on rank 4
-              "unet_lora_adapter_metadata": c.unet.peft_config["default"].to_dict()}
-    if text_encoder:  # through peft itself (transformers' add_adapter asks for a newer peft than PyPI has here)
-        from peft import inject_adapter_in_model
-
-        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                           target_modules=["q_proj", "v_proj"]), c.text_encoder)
-        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(c.text_encoder)
-        layers["text_encoder_lora_adapter_metadata"] = c.text_encoder.peft_config["default"].to_dict()
-    StableDiffusionLoraLoaderMixin.save_lora_weights(folder, **layers)
-    return folder / "pytorch_lora_weights.safetensors"
+from helpers import make_lora  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +146,7 @@ def test_refittable_engines_take_other_loras_without_a_rebuild(monkeypatch, tiny
             checkpoint = with_loras(resolve(tiny_ckpt), [(lora_file, scale)])
             backend = TensorRTBackend(checkpoint, folder, device=torch.device("cpu"), dtype=torch.float32)
             pipe = Pipeline(load_components(checkpoint, weights=False), device="cpu", backend=backend)
-            ref = Pipeline.from_pretrained(tiny_ckpt, lora=(lora_file, scale), device="cpu")
+            ref = Pipeline.from_pretrained(tiny_ckpt, lora=(lora_file, scale), device="cpu", backend="torch")
             a, b = (p("a cat", seed=4, output_type="pt").images for p in (pipe, ref))
             assert (a - b).abs().max() < 3e-2, (scale, float((a - b).abs().max()))
             return engines, [e for e, _ in fake.LOG if e in ("build", "refit")]
@@ -176,12 +155,12 @@ def test_refittable_engines_take_other_loras_without_a_rebuild(monkeypatch, tiny
         assert events == ["build"] * 4
         engines, events = run(0.2, tmp_path / "r")
         assert sorted(events) == ["refit"] * 3  # the decoder's graph did not change: kept
-        assert [x["scale"] for x in engines["loras"]] == [0.2] and all(e["refittable"]
-                                                                       for e in engines["components"].values())
+        assert [x["scale"] for x in engines.source.loras] == [0.2] and all(e.refittable
+                                                                           for e in engines.components.values())
         assert len(list((tmp_path / "r").glob("unet.*.plan"))) == 1  # the replaced engine is gone
         fixed, _ = run(0.7, tmp_path / "f", refittable=False)
         with pytest.raises(ExportError, match="was not built refittable; rebuild with --refittable"):
-            refit_engine(fake, tmp_path / "f" / fixed["components"]["unet"]["file"], tmp_path / "f" / "unet.onnx",
+            refit_engine(fake, tmp_path / "f" / fixed.components["unet"].file, tmp_path / "f" / "unet.onnx",
                          tmp_path / "f" / "x.plan")
     finally:
         fake.use("10.16.0")

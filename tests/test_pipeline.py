@@ -11,6 +11,7 @@ from PIL import Image
 
 from runtime import (BackendUnavailableError, InstaFlowError, InvalidInputError, InvalidTypeError,
                      NonFiniteOutputError, Pipeline, flow)
+from runtime.backends import Backend
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -163,12 +164,19 @@ class _FakeClock:
         return self.now
 
 
-class _SlowBackend:
-    """The torch backend where one stage takes one second of a fake clock; a fused path on request."""
+class _SlowBackend(Backend):
+    """The torch backend where one stage takes one second of a fake clock; a fused path on request (a backend of
+    the contract in runtime/backends/base.py)."""
+
+    name = "slow"
 
     def __init__(self, inner, slow: str, clock: _FakeClock, fused: bool = False) -> None:
-        self.inner, self.slow, self.clock, self.has_one_step = inner, slow, clock, fused
-        self.name, self.device, self.dtype = "slow", inner.device, inner.dtype
+        self.inner, self.slow, self.clock, self.fused = inner, slow, clock, fused
+        self.device, self.dtype = inner.device, inner.dtype
+
+    @property
+    def has_one_step(self) -> bool:
+        return self.fused
 
     def _spend(self, stage: str) -> None:
         if stage == self.slow:

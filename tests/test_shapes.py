@@ -167,7 +167,7 @@ def test_model_dims_at_sd_shape_and_manifest_round_trip():
     assert dims.latent_multiple == 8 and dims.latent_size == (64, 64)
     assert dims.size_range((64, 64)) == ((32, 32), (128, 128))
     assert dims.other_size() == (72, 56)  # every side a multiple of 8: the up-block concats line up
-    assert ModelDims.from_manifest(dims.to_manifest()) == dims
+    assert ModelDims.from_json(dims.to_json()) == dims
     dims.check_latent_size(72, 56)
     with pytest.raises(InvalidInputError, match="multiples of 64 px"):
         dims.check_latent_size(65, 64)

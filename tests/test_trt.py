@@ -50,8 +50,8 @@ def test_engines_build_and_match_torch(tiny_ckpt, tmp_path):
     from runtime import ExportError, InvalidInputError, Pipeline
 
     engines = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=2)
-    assert all(e["max_rel_err"] <= 1e-2 for e in engines["components"].values())
-    ref = Pipeline.from_pretrained(tiny_ckpt, device="cpu")
+    assert all(e.max_rel_err <= 1e-2 for e in engines.components.values())
+    ref = Pipeline.from_pretrained(tiny_ckpt, device="cpu", backend="torch")
     from runtime.backends.tensorrt_backend import _have_cuda_python
 
     graphs = [False] + ([True] if _have_cuda_python() else [])
@@ -118,10 +118,10 @@ def _build_strongly_typed(fake, *args, **kwargs):
         warnings.simplefilter("error", DeprecationWarning)
         doc = build(*args, **kwargs)
     folder = Path(args[1])
-    for name, entry in doc["components"].items():
-        plan = json.loads((folder / entry["file"]).read_bytes())
+    for name, entry in doc.components.items():
+        plan = json.loads((folder / entry.file).read_bytes())
         assert plan["strongly_typed"] and plan["precision"] == "onnx", name
-    assert doc["components"]["unet"]["precision"] == "float16"
+    assert doc.components["unet"].precision == "float16"
     return doc
 
 
@@ -130,20 +130,20 @@ def test_fake_tensorrt_build_then_backend_matches_torch(fake_gpu, tiny_ckpt, tin
     from runtime import InvalidInputError
 
     doc = _build_strongly_typed(fake_gpu, str(tiny_ckpt), tmp_path, min_batch=1, max_batch=2)
-    assert set(doc["components"]) == {"text_encoder", "unet", "vae_decoder", "onestep"}
-    assert doc["gpu"] == "Fake GPU" and doc["tensorrt"] == fake_gpu.__version__
-    assert all(e["max_rel_err"] <= 1e-2 for e in doc["components"].values())  # fp16 engines vs PyTorch
-    assert doc["components"]["unet"]["profile"]["sample"][2][0] == 4  # guidance doubles the UNet batch
+    assert set(doc.components) == {"text_encoder", "unet", "vae_decoder", "onestep"}
+    assert doc.gpu == "Fake GPU" and doc.tensorrt == fake_gpu.__version__
+    assert all(e.max_rel_err <= 1e-2 for e in doc.components.values())  # fp16 engines vs PyTorch
+    assert doc.components["unet"].profile["sample"][2][0] == 4  # guidance doubles the UNet batch
     assert len(list(tmp_path.glob("timing.*.cache"))) == 1
-    assert json.loads((tmp_path / "engines.json").read_text()) == json.loads(json.dumps(doc))
+    assert json.loads((tmp_path / "engines.json").read_text()) == json.loads(json.dumps(doc.to_json()))
     builds = [e for e in fake_gpu.LOG if e[0] == "build"]
     build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=2)  # cached engines are not rebuilt
     assert [e for e in fake_gpu.LOG if e[0] == "build"] == builds
 
     # the guidance rule: engines built for 2 images take a first call of 2 prompts with guidance on a fresh pipeline
     # (empty embedding cache): prompts and negatives go through the text encoder in one call of 4
-    assert doc["components"]["text_encoder"]["profile"]["input_ids"][2] == [4, 16]
-    assert doc["components"]["vae_decoder"]["profile"]["latents"][2][0] == 2
+    assert doc.components["text_encoder"].profile["input_ids"][2] == (4, 16)
+    assert doc.components["vae_decoder"].profile["latents"][2][0] == 2
     for cuda_graph in (False, True):
         kwargs = dict(num_inference_steps=4, guidance_scale=1.5, negative_prompt=["blurry", "dark"], seed=5,
                       output_type="pt")
@@ -206,8 +206,8 @@ def test_fake_tensorrt_unusual_shapes(fake_gpu, odd_ckpt, tmp_path):
     from runtime import Pipeline
 
     doc = _build_strongly_typed(fake_gpu, str(odd_ckpt), tmp_path, min_batch=1, max_batch=2)
-    assert doc["components"]["text_encoder"]["profile"]["input_ids"][0] == [1, 7]
-    ref = Pipeline.from_pretrained(odd_ckpt, device="cpu", treat_as_flow=True)
+    assert doc.components["text_encoder"].profile["input_ids"][0] == (1, 7)
+    ref = Pipeline.from_pretrained(odd_ckpt, device="cpu", treat_as_flow=True, backend="torch")
     for cuda_graph in (False, True):
         pipe = _fake_backend(odd_ckpt, tmp_path, cuda_graph=cuda_graph)
         for kwargs in (dict(), dict(num_inference_steps=2, guidance_scale=2.0, negative_prompt="blurry"),
@@ -225,7 +225,7 @@ def test_fake_tensorrt_engine_checks_set_input_shape(fake_gpu_latest, tiny_ckpt,
     from runtime.backends.tensorrt_backend import Engine
 
     doc = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=1)
-    engine = Engine(tmp_path / doc["components"]["vae_decoder"]["file"], torch.device("cpu"))
+    engine = Engine(tmp_path / doc.components["vae_decoder"].file, torch.device("cpu"))
     engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8)
     context = engine.new_context()
     ok = engine.bind(context, engine.cast([torch.randn(1, 4, 8, 8)]))
@@ -239,18 +239,19 @@ def test_fake_tensorrt_auto_falls_back_from_unusable_engines(fake_gpu_latest, ti
     another GPU (an explicit backend="tensorrt" keeps the one-line error)."""
     from export.trt import build
     from runtime import resolve
-    from runtime.backends import resolve_auto
+    from runtime.backends import choose
 
     build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=1)
     ckpt = resolve(tiny_ckpt)
-    assert resolve_auto(torch.device("cuda"), ckpt, tmp_path) == "tensorrt"
+    cuda = torch.device("cuda")
+    assert choose("auto", cuda, ckpt, tmp_path, {})[0] == "tensorrt"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Other GPU")
-    with pytest.warns(RuntimeWarning, match=r"built for Fake GPU .* this is Other GPU .*; rebuild with "
-                                            r"`python -m export.trt --ckpt .*\); running torch instead"):
-        assert resolve_auto(torch.device("cuda"), ckpt, tmp_path) == "torch"
+    with pytest.warns(RuntimeWarning, match=r"tensorrt not used \(the engines in .* were built for Fake GPU .* this "
+                                            r"is Other GPU .*; rebuild with `python -m export.trt --ckpt .*\); trying"):
+        assert choose("auto", cuda, ckpt, tmp_path, {}) == ("torch", {"cuda_graph": True, "channels_last": True})
     (tmp_path / "engines.json").write_text("{not json")
     with pytest.warns(RuntimeWarning, match=r"unreadable .*engines.json: JSONDecodeError"):
-        assert resolve_auto(torch.device("cuda"), ckpt, tmp_path) == "torch"
+        assert choose("auto", cuda, ckpt, tmp_path, {})[0] == "torch"
 
 
 def test_stream_graph_keeps_the_error_that_broke_the_capture(fake_gpu_latest, monkeypatch):
@@ -279,7 +280,7 @@ def test_fake_streams_are_asynchronous(fake_gpu_latest, tiny_ckpt, tmp_path):
     from runtime.backends.tensorrt_backend import Engine
 
     doc = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=1)
-    engine = Engine(tmp_path / doc["components"]["vae_decoder"]["file"], torch.device("cpu"))
+    engine = Engine(tmp_path / doc.components["vae_decoder"].file, torch.device("cpu"))
     engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8)
     stream = torch.cuda.Stream()
     out = engine.run(engine.cast([torch.randn(1, 4, 8, 8)]), stream.cuda_stream)
@@ -319,7 +320,7 @@ def test_fake_tensorrt_on_the_bundled_model(fake_gpu_latest, tmp_path):
     from runtime import Pipeline
 
     build("tiny", tmp_path, min_batch=1, max_batch=2, static=True)
-    reference = Pipeline.from_pretrained("tiny", device="cpu")
+    reference = Pipeline.from_pretrained("tiny", device="cpu", backend="torch")
     prompts = ["a small red circle at the top left", "a large blue square at the center"]
     for kwargs in (dict(), dict(num_inference_steps=4, guidance_scale=1.5, negative_prompt=["green", "yellow"])):
         engines = _fake_backend("tiny", tmp_path)  # fresh: nothing cached

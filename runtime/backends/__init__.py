@@ -1,58 +1,51 @@
 """Backends: thin adapters that run the three networks. The pipeline logic lives in :mod:`runtime.pipeline`.
 
-Every backend implements :class:`~runtime.backends.base.Backend`; :func:`create` picks one by name.
+Every backend fills in the contract of :mod:`runtime.backends.base`; :data:`REGISTRY` names them (imported only when
+chosen), :func:`choose` resolves ``auto``, :func:`create` builds one.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import warnings
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..checkpoints import Checkpoint
 from ..errors import BackendUnavailableError, ExportError, InvalidInputError
-from .base import Backend
+from ..models import Components
+from .base import Backend, ExportedBackend
 
-if TYPE_CHECKING:
-    from ..checkpoints import Checkpoint
-    from ..models import Components
+#: backend name -> "module:class" (a new backend: one file, one line here)
+REGISTRY: dict[str, str] = {
+    "torch": "runtime.backends.torch_backend:TorchBackend",
+    "onnxruntime": "runtime.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "tensorrt": "runtime.backends.tensorrt_backend:TensorRTBackend",
+}
 
 #: Backend names accepted by ``Pipeline.from_pretrained(..., backend=...)``.
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
+BACKENDS = (*REGISTRY, "auto")
+
+#: what ``auto`` tries first, in order, per device type: exports that can run here (fastest first); then torch
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("tensorrt",), "cpu": ("onnxruntime",)}
+
+#: options that only some exported backends take: ``auto`` passes them to whichever takes them, drops them for torch
+_EXPORT_ONLY_OPTIONS = ("allow_unverified",)
+
+#: the constructor arguments every backend gets from the pipeline (not options)
+_FIXED = ("self", "components", "checkpoint", "export_dir", "device", "dtype")
 
 
-def create(name: str, components: "Components", device: torch.device, dtype: torch.dtype,
-           checkpoint: "Checkpoint | None" = None, export_dir: str | os.PathLike[str] | None = None,
-           **options: Any) -> Backend:
-    """Instantiate the backend called ``name`` (see :data:`BACKENDS`) over ``components``.
-
-    ``onnxruntime`` and ``tensorrt`` run an export of ``checkpoint`` found in ``export_dir`` (default: the export
-    cache, see :func:`runtime.manifest.default_export_dir`). ``auto`` picks, in order: TensorRT engines on a GPU,
-    torch on a GPU (with CUDA graphs and channels-last unless ``options`` say otherwise), onnxruntime on the CPU
-    when an export exists, else torch (channels-last).
-    """
-    name, options = choose(name, device, checkpoint, export_dir, options)
-    if name == "torch":
-        from .torch_backend import TorchBackend
-
-        _check_options(TorchBackend, name, options)
-        return TorchBackend(components, device=device, dtype=dtype, **options)
-    if checkpoint is None:
-        raise BackendUnavailableError(f"the {name} backend runs an export of a checkpoint folder; load the "
-                                      "pipeline with Pipeline.from_pretrained(...)")
-    if name == "onnxruntime":
-        from .onnxruntime_backend import OnnxRuntimeBackend
-
-        _check_options(OnnxRuntimeBackend, name, options)
-        return OnnxRuntimeBackend(checkpoint, export_dir, device=device, dtype=dtype, **options)
-    from .tensorrt_backend import TensorRTBackend
-
-    if device.type != "cuda":
-        raise BackendUnavailableError("the tensorrt backend needs a CUDA device")
-    _check_options(TensorRTBackend, name, options)
-    return TensorRTBackend(checkpoint, export_dir, device=device, dtype=dtype, **options)
+def backend_class(name: str) -> type[Backend]:
+    """The class of backend ``name`` (imported now)."""
+    check_name(name)
+    if name == "auto":
+        raise BackendUnavailableError("'auto' stands for another backend: resolve it with choose() first")
+    module, _, cls = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def check_name(name: str) -> None:
@@ -61,79 +54,73 @@ def check_name(name: str) -> None:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def choose(name: str, device: torch.device, checkpoint: "Checkpoint | None",
-           export_dir: str | os.PathLike[str] | None, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Check ``name``; resolve ``auto`` to the backend it stands for here, with that backend's default options
-    (``options`` given by the caller win). Other names come back unchanged."""
-    check_name(name)
-    if name != "auto":
-        return name, options
-    options = dict(options)
-    allow_unverified = bool(options.pop("allow_unverified", False))  # an onnxruntime option, asked of auto
-    name = resolve_auto(device, checkpoint, export_dir, allow_unverified)
-    if name == "onnxruntime" and allow_unverified:
-        options["allow_unverified"] = True
-    if name == "torch":  # channels-last on the CPU too: see channels_last/ours in benchmarks/RESULTS.md
-        options = {"cuda_graph": device.type == "cuda", "channels_last": True, **options}
-    return name, options
+def option_names(cls: type[Backend]) -> list[str]:
+    """The keyword options a backend's constructor takes."""
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in _FIXED]
 
 
-def _check_options(cls: type, name: str, options: dict[str, Any]) -> None:
+def check_options(cls: type[Backend], options: dict[str, Any]) -> None:
     """Unknown keyword options (a typo, or an option of another backend) -> one line listing the valid ones."""
-    import inspect
-
-    valid = [p for p in inspect.signature(cls.__init__).parameters
-             if p not in ("self", "components", "checkpoint", "export_dir", "device", "dtype")]
+    valid = option_names(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise InvalidInputError(f"unknown option(s) {', '.join(map(repr, unknown))} for the {name} backend; "
+        raise InvalidInputError(f"unknown option(s) {', '.join(map(repr, unknown))} for the {cls.name} backend; "
                                 f"it takes {', '.join(valid)}")
 
 
-def resolve_auto(device: torch.device, checkpoint: "Checkpoint | None",
-                 export_dir: str | os.PathLike[str] | None, allow_unverified: bool = False) -> str:
-    """The backend ``auto`` stands for on this machine, for this checkpoint."""
-    if checkpoint is None:
-        return "torch"
-    from .. import manifest as mf
-
+def torch_defaults(device: torch.device) -> dict[str, Any]:
+    """The torch options ``auto`` uses: on a GPU, CUDA graphs of the one-step hot path and the text encoder and
+    channels-last convolutions; on the CPU channels-last (see benchmarks/RESULTS.md)."""
     if device.type == "cuda":
-        trt_dir = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint, "trt")
-        try:
-            import tensorrt
-        except ImportError:
-            return "torch"
-        if not (trt_dir / mf.ENGINES).is_file():
-            return "torch"
-        rebuild = f"`python -m export.trt --ckpt {checkpoint.name} -o {trt_dir} --force`"
-        try:
-            mismatch = mf.engines_mismatch(mf.read_engines(trt_dir), tensorrt.__version__,
-                                           torch.cuda.get_device_name(device))
-            reason = mismatch and f"the engines in {trt_dir} were {mismatch}; rebuild with {rebuild}"
-        except ExportError as e:
-            reason = str(e)
-        if reason:  # auto falls back; an explicit backend="tensorrt" keeps the one-line error
-            warnings.warn(f"TensorRT not used ({reason}); running torch instead", RuntimeWarning, stacklevel=3)
-            return "torch"
-        return "tensorrt"
-
-    folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint)
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "torch"
-    try:
-        doc = mf.read(folder) if (folder / mf.MANIFEST).is_file() else None
-    except ExportError as e:
-        warnings.warn(f"onnxruntime not used ({e}); running torch instead", RuntimeWarning, stacklevel=3)
-        return "torch"
-    if not doc or doc.get("checkpoint", {}).get("fingerprint") != mf.fingerprint(checkpoint):
-        return "torch"
-    problem = mf.usable_export_problem(doc, folder, allow_unverified)
-    if problem:  # auto falls back; an explicit backend="onnxruntime" keeps the one-line error
-        warnings.warn(f"onnxruntime not used ({problem}); running torch instead", RuntimeWarning, stacklevel=3)
-        return "torch"
-    return "onnxruntime"
+        return {"cuda_graph": True, "channels_last": True}
+    return {"channels_last": True}
 
 
-__all__ = ["BACKENDS", "Backend", "check_name", "choose", "create", "resolve_auto"]
+def choose(name: str, device: torch.device, checkpoint: Checkpoint | None,
+           export_dir: str | os.PathLike[str] | None, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Check ``name``; resolve ``auto`` to the backend it stands for here, with that backend's options (the caller's
+    win over ``auto``'s defaults). Other names come back unchanged.
+
+    ``auto`` tries the exported backends of :data:`AUTO_ORDER` that take every option given, in order, and takes
+    the first whose export can run here (:meth:`ExportedBackend.open_export`; one that exists but cannot run is
+    passed over with one warning); otherwise torch with :func:`torch_defaults`."""
+    check_name(name)
+    if name != "auto":
+        return name, options
+    if checkpoint is not None:
+        for candidate in AUTO_ORDER.get(device.type, ()):
+            cls = backend_class(candidate)
+            if set(options) - set(option_names(cls)):
+                continue  # an option only another backend takes (compile=True, say) narrows the choice
+            assert issubclass(cls, ExportedBackend)
+            try:
+                cls.open_export(checkpoint, cls.folder(checkpoint, export_dir), device, **options)
+            except BackendUnavailableError:
+                continue
+            except ExportError as e:  # an export that must not run here: say so, and use the next
+                warnings.warn(f"{candidate} not used ({e}); trying the next backend", RuntimeWarning, stacklevel=3)
+                continue
+            return candidate, options
+    plain = {k: v for k, v in options.items() if k not in _EXPORT_ONLY_OPTIONS}
+    return "torch", {**torch_defaults(device), **plain}
+
+
+def create(name: str, components: Components, device: torch.device, dtype: torch.dtype,
+           checkpoint: Checkpoint | None = None, export_dir: str | os.PathLike[str] | None = None,
+           **options: Any) -> Backend:
+    """Instantiate the backend called ``name`` (see :data:`BACKENDS`; ``auto`` is resolved by :func:`choose`) over
+    ``components``; exported backends run an export of ``checkpoint`` found in ``export_dir`` (default: the export
+    cache, see :func:`runtime.cache.default_export_dir`)."""
+    name, options = choose(name, device, checkpoint, export_dir, options)
+    cls = backend_class(name)
+    check_options(cls, options)
+    if not issubclass(cls, ExportedBackend):
+        return cls(components, device=device, dtype=dtype, **options)
+    if checkpoint is None:
+        raise BackendUnavailableError(f"the {name} backend runs an export of a checkpoint folder; load the "
+                                      "pipeline with Pipeline.from_pretrained(...)")
+    return cls(checkpoint, export_dir, device=device, dtype=dtype, **options)
+
+
+__all__ = ["AUTO_ORDER", "BACKENDS", "REGISTRY", "Backend", "ExportedBackend", "backend_class", "check_name",
+           "check_options", "choose", "create", "torch_defaults"]

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from ..checkpoints import Checkpoint
 from ..errors import BackendUnavailableError, ExportError, InvalidInputError
-from ..specs import DTYPES, ComponentSpec, ModelDims, specs_by_name
+from ..manifest import GraphEntry, Manifest, read_manifest
+from ..specs import DTYPES, ComponentSpec, specs_by_name
+from .base import ExportedBackend
 from .graphs import Captured, GraphCache
-
-if TYPE_CHECKING:
-    from ..checkpoints import Checkpoint
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
              "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -35,6 +35,25 @@ def _import_ort() -> Any:
     return ort
 
 
+def open_session(path: Path, providers: Sequence[Any] = ("CPUExecutionProvider",), threads: int | None = None,
+                 hint: str = "") -> Any:
+    """An ``onnxruntime.InferenceSession`` of the graph at ``path`` with the project's session options (all graph
+    optimisations, sequential execution, no spin-waiting between calls, ``threads`` intra-op threads: by default
+    one per physical core); a graph onnxruntime cannot load is one line (ending in ``hint``)."""
+    ort = _import_ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads or 0  # 0: one per physical core
+    # no spin-waiting between calls: several sessions run one after another and would steal each other's cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+        raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}{hint}") from None
+
+
 class Session:
     """One onnxruntime session of an exported graph; tensor names and shapes from its spec, dtypes from the
     manifest.
@@ -44,24 +63,13 @@ class Session:
     input shape. The bound path runs on the CPU too (``io_binding=True``), which is how it is tested here.
     """
 
-    def __init__(self, path: Path, spec: ComponentSpec, entry: dict[str, Any], providers: Sequence[Any],
+    def __init__(self, path: Path, spec: ComponentSpec, entry: GraphEntry, providers: Sequence[Any],
                  device: torch.device, threads: int | None = None, max_graphs: int | None = None,
                  io_binding: bool | None = None, stream: Any = None) -> None:
-        ort = _import_ort()
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.intra_op_num_threads = threads or 0  # 0: one per physical core
-        # no spin-waiting between calls: several sessions run one after another and would steal each other's cores
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
-        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
-            hint = "; try cuda_graph=False" if max_graphs else ""  # graphs need every node on the CUDA provider
-            raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}{hint}") from None
+        hint = "; try cuda_graph=False" if max_graphs else ""  # graphs need every node on the CUDA provider
+        self.session = open_session(path, providers, threads, hint)
         self.device, self.spec, self.stream = device, spec, stream  # stream: onnxruntime's user_compute_stream
-        model_dtype = DTYPES[entry["dtype"]]
+        model_dtype = DTYPES[entry.dtype]
         self.inputs = {t.name: t.torch_dtype(model_dtype) for t in spec.inputs}
         self.outputs = [t.name for t in spec.outputs]
         self.out_dtype = spec.outputs[0].torch_dtype(model_dtype)
@@ -158,7 +166,7 @@ def _numpy_dtype(dtype: torch.dtype) -> Any:
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(ExportedBackend):
     """Runs text encoder, UNet and VAE decoder graphs (and the fused one-step graph if exported).
 
     ``providers``: onnxruntime's provider list, or one of the names in :data:`PROVIDERS` (``"cpu"``, ``"cuda"``,
@@ -169,27 +177,34 @@ class OnnxRuntimeBackend:
     """
 
     name = "onnxruntime"
+    kind = "onnx"
+    command = "python -m export.onnx"
 
-    def __init__(self, checkpoint: "Checkpoint", export_dir: str | os.PathLike[str] | None, device: torch.device,
+    @classmethod
+    def open_export(cls, checkpoint: Checkpoint, folder: Path, device: torch.device, allow_unverified: bool = False,
+                    **options: Any) -> Manifest:
+        _import_ort()
+        manifest = read_manifest(folder) if folder.is_dir() else None
+        if manifest is None or manifest.kind != "onnx":
+            raise BackendUnavailableError(
+                f"no ONNX export of {checkpoint.name} in {folder}; make one with "
+                f"`{cls.command} --ckpt {checkpoint.name} -o {folder} --fused`")
+        manifest.source.check_matches(checkpoint, folder, cls.command)
+        problem = manifest.unusable_reason(folder, ("text_encoder", "unet", "vae_decoder"), allow_unverified)
+        if problem:
+            raise ExportError(problem)
+        return manifest
+
+    def __init__(self, checkpoint: Checkpoint, export_dir: str | os.PathLike[str] | None, device: torch.device,
                  dtype: torch.dtype, providers: str | Sequence[Any] | None = None, threads: int | None = None,
                  cuda_graph: bool = False, max_graphs: int = 16, io_binding: bool | None = None,
                  allow_unverified: bool = False) -> None:
-        from .. import manifest as mf
-
-        folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint)
-        doc = mf.read(folder) if folder.is_dir() else None
-        if doc is None:
-            raise BackendUnavailableError(
-                f"no ONNX export of {checkpoint.name} in {folder}; make one with "
-                f"`python -m export.onnx --ckpt {checkpoint.name} -o {folder} --fused`")
-        mf.check_export_matches(doc, checkpoint, folder)
-        problem = mf.usable_export_problem(doc, folder, allow_unverified)
-        if problem:
-            raise ExportError(problem)
-        self.folder, self.device = folder, device
-        self.dtype = DTYPES[doc["components"]["unet"]["dtype"]]
-        self.dims = ModelDims.from_manifest(doc)
-        self.dynamic_hw = bool(doc["settings"]["dynamic_hw"])
+        folder = self.folder(checkpoint, export_dir)
+        manifest = self.open_export(checkpoint, folder, device, allow_unverified=allow_unverified)
+        self.export_dir, self.device = folder, device
+        self.dtype = DTYPES[manifest.components["unet"].dtype]
+        self.dims = manifest.dims
+        self.dynamic_hw = manifest.settings.dynamic_hw
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         providers = provider_list(providers, device, cuda_graph, self.stream.cuda_stream if self.stream else None)
         available = set(_import_ort().get_available_providers())
@@ -199,9 +214,9 @@ class OnnxRuntimeBackend:
                                           f"{', '.join(sorted(available))}); pip install onnxruntime-gpu for CUDA")
         specs = specs_by_name(self.dims)
         sessions = {}
-        for name, entry in doc["components"].items():
-            mf.check_files(folder, entry)
-            sessions[name] = Session(folder / entry["file"], specs[name], entry, providers, device, threads,
+        for name, entry in manifest.components.items():
+            entry.check(folder)
+            sessions[name] = Session(folder / entry.file, specs[name], entry, providers, device, threads,
                                      max_graphs if cuda_graph else None, io_binding, self.stream)
         self.sessions = sessions
 
@@ -210,9 +225,9 @@ class OnnxRuntimeBackend:
         f = self.dims.vae_scale_factor
         if not self.dynamic_hw and (height // f, width // f) != self.dims.latent_size:
             h, w = self.dims.latent_size
-            raise InvalidInputError(f"the export in {self.folder} has a fixed size of {h * f}x{w * f} px, got "
+            raise InvalidInputError(f"the export in {self.export_dir} has a fixed size of {h * f}x{w * f} px, got "
                                     f"{height}x{width}; re-export with --dynamic-hw for other sizes")
-        self.dims.check_latent_size(height // f, width // f, what=f"the export in {self.folder}")
+        self.dims.check_latent_size(height // f, width // f, what=f"the export in {self.export_dir}")
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.sessions["text_encoder"](input_ids)

@@ -11,16 +11,16 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from ..checkpoints import Checkpoint
 from ..errors import BackendUnavailableError, ExportError, InvalidInputError
-from ..specs import ModelDims
+from ..manifest import ENGINES, EngineIndex, read_engines
+from ..specs import DTYPES
+from .base import ProfiledBackend
 from .graphs import Captured, GraphCache, StreamGraph, cudart
-
-if TYPE_CHECKING:
-    from ..checkpoints import Checkpoint
 
 _LOGGERS: dict[int, Any] = {}
 
@@ -118,11 +118,15 @@ class Engine:
 
 
 def _torch_dtype(trt: Any, dt: Any) -> torch.dtype:
-    return {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64,
-            trt.int32: torch.int32, trt.bfloat16: torch.bfloat16}[dt]
+    """A TensorRT data type as a torch dtype, through the names both share (``trt.float16``, ...) and the one map of
+    :data:`runtime.specs.DTYPES`."""
+    for name, torch_dtype in DTYPES.items():
+        if getattr(trt, name, None) == dt:
+            return torch_dtype
+    raise ExportError(f"an engine tensor has the TensorRT type {dt}, which instaflow-rt does not bind")
 
 
-class TensorRTBackend:
+class TensorRTBackend(ProfiledBackend):
     """Runs text encoder, UNet, VAE decoder and fused one-step engines on one stream.
 
     ``cuda_graph``: replay the text-encoder and fused one-step engines from CUDA graphs captured per input shape
@@ -131,35 +135,54 @@ class TensorRTBackend:
     """
 
     name = "tensorrt"
+    kind = "trt"
+    command = "python -m export.trt"
+    noun = "engines"
     thread_safe = False  # execution contexts and the shared activation memory: one call at a time
 
-    def __init__(self, checkpoint: "Checkpoint", export_dir: str | os.PathLike[str] | None, device: torch.device,
-                 dtype: torch.dtype, cuda_graph: bool | None = None, max_graphs: int = 16) -> None:
-        from .. import manifest as mf
+    @staticmethod
+    def runs_on(device: torch.device) -> bool:
+        """Engines run on CUDA devices (the tests' TensorRT stand-ins run them on the CPU)."""
+        return device.type == "cuda"
 
+    @classmethod
+    def open_export(cls, checkpoint: Checkpoint, folder: Path, device: torch.device, **options: Any
+                    ) -> EngineIndex:
+        if not cls.runs_on(device):
+            raise BackendUnavailableError("the tensorrt backend needs a CUDA device")
         trt = _trt()
+        if not (folder / ENGINES).is_file():
+            raise BackendUnavailableError(f"no TensorRT engines for {checkpoint.name} in {folder}; build them with "
+                                          f"`{cls.command} --ckpt {checkpoint.name} -o {folder}`")
+        index = read_engines(folder)
+        index.source.check_matches(checkpoint, folder, cls.command)
+        mismatch = index.mismatch(trt.__version__, torch.cuda.get_device_name(device))
+        if mismatch:
+            raise ExportError(f"the engines in {folder} were {mismatch}; rebuild with `{cls.command} --ckpt "
+                              f"{checkpoint.name} -o {folder} --force`")
+        missing = [n for n in ("text_encoder", "unet", "vae_decoder") if n not in index.components]
+        if missing:
+            raise ExportError(f"the engines in {folder} lack {', '.join(missing)} (interrupted?); rebuild with "
+                              f"`{cls.command} --ckpt {checkpoint.name} -o {folder}`")
+        return index
+
+    def __init__(self, checkpoint: Checkpoint, export_dir: str | os.PathLike[str] | None, device: torch.device,
+                 dtype: torch.dtype, cuda_graph: bool | None = None, max_graphs: int = 16) -> None:
+        folder = self.folder(checkpoint, export_dir)
+        index = self.open_export(checkpoint, folder, device)
         if cuda_graph is None:
             cuda_graph = _have_cuda_python()
         elif cuda_graph:
             cudart()  # one line naming what to install when cuda-python is missing
-        folder = Path(export_dir) if export_dir is not None else mf.default_export_dir(checkpoint, "trt")
-        path = folder / mf.ENGINES
-        if not path.is_file():
-            raise BackendUnavailableError(f"no TensorRT engines for {checkpoint.name} in {folder}; build them with "
-                                          f"`python -m export.trt --ckpt {checkpoint.name} -o {folder}`")
-        doc = mf.read_engines(folder)
-        mf.check_export_matches(doc, checkpoint, folder)
-        mismatch = mf.engines_mismatch(doc, trt.__version__, torch.cuda.get_device_name(device))
-        if mismatch:
-            raise ExportError(f"engines in {folder} were {mismatch}; rebuild with `python -m export.trt --force`")
-        self.device, self.dtype, self.folder = device, dtype, folder
-        self.dims = ModelDims.from_manifest(doc)
-        self.meta = doc["components"]
+        self.device, self.export_dir = device, folder
+        self.dtype = DTYPES[index.components["unet"].precision]
+        self.index = index
+        self.dims = index.dims
+        self.profiles = {name: entry.profile for name, entry in index.components.items()}
         self.engines: dict[str, Engine] = {}
-        for name, entry in self.meta.items():
-            mf.check_file(folder / entry["file"], entry["sha256"], entry.get("stamp"),
-                          "rebuild with `python -m export.trt --force`")
-            self.engines[name] = Engine(folder / entry["file"], device)
+        for name, entry in index.components.items():
+            entry.check(folder)
+            self.engines[name] = Engine(folder / entry.file, device)
         size = max(e.device_memory_size for e in self.engines.values())
         self._memory = torch.empty(size, dtype=torch.uint8, device=device)  # shared: engines run in sequence
         for e in self.engines.values():
@@ -170,35 +193,9 @@ class TensorRTBackend:
         self._graphs = {name: GraphCache(self._capture_fn(self.engines[name]), max_graphs)
                         for name in ("text_encoder", "onestep") if self.cuda_graph and name in self.engines}
 
-    def check_size(self, height: int, width: int) -> None:
-        """One line for an image size outside the engines' profiles or the UNet's downsampling multiple."""
-        f = self.dims.vae_scale_factor
-        h, w = height // f, width // f
-        self.dims.check_latent_size(h, w, what=f"the engines in {self.folder}")
-        lo, _, hi = self.meta["unet"]["profile"]["sample"]
-        if not (lo[2] <= h <= hi[2] and lo[3] <= w <= hi[3]):
-            raise InvalidInputError(f"{height}x{width} px is outside what the engines in {self.folder} were built "
-                                    f"for ({lo[2] * f}x{lo[3] * f} .. {hi[2] * f}x{hi[3] * f} px); rebuild with "
-                                    "other --height/--width")
-
-    def check_batch(self, images: int) -> None:
-        """One line, before any engine runs, for more images per call than the engines were built for."""
-        most = self.meta["vae_decoder"]["profile"]["latents"][2][0]
-        if images > most:
-            raise InvalidInputError(f"{images} images in one call, but the engines in {self.folder} were built for "
-                                    f"at most {most}; rebuild with `python -m export.trt --max-batch {images}`")
-
-    def _check(self, name: str, tensors: Sequence[torch.Tensor]) -> None:
-        feeds = dict(zip(self.engines[name].inputs, tensors))
-        for tensor_name, (lo, _, hi) in self.meta[name]["profile"].items():
-            shape = tuple(feeds[tensor_name].shape)
-            if any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
-                raise InvalidInputError(f"{tensor_name} shape {list(shape)} is outside what the {name} engine was "
-                                        f"built for ({lo} .. {hi}); rebuild with other --max-batch/--height/--width")
-
     def _run(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
-        self._check(name, tensors)
         engine = self.engines[name]
+        self.check_inputs(name, engine.inputs, tensors)
         if name in self._graphs:
             return self._graphs[name](*engine.cast(tensors))
         current = torch.cuda.current_stream(self.device)

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 
 from .. import flow
+from ..errors import BackendUnavailableError
+from ..models import Components
+from .base import Backend
 from .graphs import GraphCache, capture_torch
 
-if TYPE_CHECKING:
-    from ..models import Components
 
-
-class TorchBackend:
+class TorchBackend(Backend):
     """The components called from PyTorch (diffusers uses SDPA attention by default).
 
     Options (each changes speed only; the CUDA-graph path is tested to equal the eager one):
@@ -32,19 +31,17 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, components: "Components", device: torch.device, dtype: torch.dtype,
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
                  channels_last: bool = False, compile: bool = False, cuda_graph: bool = False,
                  fuse_qkv: bool = False, max_graphs: int = 16) -> None:
         if cuda_graph and device.type != "cuda":
-            from ..errors import BackendUnavailableError
-
             raise BackendUnavailableError("cuda_graph=True needs a CUDA device")
         self.components = components
         self.device = device
         self.dtype = dtype
         self._mask = bool(getattr(components.text_encoder.config, "use_attention_mask", False))
-        self.cuda_graph = cuda_graph
-        self.thread_safe = True  # eager calls share nothing; graph caches serialise their own replays
+        self._encode_graphs: GraphCache | None = None
+        self.cuda_graph = cuda_graph  # eager calls share nothing; graph caches serialise their own replays
         self.unet, self.vae_decode = components.unet, components.vae.decode
         if channels_last:
             components.unet.to(memory_format=torch.channels_last)
@@ -62,7 +59,7 @@ class TorchBackend:
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = attention_mask if self._mask else None
-        if self.cuda_graph and self._encode_graphs is not None:
+        if self._encode_graphs is not None:
             inputs = (input_ids,) if mask is None else (input_ids, mask)
             try:
                 return self._encode_graphs(*inputs)
@@ -88,6 +85,14 @@ class TorchBackend:
         """A fused one-step path pays off only as one captured CUDA graph; eagerly it is the pipeline's own
         step-by-step path, so it is offered exactly when ``cuda_graph`` is on."""
         return self.cuda_graph
+
+    def check_lora_change(self) -> None:
+        """LoRAs are fused into the weights in place, except into fused QKV projections."""
+        if self.fuse_qkv:
+            from ..errors import InvalidInputError
+
+            raise InvalidInputError("LoRAs cannot change fused QKV projections: pass lora= to from_pretrained, "
+                                    "which fuses them before fuse_qkv")
 
     def _one_step_eager(self, embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         c = self.components
