@@ -31,9 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="pixels [the model's default]")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available]")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 [fp16 on cuda, fp32 on cpu]")
-    p.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt | auto [torch]")
+    p.add_argument("--backend", default="auto",
+                   help="auto (the fastest path here that needs no long compilation) | torch | onnxruntime | "
+                        "tensorrt [auto]")
+    p.add_argument("--compile", action="store_true",
+                   help="torch backend: torch.compile the UNet and decoder (minutes once per machine, then cached)")
     p.add_argument("--export-dir", default=None,
-                   help="folder of the ONNX export / TensorRT engines (onnxruntime, tensorrt, auto) [the export cache]")
+                   help="folder of the export (ONNX graphs, TensorRT engines) [the export cache]")
     p.add_argument("--vae", default=None,
                    help="tiny decoder instead of the checkpoint's VAE: taesd, a hub id or a folder [the checkpoint's]")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
@@ -120,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_pretrained(args.ckpt, device=args.device, dtype=args.dtype, backend=args.backend,
                                     treat_as_flow=args.treat_as_flow, export_dir=args.export_dir, vae=args.vae,
                                     lora=args.lora,
-                                    **({"allow_unverified": True} if args.allow_unverified else {}))
+                                    **({"allow_unverified": True} if args.allow_unverified else {}),
+                                    **({"compile": True} if args.compile else {}))
     load_s = time.perf_counter() - t0
     pipe.profile = True
     kwargs = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,

@@ -130,6 +130,8 @@ class Fuser:
                 if bias is not None:
                     layer.bias.copy_(bias)
         text = any(part == "text_encoder" for part, _ in self._originals)
+        for model in modules.values():
+            refresh_fused_projections(model)
         self._originals.clear()
         self.fused.clear()
         return text
@@ -173,6 +175,7 @@ class Fuser:
                 delta = layer.get_delta_weight(name).float() * scale
                 base.weight.add_(delta.reshape(base.weight.shape).to(base.weight.dtype))
         self._strip(model)
+        refresh_fused_projections(model)
         return len(layers)
 
     @staticmethod
@@ -186,6 +189,23 @@ class Fuser:
             setattr(parent, child, layer.get_base_layer())
         for attr in ("peft_config", "_hf_peft_config_loaded"):  # set on the instance by the loaders
             vars(model).pop(attr, None)
+
+
+def refresh_fused_projections(model: torch.nn.Module) -> None:
+    """Copy the query/key/value weights into the fused projections of attention layers that have them (diffusers'
+    ``fuse_qkv_projections`` concatenates them into ``to_qkv`` or, for cross-attention, ``to_kv``, and runs those
+    instead), in place: tensors keep their addresses, so captured CUDA graphs and compiled modules stay valid."""
+    with torch.no_grad():
+        for m in model.modules():
+            if not getattr(m, "fused_projections", False):
+                continue
+            for fused, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
+                target = getattr(m, fused, None)
+                if target is None:
+                    continue
+                target.weight.copy_(torch.cat([getattr(m, p).weight for p in parts]))
+                if target.bias is not None:
+                    target.bias.copy_(torch.cat([getattr(m, p).bias for p in parts]))
 
 
 def _inject_text_encoder(state: dict[str, torch.Tensor], alphas: Any, metadata: Any, model: torch.nn.Module,

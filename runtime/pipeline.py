@@ -82,7 +82,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, ckpt: str | os.PathLike[str] = "tiny", *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | str | None = None, backend: str = "torch",
+                        dtype: torch.dtype | str | None = None, backend: str = "auto",
                         treat_as_flow: bool = False, export_dir: str | os.PathLike[str] | None = None,
                         vae: str | os.PathLike[str] | None = None, lora: Any = None,
                         **backend_options: Any) -> "Pipeline":
@@ -93,9 +93,10 @@ class Pipeline:
         refused, since their UNet predicts noise, not a velocity; pass ``treat_as_flow=True`` to load one anyway
         (useful for randomly initialised test models).
 
-        ``backend``: ``"torch"``, ``"onnxruntime"`` (runs an export from ``python -m export.onnx``, found in
-        ``export_dir`` or the export cache), ``"tensorrt"`` or ``"auto"`` (the fastest one available here, see
-        :func:`runtime.backends.choose`). ``backend_options`` go to the backend (e.g. ``cuda_graph=True``).
+        ``backend``: ``"auto"`` (the default: the fastest path here that needs no long compilation; see
+        :func:`runtime.backends.choose`), ``"torch"``, ``"onnxruntime"`` (runs an export from ``python -m
+        export.onnx``, found in ``export_dir`` or the export cache) or ``"tensorrt"`` (``export.trt``). ``backend_options`` go to the backend (e.g. ``compile=True``,
+        ``cuda_graph=False`` for torch).
 
         ``vae``: a tiny decoder used instead of the checkpoint's VAE: ``"taesd"`` (``madebyollin/taesd``), a hub id
         or a folder of an ``AutoencoderTiny`` (exports must have been made with the same ``--vae``).

@@ -121,10 +121,22 @@ def test_cli_lora(tiny_ckpt, lora_file, tmp_path):
     assert list(Image.open(tmp_path / "a.png").getdata()) == list(ref.getdata())
 
 
-def test_lora_with_fused_qkv_is_refused_after_loading(tiny_ckpt, lora_file):
+def test_lora_after_fused_qkv_reaches_the_fused_projections(tiny_ckpt, lora_file):
+    """fuse_qkv (part of the GPU default) concatenates query/key/value weights into to_qkv/to_kv and runs those: a
+    LoRA loaded later is written into them too (in place), so the image is the unfused LoRA pipeline's, and
+    unloading restores the base image bit for bit."""
     pipe = Pipeline(copy.deepcopy(load_components(resolve(tiny_ckpt))), device="cpu", fuse_qkv=True)
-    with pytest.raises(InvalidInputError, match="cannot change fused QKV projections"):
-        pipe.load_lora(lora_file)
+    base = pipe("a cat", seed=0, output_type="pt").images
+    qkv = [m.to_qkv.weight for m in pipe.components.unet.modules() if getattr(m, "fused_projections", False)
+           and hasattr(m, "to_qkv")]
+    addresses = [w.data_ptr() for w in qkv]
+    pipe.load_lora(lora_file, 0.7)
+    styled = Pipeline.from_pretrained(tiny_ckpt, lora=(lora_file, 0.7), backend="torch")
+    torch.testing.assert_close(pipe("a cat", seed=0, output_type="pt").images,
+                               styled("a cat", seed=0, output_type="pt").images, atol=1e-5, rtol=1e-5)
+    assert qkv and [w.data_ptr() for w in qkv] == addresses  # written in place: CUDA graphs stay valid
+    pipe.unload_lora()
+    assert torch.equal(pipe("a cat", seed=0, output_type="pt").images, base)
 
 
 def test_refittable_engines_take_other_loras_without_a_rebuild(monkeypatch, tiny_ckpt, lora_file, tmp_path):

@@ -248,7 +248,8 @@ def test_fake_tensorrt_auto_falls_back_from_unusable_engines(fake_gpu_latest, ti
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Other GPU")
     with pytest.warns(RuntimeWarning, match=r"tensorrt not used \(the engines in .* were built for Fake GPU .* this "
                                             r"is Other GPU .*; rebuild with `python -m export.trt --ckpt .*\); trying"):
-        assert choose("auto", cuda, ckpt, tmp_path, {}) == ("torch", {"cuda_graph": True, "channels_last": True})
+        assert choose("auto", cuda, ckpt, tmp_path, {}) == ("torch", {"cuda_graph": True, "channels_last": True,
+                                                                      "fuse_qkv": True})
     (tmp_path / "engines.json").write_text("{not json")
     with pytest.warns(RuntimeWarning, match=r"unreadable .*engines.json: JSONDecodeError"):
         assert choose("auto", cuda, ckpt, tmp_path, {})[0] == "torch"

@@ -69,10 +69,11 @@ def check_options(cls: type[Backend], options: dict[str, Any]) -> None:
 
 
 def torch_defaults(device: torch.device) -> dict[str, Any]:
-    """The torch options ``auto`` uses: on a GPU, CUDA graphs of the one-step hot path and the text encoder and
-    channels-last convolutions; on the CPU channels-last (see benchmarks/RESULTS.md)."""
+    """The torch options ``auto`` uses: the fastest path that needs no long compilation. On a GPU, CUDA graphs of
+    the one-step hot path and the text encoder, channels-last convolutions and fused QKV projections (where the
+    modules have them); on the CPU channels-last (see benchmarks/RESULTS.md)."""
     if device.type == "cuda":
-        return {"cuda_graph": True, "channels_last": True}
+        return {"cuda_graph": True, "channels_last": True, "fuse_qkv": True}
     return {"channels_last": True}
 
 

@@ -7,6 +7,7 @@ import warnings
 import torch
 
 from .. import flow
+from ..cache import use_compile_cache
 from ..errors import BackendUnavailableError
 from ..models import Components
 from .base import Backend
@@ -20,8 +21,11 @@ class TorchBackend(Backend):
 
     * ``channels_last``: NHWC memory format for the UNet and VAE convolutions (faster on tensor cores).
     * ``fuse_qkv``: one matrix multiply for the query/key/value projections of every attention layer (diffusers'
-      ``fuse_qkv_projections``; same results up to rounding).
-    * ``compile``: ``torch.compile`` the UNet and VAE decoder (minutes of compilation on first use per shape).
+      ``fuse_qkv_projections``; same results up to rounding), in the modules that have them (a tiny decoder has
+      no attention). LoRAs loaded later are written into the fused projections too.
+    * ``compile``: ``torch.compile`` the UNet and VAE decoder (minutes of compilation on first use per shape, once
+      per machine: Inductor's caches are kept in the project's cache folder, per torch version and device, see
+      :func:`runtime.cache.use_compile_cache`; a later process compiles in seconds).
     * ``cuda_graph``: replay CUDA graphs captured per input shape (see :mod:`runtime.backends.graphs`): one for the
       whole one-step hot path (UNet -> Euler step -> VAE decode -> [0, 1] image) per (batch, height, width) and one
       for the text encoder per batch size; static buffers, warm-up before capture, outputs copied out so calls never
@@ -48,9 +52,11 @@ class TorchBackend(Backend):
             components.vae.to(memory_format=torch.channels_last)
         self.fuse_qkv = fuse_qkv
         if fuse_qkv:  # changes the modules in place, like channels_last
-            components.unet.fuse_qkv_projections()
-            components.vae.fuse_qkv_projections()
-        if compile:
+            for module in (components.unet, components.vae):
+                if hasattr(module, "fuse_qkv_projections"):
+                    module.fuse_qkv_projections()
+        if compile:  # what compiles once per shape is kept on disk: a later process loads it (runtime.cache)
+            self.compile_cache = use_compile_cache(device)
             self.unet = torch.compile(components.unet, fullgraph=False)
             self.vae_decode = torch.compile(components.vae.decode, fullgraph=False)
         if cuda_graph:
@@ -87,12 +93,7 @@ class TorchBackend(Backend):
         return self.cuda_graph
 
     def check_lora_change(self) -> None:
-        """LoRAs are fused into the weights in place, except into fused QKV projections."""
-        if self.fuse_qkv:
-            from ..errors import InvalidInputError
-
-            raise InvalidInputError("LoRAs cannot change fused QKV projections: pass lora= to from_pretrained, "
-                                    "which fuses them before fuse_qkv")
+        """LoRAs are fused into the weights in place (fused QKV projections included): always allowed."""
 
     def _one_step_eager(self, embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         c = self.components

@@ -1,0 +1,108 @@
+"""Every combination of the torch backend's options works or is refused in one line: the VAE decoder (the
+checkpoint's or a tiny one), fused QKV projections, channels-last, LoRAs (at load and loaded later), CUDA graphs
+(refused on the CPU) and torch.compile (one process compiles, the next loads Inductor's cache). The CUDA-graph
+combinations run in tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime import BackendUnavailableError, Pipeline
+from runtime.testing import TinySpec, write_tiny_checkpoint, write_tiny_decoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: small enough that torch.compile of UNet and decoder takes seconds to tens of seconds on the CPU
+MICRO = TinySpec(sample_size=4, unet_channels=(8, 16), attention_head_dim=4, unet_groups=4, text_hidden=16,
+                 text_layers=1, text_heads=2, vae_channels=(8, 8), vae_groups=4, max_length=8)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, request):
+    """A micro checkpoint, a tiny decoder that fits it, and a LoRA for it."""
+    root = tmp_path_factory.mktemp("options")
+    ckpt = write_tiny_checkpoint(root / "micro", MICRO, seed=3)
+    decoder = write_tiny_decoder(root / "taesd", latent_channels=4, scale_factor=2, channels=8, seed=4)
+    pytest.importorskip("peft", reason="LoRAs need peft (the lora extra; dev installs it)")
+    from helpers import make_lora
+
+    lora = make_lora(ckpt, root / "lora")
+    return ckpt, decoder, lora
+
+
+PROMPTS = ["a red circle", "a cat"]
+CALLS = [dict(), dict(num_inference_steps=2, guidance_scale=1.5, negative_prompt="blurry")]
+
+
+def _images(pipe: Pipeline) -> list[torch.Tensor]:
+    return [pipe(PROMPTS, seed=1, output_type="pt", **kw).images for kw in CALLS]
+
+
+@pytest.mark.parametrize("tiny_vae, fuse_qkv, channels_last, lora",
+                         list(itertools.product([False, True], repeat=4)))
+def test_every_cpu_combination_matches_eager(parts, tiny_vae, fuse_qkv, channels_last, lora):
+    """16 combinations, each against the eager pipeline with the same decoder and LoRA; the LoRA given at load and
+    the LoRA loaded later give the same images; cuda_graph=True is one line on the CPU."""
+    ckpt, decoder, lora_file = parts
+    vae = decoder if tiny_vae else None
+    loras = [(lora_file, 0.8)] if lora else None
+    reference = _images(Pipeline.from_pretrained(ckpt, vae=vae, lora=loras, backend="torch"))
+    pipe = Pipeline.from_pretrained(ckpt, vae=vae, lora=loras, backend="torch", fuse_qkv=fuse_qkv,
+                                    channels_last=channels_last)
+    for a, b in zip(_images(pipe), reference):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if lora:  # the same LoRA loaded after the options were applied
+        later = Pipeline.from_pretrained(ckpt, vae=vae, backend="torch", fuse_qkv=fuse_qkv,
+                                         channels_last=channels_last)
+        later.load_lora(lora_file, 0.8)
+        for a, b in zip(_images(later), reference):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="^cuda_graph=True needs a CUDA device$"):
+            Pipeline.from_pretrained(ckpt, vae=vae, lora=loras, backend="torch", fuse_qkv=fuse_qkv,
+                                     channels_last=channels_last, cuda_graph=True)
+
+
+_COMPILED = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from runtime import Pipeline
+ckpt, vae, lora = sys.argv[1:4]
+pipe = Pipeline.from_pretrained(ckpt, vae=vae, lora=[(lora, 0.8)], backend="torch", compile=True, fuse_qkv=True,
+                                channels_last=True)
+image = pipe(["a red circle", "a cat"], seed=1, output_type="pt").images
+torch.save(image, sys.argv[4])
+print(json.dumps({"cache": str(pipe.backend.compile_cache), "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+def test_compile_with_every_option_compiles_once_per_machine(parts, tmp_path):
+    """torch.compile with the tiny decoder, a LoRA, fused QKV and channels-last gives the eager image; the first
+    process fills the compile cache in the project's cache folder (per torch version and device), and a second,
+    fresh process finds everything there (no Inductor cache miss)."""
+    ckpt, decoder, lora_file = parts
+    env = {**os.environ, "INSTAFLOW_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    runs = []
+    for i in range(2):
+        r = subprocess.run([sys.executable, "-c", _COMPILED, str(ckpt), str(decoder), str(lora_file),
+                            str(tmp_path / f"{i}.pt")], capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert Path(first["cache"]).parent == tmp_path / "cache" / "compile" and first["cache"] == second["cache"]
+    assert first["misses"] > 0 and second["misses"] == 0 and second["hits"] >= first["misses"]
+    reference = Pipeline.from_pretrained(ckpt, vae=decoder, lora=[(lora_file, 0.8)], backend="torch")
+    expected = reference(PROMPTS, seed=1, output_type="pt").images
+    for i in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"{i}.pt"), expected, atol=1e-4, rtol=1e-4)
