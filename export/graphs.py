@@ -56,9 +56,10 @@ class OneStepGraph(torch.nn.Module):
         self.scaling, self.shift = c.scaling_factor, c.shift_factor
 
     def forward(self, text_embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return flow.one_step_image(
+        image = flow.one_step_image(
             lambda x, t: self.unet(x, t, encoder_hidden_states=text_embeddings, return_dict=False)[0],
             self.vae_decoder, noise, self.scaling, self.shift, t_dtype=noise.dtype)
+        return image.float()  # the spec's output type, whatever the graph's precision
 
 
 #: component name -> the module that computes its graph

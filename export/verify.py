@@ -6,7 +6,7 @@ and is compared with PyTorch (:mod:`export.compare`).
 
 fp32 graphs must agree to a max relative error of 1e-4 and fp16 graphs to 1e-2 (max |graph - torch| / max |torch|);
 NaN fails. A table is printed; any failure prints one ``error:`` line and exits with status 2. ONNX graphs run in
-onnxruntime.
+onnxruntime, AOTInductor packages in torch.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from runtime.errors import ExportError
 from runtime.manifest import Manifest, Verification, read_manifest, write_manifest
 from runtime.models import Components, load_components, resolve_checkpoint
 
+from .aoti import verify_aoti
 from .compare import compare, onnx_runner
 
 
@@ -46,10 +47,13 @@ def verify_export(folder: str | Path, components: Components | None = None, batc
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
-        raise ExportError(f"{folder} has no manifest.json; run `python -m export.onnx` first")
+        raise ExportError(f"{folder} has no manifest.json; run `python -m export.onnx` (or export.aoti) first")
     if components is None:
         components = load_components(export_checkpoint(manifest), device="cpu", dtype=torch.float32)
-    result = verify_onnx(folder, manifest, components, batches)
+    if manifest.kind == "aoti":
+        result = verify_aoti(folder, manifest, components, batches)
+    else:
+        result = verify_onnx(folder, manifest, components, batches)
     manifest = replace(manifest, verification=result)
     write_manifest(folder, manifest)
     if not result.passed:

@@ -33,11 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 [fp16 on cuda, fp32 on cpu]")
     p.add_argument("--backend", default="auto",
                    help="auto (the fastest path here that needs no long compilation) | torch | onnxruntime | "
-                        "tensorrt [auto]")
+                        "tensorrt | aoti [auto]")
     p.add_argument("--compile", action="store_true",
                    help="torch backend: torch.compile the UNet and decoder (minutes once per machine, then cached)")
     p.add_argument("--export-dir", default=None,
-                   help="folder of the export (ONNX graphs, TensorRT engines) [the export cache]")
+                   help="folder of the export (ONNX graphs, TensorRT engines, AOTInductor packages) [the export "
+                        "cache]")
     p.add_argument("--vae", default=None,
                    help="tiny decoder instead of the checkpoint's VAE: taesd, a hub id or a folder [the checkpoint's]")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",

@@ -95,7 +95,8 @@ class Pipeline:
 
         ``backend``: ``"auto"`` (the default: the fastest path here that needs no long compilation; see
         :func:`runtime.backends.choose`), ``"torch"``, ``"onnxruntime"`` (runs an export from ``python -m
-        export.onnx``, found in ``export_dir`` or the export cache) or ``"tensorrt"`` (``export.trt``). ``backend_options`` go to the backend (e.g. ``compile=True``,
+        export.onnx``, found in ``export_dir`` or the export cache), ``"tensorrt"`` (``export.trt``) or ``"aoti"``
+        (AOTInductor packages from ``export.aoti``). ``backend_options`` go to the backend (e.g. ``compile=True``,
         ``cuda_graph=False`` for torch).
 
         ``vae``: a tiny decoder used instead of the checkpoint's VAE: ``"taesd"`` (``madebyollin/taesd``), a hub id

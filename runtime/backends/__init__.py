@@ -24,13 +24,14 @@ REGISTRY: dict[str, str] = {
     "torch": "runtime.backends.torch_backend:TorchBackend",
     "onnxruntime": "runtime.backends.onnxruntime_backend:OnnxRuntimeBackend",
     "tensorrt": "runtime.backends.tensorrt_backend:TensorRTBackend",
+    "aoti": "runtime.backends.aoti_backend:AOTIBackend",
 }
 
 #: Backend names accepted by ``Pipeline.from_pretrained(..., backend=...)``.
 BACKENDS = (*REGISTRY, "auto")
 
 #: what ``auto`` tries first, in order, per device type: exports that can run here (fastest first); then torch
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("tensorrt",), "cpu": ("onnxruntime",)}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("tensorrt", "aoti"), "cpu": ("onnxruntime", "aoti")}
 
 #: options that only some exported backends take: ``auto`` passes them to whichever takes them, drops them for torch
 _EXPORT_ONLY_OPTIONS = ("allow_unverified",)

@@ -1,0 +1,144 @@
+"""AOTInductor: `python -m export.aoti` compiles the four graphs once (CPU here: C++; CUDA on a GPU), verified
+against PyTorch like ONNX graphs; the `aoti` backend loads them without compiling, takes every batch and size of
+their profile (dynamic dimensions really dynamic), refuses what they were not compiled for in one line, and `auto`
+uses them. One compile of a micro model serves the module (the compile of each graph costs tens of seconds here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from export.aoti import export_aoti, main
+from runtime import BackendUnavailableError, ExportError, InvalidInputError, Pipeline
+from runtime import cache
+from runtime.backends import aoti_backend, choose
+from runtime.manifest import read_manifest, write_manifest
+from runtime.testing import TinySpec, write_tiny_checkpoint
+
+#: the smallest model the graphs make sense for: compiles in about a third of the bundled model's time
+MICRO = TinySpec(sample_size=4, unet_channels=(8, 16), attention_head_dim=4, unet_groups=4, text_hidden=16,
+                 text_layers=1, text_heads=2, vae_channels=(8, 8), vae_groups=4, max_length=8)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """(checkpoint, packages folder, manifest): all four graphs compiled for the CPU, up to 3 images a call."""
+    root = tmp_path_factory.mktemp("aoti")
+    ckpt = write_tiny_checkpoint(root / "micro", MICRO, seed=5)
+    manifest = export_aoti(str(ckpt), root / "pkg", device="cpu", max_batch=3)
+    return ckpt, root / "pkg", manifest
+
+
+@pytest.fixture(scope="module")
+def reference(micro):
+    return Pipeline.from_pretrained(micro[0], device="cpu", backend="torch")
+
+
+def test_packages_are_verified_and_recorded(micro):
+    ckpt, folder, manifest = micro
+    assert manifest.kind == "aoti" and manifest.verification.passed
+    assert set(manifest.components) == {"text_encoder", "unet", "vae_decoder", "onestep"}
+    assert manifest.target == cache.device_target(torch.device("cpu"))
+    assert manifest.target.torch == torch.__version__.split("+")[0]
+    rows = manifest.verification.rows
+    assert {r["shape"] for r in rows if r["component"] == "unet"} == {"B=1 4x4", "B=2 4x4", "B=1 6x2"}
+    assert all(r["max_rel_err"] <= 1e-4 for r in rows)
+    unet = manifest.components["unet"]
+    assert unet.file == "unet.pt2" and unet.dtype == "float32"
+    assert unet.profile["sample"][2] == (6, 4, 8, 8)  # guidance doubles the UNet's batch; sides up to twice
+    assert manifest.components["vae_decoder"].profile["latents"][2][0] == 3
+    on_disk = json.loads((folder / "manifest.json").read_text())
+    assert on_disk["kind"] == "aoti" and on_disk["target"]["device"] == "cpu"
+
+
+def test_backend_matches_torch_at_every_batch_and_size(micro, reference):
+    """One step (the fused package), guided steps (UNet and decoder packages), batches 1-3 and other sizes: the
+    packages' dynamic dimensions are really dynamic, and the images are eager torch's."""
+    ckpt, folder, _ = micro
+    pipe = Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=folder)
+    assert pipe.backend.name == "aoti" and pipe.backend.has_one_step
+    assert not isinstance(pipe.components.unet, torch.nn.Module)  # no torch weights loaded
+    cases = [dict(prompt=["a cat"]), dict(prompt=["a cat", "a dog", "a red circle"]),
+             dict(prompt=["a cat", "a dog"], num_inference_steps=3, guidance_scale=1.5, negative_prompt="blurry"),
+             dict(prompt=["a cat"], height=12, width=4), dict(prompt=["a cat", "a dog"], height=16, width=16)]
+    for kwargs in cases:
+        a = pipe(seed=3, output_type="pt", **kwargs).images
+        b = reference(seed=3, output_type="pt", **kwargs).images
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=str(kwargs))
+
+
+def test_what_the_packages_cannot_take_is_one_line(micro):
+    ckpt, folder, _ = micro
+    pipe = Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=folder)
+    with pytest.raises(InvalidInputError, match=r"4 images in one call, but the packages in .* were built for at "
+                                                r"most 3; rebuild with `python -m export.aoti --max-batch 4`"):
+        pipe(["a"] * 4)
+    with pytest.raises(InvalidInputError, match=r"20x8 px is outside what the packages in .* were built for "
+                                                r"\(4x4 .. 16x16 px\)"):
+        pipe("a cat", height=20, width=8)
+    with pytest.raises(InvalidInputError, match="outside what the text_encoder package was built for"):
+        pipe.backend.encode(torch.zeros(7, 8, dtype=torch.long))  # 7 texts: past the guided batch of 6
+
+
+def test_auto_uses_packages_built_here_and_refuses_others(micro, monkeypatch):
+    """auto takes packages compiled for this torch and device; packages of another torch version (or GPU
+    architecture) are skipped with one warning by auto and refused in one line by backend="aoti"."""
+    ckpt, folder, _ = micro
+    checkpoint = __import__("runtime").resolve(ckpt)
+    cpu = torch.device("cpu")
+    assert choose("auto", cpu, checkpoint, folder, {}) == ("aoti", {})
+    assert Pipeline.from_pretrained(ckpt, export_dir=folder).backend.name == "aoti"  # the default is auto
+    other = dataclasses.replace(cache.device_target(cpu), torch="9.9.9")
+    monkeypatch.setattr(aoti_backend, "device_target", lambda device: other)
+    with pytest.warns(RuntimeWarning, match=r"aoti not used \(the packages in .* were built with torch .* this is "
+                                            r"torch 9.9.9"):
+        assert choose("auto", cpu, checkpoint, folder, {})[0] == "torch"
+    with pytest.raises(ExportError, match="re-export with `python -m export.aoti --ckpt") as info:
+        Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=folder)
+    assert "\n" not in str(info.value)
+
+
+def test_unverified_and_corrupted_packages(micro, tmp_path):
+    import shutil
+
+    ckpt, folder, manifest = micro
+    copy = tmp_path / "pkg"
+    shutil.copytree(folder, copy)
+    write_manifest(copy, dataclasses.replace(read_manifest(copy), verification=None))
+    with pytest.raises(ExportError, match="was never verified"):
+        Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=copy)
+    assert Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=copy, allow_unverified=True).backend.name == "aoti"
+    from export.verify import verify_export
+
+    assert verify_export(copy).verification.passed  # export.verify knows packages too, and records the outcome
+    assert Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=copy).backend.name == "aoti"
+    data = (copy / "unet.pt2").read_bytes()
+    (copy / "unet.pt2").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportError, match="unet.pt2 does not match its manifest hash"):
+        Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=copy)
+    with pytest.raises(BackendUnavailableError, match="no AOTInductor packages of .* compile them with"):
+        Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=tmp_path / "none")
+
+
+def test_rerun_reuses_every_package(micro, capsys):
+    ckpt, folder, manifest = micro
+    again = export_aoti(str(ckpt), folder, device="cpu", max_batch=3)
+    out = capsys.readouterr().out
+    assert out.count(": cached") == 4 and "earlier verification kept" in out
+    assert again.components == manifest.components
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda"], "CUDA is not available on this machine"),
+    (["--device", "cpu", "--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--device", "cpu", "--height", "20"], "multiples of 8 px"),
+])
+def test_cli_errors(tiny_ckpt, tmp_path, capsys, args, message):
+    if torch.cuda.is_available() and "cuda" in args:
+        pytest.skip("this machine has a GPU")
+    assert main(["--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "x"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
