@@ -11,8 +11,8 @@ pytestmark = pytest.mark.gpu
 
 
 def test_fp16_cuda_matches_fp32_cpu(tiny_ckpt):
-    cpu = Pipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
-    gpu = Pipeline.from_pretrained(tiny_ckpt, device="cuda", dtype=torch.float16)
+    cpu = Pipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32, backend="torch")
+    gpu = Pipeline.from_pretrained(tiny_ckpt, device="cuda", dtype=torch.float16)  # the default: the fast path
     prompts = ["a red circle at the top left", "a small blue square"]
     ref = cpu(prompts, seed=0, output_type="pt").images
     out = gpu(prompts, seed=0, output_type="pt").images.cpu()
@@ -49,10 +49,92 @@ def test_cuda_graph_matches_eager(tiny_ckpt):
     torch.testing.assert_close(d, e, atol=2e-3, rtol=2e-3)
 
 
-def test_auto_on_gpu_is_torch_with_cuda_graphs(tiny_ckpt, tmp_path):
-    pipe = Pipeline.from_pretrained(tiny_ckpt, device="cuda", backend="auto", export_dir=tmp_path)
-    assert pipe.backend.name == "torch" and pipe.backend.cuda_graph
-    assert pipe("a red circle", seed=0).images[0].size == (32, 32)
+def test_the_default_on_a_gpu_is_the_fast_path(tiny_ckpt, tmp_path):
+    """from_pretrained(ckpt) with no options: torch with CUDA graphs, channels-last and fused QKV; its PIL images
+    (converted on the GPU, one pinned copy) are the float images rounded; NaN is still one line."""
+    from runtime import NonFiniteOutputError
+
+    pipe = Pipeline.from_pretrained(tiny_ckpt, device="cuda", export_dir=tmp_path)
+    assert pipe.backend.name == "torch" and pipe.backend.cuda_graph and pipe.backend.fuse_qkv
+    assert pipe.components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    prompts = ["a red circle", "a cat", "a dog"]
+    pil = pipe(prompts, seed=0).images
+    pt = pipe(prompts, seed=0, output_type="pt").images
+    expected = pt.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    import numpy as np
+
+    assert [im.size for im in pil] == [(32, 32)] * 3
+    assert all(np.array_equal(np.asarray(im), e) for im, e in zip(pil, expected))
+    real = pipe.backend.one_step
+    pipe.backend.one_step = lambda emb, noise: real(emb, noise) * float("nan")
+    with pytest.raises(NonFiniteOutputError):
+        pipe("a cat", seed=0)
+
+
+@pytest.mark.parametrize("tiny_vae", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
+def test_every_cuda_graph_combination_matches_eager(tiny_ckpt, tmp_path, tiny_vae, lora):
+    """CUDA graphs with every combination of the decoder, fused QKV, channels-last and a LoRA (at load, and loaded
+    into the running graphs later), against the eager fp16 pipeline with the same decoder and LoRA."""
+    from helpers import make_lora
+    from runtime.testing import write_tiny_decoder
+
+    vae = write_tiny_decoder(tmp_path / "taesd", scale_factor=4) if tiny_vae else None
+    lora_file = make_lora(tiny_ckpt, tmp_path / "lora") if lora else None
+    loras = [(lora_file, 0.8)] if lora else None
+    kw = dict(device="cuda", dtype=torch.float16, vae=vae)
+    ref = Pipeline.from_pretrained(tiny_ckpt, backend="torch", lora=loras, **kw)
+    expected = ref(["a cat", "a dog"], seed=3, output_type="pt").images
+    for fuse_qkv in (False, True):
+        for channels_last in (False, True):
+            options = dict(backend="torch", cuda_graph=True, fuse_qkv=fuse_qkv, channels_last=channels_last, **kw)
+            pipe = Pipeline.from_pretrained(tiny_ckpt, lora=loras, **options)
+            out = pipe(["a cat", "a dog"], seed=3, output_type="pt").images
+            torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
+            if lora:
+                later = Pipeline.from_pretrained(tiny_ckpt, **options)
+                later(["a cat", "a dog"], seed=3)  # graphs captured before the LoRA: they must see the new weights
+                later.load_lora(lora_file, 0.8)
+                out = later(["a cat", "a dog"], seed=3, output_type="pt").images
+                torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_compile_with_every_option_on_a_gpu(tiny_ckpt, tmp_path, monkeypatch):
+    """The combination that crashed: torch.compile + CUDA graphs + channels-last + fused QKV + a tiny decoder (no
+    attention to fuse) + a LoRA, against eager fp16."""
+    from helpers import make_lora
+    from runtime.testing import write_tiny_decoder
+
+    monkeypatch.setenv("INSTAFLOW_CACHE", str(tmp_path / "cache"))
+    vae = write_tiny_decoder(tmp_path / "taesd", scale_factor=4)
+    loras = [(make_lora(tiny_ckpt, tmp_path / "lora"), 0.8)]
+    kw = dict(device="cuda", dtype=torch.float16, vae=vae, lora=loras)
+    expected = Pipeline.from_pretrained(tiny_ckpt, backend="torch", **kw)("a cat", seed=1, output_type="pt").images
+    fast = Pipeline.from_pretrained(tiny_ckpt, compile=True, fuse_qkv=True, **kw)
+    assert fast.backend.cuda_graph and fast.backend.compile_cache.parent == tmp_path / "cache" / "compile"
+    torch.testing.assert_close(fast("a cat", seed=1, output_type="pt").images, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_aoti_packages_on_cuda(tmp_path):
+    """export.aoti on the GPU: fp16 packages, verified, run by the aoti backend from CUDA graphs at two batch sizes
+    and two sizes, against the torch backend in fp16; auto prefers them to torch."""
+    from export.aoti import export_aoti
+    from runtime.testing import TinySpec, write_tiny_checkpoint
+
+    micro = TinySpec(sample_size=4, unet_channels=(8, 16), attention_head_dim=4, unet_groups=4, text_hidden=16,
+                     text_layers=1, text_heads=2, vae_channels=(8, 8), vae_groups=4, max_length=8)
+    ckpt = write_tiny_checkpoint(tmp_path / "micro", micro, seed=5)
+    manifest = export_aoti(str(ckpt), tmp_path / "pkg", max_batch=2)
+    assert manifest.settings.fp16 and manifest.target.device == "cuda" and manifest.verification.passed
+    pipe = Pipeline.from_pretrained(ckpt, device="cuda", export_dir=tmp_path / "pkg")
+    assert pipe.backend.name == "aoti" and pipe.backend.cuda_graph
+    ref = Pipeline.from_pretrained(ckpt, device="cuda", backend="torch")
+    for kwargs in (dict(prompt=["a cat"]), dict(prompt=["a cat", "a dog"]), dict(prompt=["a cat"], height=12, width=4),
+                   dict(prompt=["a cat"], num_inference_steps=2, guidance_scale=1.5)):
+        for seed in (0, 1):  # replays with new inputs
+            a = pipe(seed=seed, output_type="pt", **kwargs).images
+            b = ref(seed=seed, output_type="pt", **kwargs).images
+            torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
 
 
 def test_threads_share_a_cuda_graph_pipeline(tiny_ckpt):
@@ -76,7 +158,7 @@ def test_onnxruntime_cuda_matches_torch(tiny_ckpt, tmp_path, cuda_graph):
     from export.onnx import ExportSettings, export
 
     export(str(tiny_ckpt), tmp_path, ExportSettings(fused=True), verify=False)
-    ref = Pipeline.from_pretrained(tiny_ckpt, device="cpu")
+    ref = Pipeline.from_pretrained(tiny_ckpt, device="cpu", backend="torch")
     ort_pipe = Pipeline.from_pretrained(tiny_ckpt, device="cuda", backend="onnxruntime", export_dir=tmp_path,
                                         cuda_graph=cuda_graph, allow_unverified=True)  # compared here instead
     for kwargs in (dict(), dict(num_inference_steps=3, guidance_scale=1.5)):
