@@ -7,7 +7,9 @@ Options (all optional):
   --bench-update-baseline  write this run's ratios (and medians) as the new baseline
   --bench-absolute         also gate absolute medians against the baseline (only on a fixed machine)
   --bench-out DIR          where the run's results JSON goes (default benchmarks/.results)
-  --bench-compile          also time ours_1step with torch.compile (minutes of compilation; GPU script phase 2)
+  --bench-compile          also time the torch.compile cases, ours and diffusers' (minutes of compilation)
+  --bench-aoti             compile the subject's AOTInductor packages when missing (minutes) and time them
+  --bench-work DIR         subject checkpoints and packages (default benchmarks/.work; see benchmarks/cold_start.py)
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ RATIOS = {
     "channels_last/ours": ("ours_1step_channels_last", "ours_1step"),  # CPU: channels-last vs default format
     "compiled/ours": ("ours_1step_compiled", "ours_1step"),  # --bench-compile: torch.compile on top
     "compiled/diffusers_1step": ("ours_1step_compiled", "diffusers_1step"),
+    "compiled/diffusers_compiled": ("ours_1step_compiled", "diffusers_compiled_1step"),  # both with the recipe
     "compiled/sd_25step_cfg": ("ours_1step_compiled", "sd_25step_cfg"),
+    "aoti/ours": ("ours_1step_aoti", "ours_1step"),  # AOTInductor packages vs the default (CPU: torch eager)
+    "aoti/diffusers_compiled": ("ours_1step_aoti", "diffusers_compiled_1step"),
+    "ours/diffusers_compiled": ("ours_1step", "diffusers_compiled_1step"),  # the default vs diffusers' recipe
+    "aoti/ours (batch 8)": ("ours_batch8_aoti", "ours_batch8"),
     "ours/diffusers_batch8": ("ours_batch8", "diffusers_batch8"),
     "taesd/ours": ("ours_1step_taesd", "ours_1step"),  # the pipeline with TAESD's decoder vs the subject's VAE
     "taesd/sd_vae (decode)": ("decode_taesd", "decode_sd_vae"),  # the decoders alone, SD's real architectures
@@ -57,6 +64,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-absolute", action="store_true")
     g.addoption("--bench-out", default=os.environ.get("BENCH_OUT", str(HERE / ".results")))
     g.addoption("--bench-compile", action="store_true", default=os.environ.get("BENCH_COMPILE") == "1")
+    g.addoption("--bench-aoti", action="store_true", default=os.environ.get("BENCH_AOTI") == "1")
+    g.addoption("--bench-work", default=os.environ.get("BENCH_WORK", str(HERE / ".work")))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -95,7 +104,7 @@ def measure(benchmark, request):
         benchmark.group = subject.name
         benchmark.extra_info.update(subject=subject.name, case=case)
         benchmark.pedantic(call, rounds=r, warmup_rounds=min(warmup, 1) if quick else warmup, iterations=1)
-        from .subjects import peak_memory
+        from .subjects import gpu_busy_s, peak_memory
 
         stats = benchmark.stats.stats
         CALLS.setdefault(subject.name, {})[case] = (call, r)
@@ -103,6 +112,8 @@ def measure(benchmark, request):
         peak, extra = peak_memory(call, device)
         entry["cases"][case] = {"median_s": stats.median, "min_s": stats.min, "rounds": r,
                                 "peak_mem_bytes": peak, "extra_mem_bytes": extra}
+        if device.type == "cuda":  # how much of the wall time the GPU is busy: the rest is host work
+            entry["cases"][case]["gpu_busy_s"] = gpu_busy_s(fn)
         save_results(request.config)  # as it goes: a run killed by its time limit keeps what it measured
         return stats.median
 

@@ -50,19 +50,22 @@ class Subject:
 def make_subject(name: str) -> Subject:
     """``tiny`` (bundled), ``small-sd`` (CPU, 256 px), ``sd15`` (GPU, fp16, 512 px)."""
     if name == "tiny":
-        pipe = Pipeline.from_pretrained("tiny", device="cpu", **OURS)
-        return Subject(name, pipe, "bundled tiny model, 32x32, fp32, CPU")
+        pipe = Pipeline.from_pretrained("tiny", device="cpu", backend="torch", **OURS)
+        return Subject(name, pipe, "bundled tiny model, 32x32, fp32, CPU, torch eager")
     if name == "small-sd":
         comps = build_tiny_components(SMALL_SD_SPEC, seed=0)
         return Subject(name, Pipeline(comps, device="cpu", name=name, **OURS),
                        "SD-shaped UNet (64,128,256) x2 layers, 256x256, random weights, fp32, CPU")
-    if name == "sd15":  # our fastest torch set-up: channels-last, fused QKV, CUDA graphs (ours_1step_eager: without)
+    if name == "sd15":  # what from_pretrained(ckpt) runs on a GPU: auto's torch defaults (ours_1step_eager: without)
+        from runtime.backends import torch_defaults
+
         comps = build_tiny_components(SD15_SPEC, seed=0).to("cuda", torch.float16)
         plain = copy.deepcopy(comps)  # diffusers' baselines as a diffusers user runs them: default memory format
-        options = dict(channels_last=True, fuse_qkv=True, cuda_graph=True, **OURS)
+        options = dict(**torch_defaults(torch.device("cuda")), **OURS)
         pipe = Pipeline(comps, device="cuda", dtype=torch.float16, name=name, **options)
-        return Subject(name, pipe, "SD-1.5 shapes, 512x512, random weights, fp16, CUDA; ours: channels-last, fused "
-                                   "QKV, CUDA graphs; diffusers: the same weights as loaded", plain, options)
+        return Subject(name, pipe, "SD-1.5 shapes, 512x512, random weights, fp16, CUDA; ours: the default "
+                                   "(from_pretrained with no options: CUDA graphs, channels-last, fused QKV); "
+                                   "diffusers: the same weights as loaded", plain, options)
     raise ValueError(f"unknown subject {name!r}")
 
 
@@ -92,6 +95,45 @@ def diffusers_one_step(sd: Any, prompt: str | list[str], height: int, width: int
         latents = latents + 1.0 * v
         image = sd.vae.decode(latents / sd.vae.config.scaling_factor, return_dict=False)[0]
         return sd.image_processor.postprocess(image, output_type="pil")
+
+
+def diffusers_compiled(components: Components, device: torch.device) -> Any:
+    """diffusers with the speed recipe its users apply: a copy of the modules in channels-last, fused QKV projections,
+    and ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs inside) on the UNet and on
+    ``vae.decode``; driven by :func:`diffusers_one_step` (the first call compiles)."""
+    c = copy.deepcopy(components)
+    for module in (c.unet, c.vae):
+        module.to(memory_format=torch.channels_last)
+        module.fuse_qkv_projections()
+    sd = sd_pipeline(c, device)
+    mode = "reduce-overhead" if device.type == "cuda" else "default"  # CUDA graphs need a GPU
+    sd.unet = torch.compile(sd.unet, mode=mode, fullgraph=True)
+    sd.vae.decode = torch.compile(sd.vae.decode, mode=mode, fullgraph=True)
+    return sd
+
+
+def gpu_busy_s(fn: Callable[[], Any]) -> float | None:
+    """Seconds the GPU is busy (kernels and copies, overlaps counted once) during one call of ``fn``, from the
+    profiler's device activity (replayed CUDA graphs included); None on the CPU or when nothing was recorded."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # the union of the intervals, in microseconds
+        if a > end:
+            busy, end = busy + (b - a), b
+        elif b > end:
+            busy, end = busy + (b - end), b
+    return busy * 1e-6 if spans else None
 
 
 def sd_multistep(sd: Any, prompt: str, height: int, width: int, seed: int = 0, steps: int = 25,

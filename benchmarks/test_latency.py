@@ -6,6 +6,7 @@ Every subject runs all cases in one session, so the ratios (the gate) compare nu
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,18 +122,102 @@ def test_ours_1step_channels_last(measure, subject):
     measure(subject, "ours_1step_channels_last", lambda: cl(PROMPT, seed=0), ROUNDS[subject.name][0])
 
 
+def _fastest_options(subject) -> dict:
+    """The options of the fastest path: what ``from_pretrained(ckpt, compile=True)`` runs, i.e. auto's torch
+    defaults (on a GPU CUDA graphs, channels-last, fused QKV) plus torch.compile (so that its compile cache serves
+    benchmarks/cold_start.py's warm start)."""
+    from runtime.backends import torch_defaults
+
+    return dict(**torch_defaults(subject.pipe.device), compile=True, **OURS)
+
+
+def _need(request, flag: str, why: str) -> None:
+    if not request.config.getoption(flag):
+        pytest.skip(f"{why}; pass {flag}")
+
+
 def test_ours_1step_compiled(measure, subject, request):
-    """--bench-compile: the subject's set-up plus torch.compile of UNet and VAE decoder (inside the CUDA graphs)."""
-    if not request.config.getoption("--bench-compile"):
-        pytest.skip("torch.compile costs minutes; pass --bench-compile")
+    """--bench-compile: the fastest path, torch.compile on top of the defaults (inside the CUDA graphs), on a copy of
+    the weights as loaded (the subject's own modules are already fused and captured)."""
+    _need(request, "--bench-compile", "torch.compile costs minutes")
     p = subject.pipe
-    options = dict(cuda_graph=True, channels_last=True) if getattr(p.backend, "cuda_graph", False) else {}
-    compiled = Pipeline(subject.components, device=p.device, dtype=p.dtype, name=subject.name, compile=True,
-                        **options, **OURS)
+    compiled = Pipeline(copy.deepcopy(subject.baseline_components), device=p.device, dtype=p.dtype,
+                        name=subject.name, **_fastest_options(subject))
     a = compiled(PROMPT, seed=0, output_type="pt").images  # compiles (and captures) here
     b = p(PROMPT, seed=0, output_type="pt").images
     assert (a - b).abs().max() < 1e-2
     measure(subject, "ours_1step_compiled", lambda: compiled(PROMPT, seed=0), ROUNDS[subject.name][0])
+    COMPILED[subject.name] = compiled
+
+
+COMPILED: dict = {}  # subject -> the compiled pipeline of test_ours_1step_compiled
+
+
+def test_ours_batch8_compiled(measure, subject, request):
+    """--bench-compile: the fastest path at batch 8 (compiles batch 8's shapes: minutes on a GPU)."""
+    _need(request, "--bench-compile", "torch.compile costs minutes")
+    compiled = COMPILED.get(subject.name)
+    if compiled is None:
+        pytest.skip("test_ours_1step_compiled did not run")
+    assert len(compiled(PROMPTS8, seed=0).images) == 8
+    measure(subject, "ours_batch8_compiled", lambda: compiled(PROMPTS8, seed=0), _batch8_rounds(subject))
+
+
+def test_ours_1step_compiled_taesd(measure, subject, request):
+    """--bench-compile: the fastest path with a tiny decoder of TAESD's architecture (fused QKV where the modules
+    have it: the tiny decoder has no attention)."""
+    from dataclasses import replace
+
+    from runtime.testing import build_tiny_decoder
+
+    _need(request, "--bench-compile", "torch.compile costs minutes")
+    p = subject.pipe
+    c = copy.deepcopy(subject.baseline_components)
+    taesd = build_tiny_decoder(c.latent_channels, c.vae_scale_factor, channels=None).to(p.device, p.dtype)
+    compiled = Pipeline(replace(c, vae=taesd), device=p.device, dtype=p.dtype, name=subject.name,
+                        **_fastest_options(subject))
+    assert compiled(PROMPT, seed=0).images[0].size == _size(subject)[::-1]
+    measure(subject, "ours_1step_compiled_taesd", lambda: compiled(PROMPT, seed=0), ROUNDS[subject.name][0])
+
+
+def test_diffusers_compiled_1step(measure, subject, sd, request):
+    """--bench-compile: the baseline users would pick instead: diffusers with channels-last, fused QKV and
+    torch.compile(mode="reduce-overhead", fullgraph=True) on the UNet and vae.decode, the same single step."""
+    from .subjects import diffusers_compiled
+
+    _need(request, "--bench-compile", "torch.compile costs minutes")
+    h, w = _size(subject)
+    fast = diffusers_compiled(subject.baseline_components, subject.pipe.device)
+    assert len(diffusers_one_step(fast, PROMPT, h, w)) == 1  # compiles here
+    measure(subject, "diffusers_compiled_1step", lambda: diffusers_one_step(fast, PROMPT, h, w),
+            ROUNDS[subject.name][0])
+
+
+@pytest.fixture(scope="module")
+def aoti_pipe(subject, request):
+    """Our pipeline on the AOTInductor backend over the subject's packages (benchmarks/cold_start.py makes them in
+    --bench-work; with --bench-aoti they are compiled here when missing: minutes)."""
+    from .cold_start import aoti_dir, export_aoti_packages, subject_checkpoint
+
+    work = Path(request.config.getoption("--bench-work"))
+    folder = aoti_dir(subject.name, work)
+    if not (folder / "manifest.json").is_file():
+        _need(request, "--bench-aoti", f"no AOTInductor packages in {folder}")
+        export_aoti_packages(subject.name, work)
+    return Pipeline.from_pretrained(subject_checkpoint(subject.name, work), backend="aoti", export_dir=folder,
+                                    device=subject.pipe.device, **OURS)
+
+
+def test_ours_1step_aoti(measure, subject, aoti_pipe):
+    a = aoti_pipe(PROMPT, seed=0, output_type="pt").images
+    b = subject.pipe(PROMPT, seed=0, output_type="pt").images
+    assert (a - b).abs().max() < 1e-2  # the same images as the torch backend
+    measure(subject, "ours_1step_aoti", lambda: aoti_pipe(PROMPT, seed=0), ROUNDS[subject.name][0])
+
+
+def test_ours_batch8_aoti(measure, subject, aoti_pipe):
+    assert len(aoti_pipe(PROMPTS8, seed=0).images) == 8
+    measure(subject, "ours_batch8_aoti", lambda: aoti_pipe(PROMPTS8, seed=0), _batch8_rounds(subject))
 
 
 def test_ours_2rf_4step_cfg(measure, subject):

@@ -32,20 +32,22 @@ def _row(text: str, ratio: str) -> str:
 def test_gpu_targets_apply_on_gpu_only():
     cpu = render_markdown([_doc(False, ours=0.30, eager=0.0, diffusers=0.33, sd=5.0)], None)
     assert _row(cpu, "ours/sd_25step_cfg").endswith("| yes |")  # 16.7x: meets the CPU's 15x
-    assert "one step end to end" not in cpu and "No GPU results in this report yet" in cpu
+    assert "from_pretrained(ckpt) with no options" not in cpu and "No GPU results in this report yet" in cpu
     gpu = render_markdown([_doc(True, ours=0.020, eager=0.045, diffusers=0.050, sd=0.45)], None)
     assert "## NVIDIA H100 80GB HBM3" in gpu and "No GPU results" not in gpu
     assert _row(gpu, "ours/sd_25step_cfg").endswith("| no |")  # 22.5x: short of the GPU's 25x
     assert _row(gpu, "ours/diffusers_1step").endswith("| no |")  # 2.5x: short of 3x
     assert _row(gpu, "ours/ours_eager").endswith("| yes |")
-    assert "one step end to end: 20.0 ms (target <= 15.0 ms: NOT met)" in gpu
+    slow = render_markdown([_doc(True, ours=0.045, eager=0.045, diffusers=0.050, sd=0.45)], None)
+    assert "from_pretrained(ckpt) with no options: 45.0 ms (target <= 40.0 ms: NOT met)" in slow
     fast = render_markdown([_doc(True, ours=0.012, eager=0.045, diffusers=0.050, sd=0.45)], None)
-    assert "(target <= 15.0 ms: met)" in fast and _row(fast, "ours/sd_25step_cfg").endswith("| yes |")
-    assert "throughput at batch 8 (ours): 166.7 images/s" in fast
+    assert "with no options: 12.0 ms (target <= 40.0 ms: met)" in fast
+    assert _row(fast, "ours/sd_25step_cfg").endswith("| yes |")
+    assert "throughput at batch 8 (ours, default): 166.7 images/s (target >= 100: met)" in fast
     assert "throughput at batch 8 (diffusers' single step): 40.0 images/s" in fast
     assert "4 steps, guidance 1.5 (UNet batch 2): 60.0 ms per image" in fast
-    assert "| ours_1step | 12.0 | 12.0 | 3 | 1.0 | 0.5 |" in fast  # GPU: process peak and the call's own memory
-    assert "| ours_1step | 300.0 | 300.0 | 3 | 1.0 |  |" in cpu
+    assert "| ours_1step | 12.0 | 12.0 | 3 | 1.0 | 0.5 |  |" in fast  # GPU: process peak, the call's own memory
+    assert "| ours_1step | 300.0 | 300.0 | 3 | 1.0 |  |  |" in cpu
 
 
 def test_report_cli_writes_markdown_and_chart(tmp_path):
@@ -70,3 +72,17 @@ def test_report_cli_writes_markdown_and_chart(tmp_path):
     assert "| compiled unet_cl+vae_nchw | 15.0 | 14.9 |" in text
     assert "## Full size on the CPU — Some CPU (2 cores)" in text and "| one step, 512x512 | 52.0 | 5.7 |" in text
     assert main(["--results", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
+
+
+def test_cold_start_section_and_the_aoti_target():
+    doc = {"cold_start": True, "date": "2026-11-29 12:00 UTC", "subject": "sd15", "command": "python -m x",
+           "machine": {"gpu": "NVIDIA H200", "cpu": "x", "cores": "16"},
+           "cases": {"default": {"backend": "torch", "import_s": 2.0, "load_s": 3.0, "first_call_s": 1.5,
+                                 "to_first_image_s": 6.5, "steady_median_s": 0.03},
+                     "compile_warm": {"error": "RuntimeError: boom"},
+                     "aoti": {"backend": "aoti", "import_s": 2.0, "load_s": 9.0, "first_call_s": 12.0,
+                              "to_first_image_s": 23.0, "steady_median_s": 0.013}}}
+    text = render_markdown([doc], None)
+    assert "| default | torch | 2.0 | 3.0 | 1.5 | 6.5 | 30.0 |" in text
+    assert "| compile_warm | failed: RuntimeError: boom |" in text
+    assert "aoti target (first image <= 20 s): 23.0 s, NOT met" in text
