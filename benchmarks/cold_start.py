@@ -64,7 +64,7 @@ def subject_checkpoint(name: str, work: Path) -> Path:
     :func:`benchmarks.subjects.make_subject` builds; SD-1.5 shapes in fp16, 2 GB)."""
     from runtime.checkpoints import BUNDLED
     from runtime.models import save_checkpoint
-    from runtime.testing import SD15_SPEC, SMALL_SD_SPEC, build_tiny_components
+    from runtime.builders import SD15_SPEC, SMALL_SD_SPEC, build_tiny_components
 
     if name == "tiny":
         return BUNDLED["tiny"]

@@ -19,7 +19,7 @@ import torch
 
 from runtime import Pipeline
 from runtime.models import Components
-from runtime.testing import SD15_SPEC, SMALL_SD_SPEC, build_tiny_components
+from runtime.builders import SD15_SPEC, SMALL_SD_SPEC, build_tiny_components
 
 PROMPT = "a red circle at the top left"
 #: Our pipelines run without the prompt-embedding cache, so that every call encodes its prompt (as a stream of

@@ -58,7 +58,7 @@ def test_ours_1step_taesd(measure, subject):
     """The same pipeline with a tiny decoder of TAESD's real architecture (random weights) instead of the VAE."""
     from dataclasses import replace
 
-    from runtime.testing import build_tiny_decoder
+    from runtime.builders import build_tiny_decoder
 
     c = subject.components
     taesd = build_tiny_decoder(c.latent_channels, c.vae_scale_factor, channels=None).to(c.unet.device, c.unet.dtype)
@@ -74,7 +74,7 @@ def test_decode(measure, subject, decoder):
     weights), since a subject's own VAE may be scaled down (small-sd's is). Where the VAE upsamples 8x only."""
     from diffusers import AutoencoderKL
 
-    from runtime.testing import SD15_SPEC, build_tiny_decoder
+    from runtime.builders import SD15_SPEC, build_tiny_decoder
 
     c = subject.components
     if c.vae_scale_factor != 8:
@@ -168,7 +168,7 @@ def test_ours_1step_compiled_taesd(measure, subject, request):
     have it: the tiny decoder has no attention)."""
     from dataclasses import replace
 
-    from runtime.testing import build_tiny_decoder
+    from runtime.builders import build_tiny_decoder
 
     _need(request, "--bench-compile", "torch.compile costs minutes")
     p = subject.pipe

@@ -52,7 +52,7 @@ def saved_activation_bytes(unet: Any, batch: int, latent: int, text_len: int, te
 def sd15_unet_on_meta() -> Any:
     from diffusers import UNet2DConditionModel
 
-    from runtime.testing import SD15_SPEC
+    from runtime.builders import SD15_SPEC
 
     with torch.device("meta"):
         return UNet2DConditionModel(
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--latent", type=int, default=64, help="latent side (64 = 512 px)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / ".results" / "train_memory.json"))
     a = p.parse_args(argv)
-    from runtime.testing import SD15_SPEC
+    from runtime.builders import SD15_SPEC
 
     unet = sd15_unet_on_meta()
     rows = table(unet, a.batch, a.latent, SD15_SPEC.max_length, SD15_SPEC.text_hidden)

@@ -1,5 +1,5 @@
 """Model components: loading them from a diffusers folder, and saving them as one (tiny test-model builders live in
-:mod:`runtime.testing`).
+:mod:`runtime.builders`).
 
 The loaders read every shape-defining number (token window, hidden size, latent channels and size, VAE scale and
 scaling factor) from the checkpoint's configs; nothing here assumes SD 1.5's 77 tokens, 768 dims, 0.18215 or 64x64.

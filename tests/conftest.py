@@ -10,7 +10,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from runtime.testing import TinySpec, write_tiny_checkpoint  # noqa: E402
+from runtime.builders import TinySpec, write_tiny_checkpoint  # noqa: E402
 
 #: Deliberately unusual shapes: non-square latents, 3 latent channels, a 7-token window, hidden size 24,
 #: VAE scale factor 2 and a non-default scaling factor. Nothing in the runtime may assume SD's numbers.

@@ -16,7 +16,7 @@ from runtime import BackendUnavailableError, ExportError, InvalidInputError, Pip
 from runtime import cache
 from runtime.backends import aoti_backend, choose
 from runtime.manifest import read_manifest, write_manifest
-from runtime.testing import TinySpec, write_tiny_checkpoint
+from runtime.builders import TinySpec, write_tiny_checkpoint
 
 #: the smallest model the graphs make sense for: compiles in about a third of the bundled model's time
 MICRO = TinySpec(sample_size=4, unet_channels=(8, 16), attention_head_dim=4, unet_groups=4, text_hidden=16,

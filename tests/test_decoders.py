@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from runtime import CheckpointError, ExportError, Pipeline
-from runtime.testing import write_tiny_decoder
+from runtime.builders import write_tiny_decoder
 
 
 @pytest.fixture(scope="module")

@@ -189,7 +189,7 @@ def test_sd15_unet_external_data(tmp_path_factory, fp16):
     import time
 
     from runtime.models import save_checkpoint
-    from runtime.testing import SD15_SPEC, build_tiny_components
+    from runtime.builders import SD15_SPEC, build_tiny_components
 
     tmp_path = tmp_path_factory.mktemp("sd15")
     ckpt = save_checkpoint(build_tiny_components(SD15_SPEC), tmp_path / "sd15")

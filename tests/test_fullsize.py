@@ -4,7 +4,7 @@
     pytest -m fullsize -k fp16_unet                  (the part CI runs: fp16 export of the full-size UNet, verified)
 
 The checkpoint is an SD-1.5-shaped folder with random weights (UNet 860M, CLIP ViT-L/14 text encoder, AutoencoderKL,
-512x512, 77 tokens, ``RectifiedFlowPipeline``) built once with ``runtime.testing`` and kept in
+512x512, 77 tokens, ``RectifiedFlowPipeline``) built once with ``runtime.builders`` and kept in
 ``$INSTAFLOW_FULLSIZE_DIR`` (default ``~/.cache/instaflow-rt/fullsize``). Each step's time and peak RSS go to
 ``benchmarks/.results/fullsize.json`` (``$BENCH_OUT``), which ``python -m benchmarks.report`` puts in RESULTS.md.
 Bugs of this class (protobuf's 2 GB limit, sizes the UNet's three downsamplings cannot take) never show on tiny
@@ -36,7 +36,7 @@ PROMPT = "a photo of a cat"
 def sd15_ckpt() -> Path:
     """The SD-1.5-shaped random-weight rectified flow, built once (atomic: a folder that exists is complete)."""
     from runtime.models import save_checkpoint
-    from runtime.testing import SD15_SPEC, build_tiny_components
+    from runtime.builders import SD15_SPEC, build_tiny_components
 
     root = Path(os.environ.get("INSTAFLOW_FULLSIZE_DIR") or Path.home() / ".cache" / "instaflow-rt" / "fullsize")
     folder = root / "sd15-random"

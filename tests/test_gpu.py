@@ -77,7 +77,7 @@ def test_every_cuda_graph_combination_matches_eager(tiny_ckpt, tmp_path, tiny_va
     """CUDA graphs with every combination of the decoder, fused QKV, channels-last and a LoRA (at load, and loaded
     into the running graphs later), against the eager fp16 pipeline with the same decoder and LoRA."""
     from helpers import make_lora
-    from runtime.testing import write_tiny_decoder
+    from runtime.builders import write_tiny_decoder
 
     vae = write_tiny_decoder(tmp_path / "taesd", scale_factor=4) if tiny_vae else None
     lora_file = make_lora(tiny_ckpt, tmp_path / "lora") if lora else None
@@ -103,7 +103,7 @@ def test_compile_with_every_option_on_a_gpu(tiny_ckpt, tmp_path, monkeypatch):
     """The combination that crashed: torch.compile + CUDA graphs + channels-last + fused QKV + a tiny decoder (no
     attention to fuse) + a LoRA, against eager fp16."""
     from helpers import make_lora
-    from runtime.testing import write_tiny_decoder
+    from runtime.builders import write_tiny_decoder
 
     monkeypatch.setenv("INSTAFLOW_CACHE", str(tmp_path / "cache"))
     vae = write_tiny_decoder(tmp_path / "taesd", scale_factor=4)
@@ -119,7 +119,7 @@ def test_aoti_packages_on_cuda(tmp_path):
     """export.aoti on the GPU: fp16 packages, verified, run by the aoti backend from CUDA graphs at two batch sizes
     and two sizes, against the torch backend in fp16; auto prefers them to torch."""
     from export.aoti import export_aoti
-    from runtime.testing import TinySpec, write_tiny_checkpoint
+    from runtime.builders import TinySpec, write_tiny_checkpoint
 
     micro = TinySpec(sample_size=4, unet_channels=(8, 16), attention_head_dim=4, unet_groups=4, text_hidden=16,
                      text_layers=1, text_heads=2, vae_channels=(8, 8), vae_groups=4, max_length=8)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from runtime import BackendUnavailableError, Pipeline
-from runtime.testing import TinySpec, write_tiny_checkpoint, write_tiny_decoder
+from runtime.builders import TinySpec, write_tiny_checkpoint, write_tiny_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 

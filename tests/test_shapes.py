@@ -26,7 +26,7 @@ def test_dataset_is_deterministic_and_follows_the_grammar():
 def test_every_grammar_word_is_one_token_and_every_caption_fits_the_window(tmp_path):
     """The tiny tokenizer gives each word one token under BPE's rank order (a chained merge list split ``green``,
     ``bottom`` and ``shape`` and pushed partial captions to 19 tokens, past the recipe's 16-token window)."""
-    from runtime.testing import TINY_WORDS, write_tiny_tokenizer
+    from runtime.builders import TINY_WORDS, write_tiny_tokenizer
     from train.data import all_captions, longest_caption_tokens
     from train.recipes.shapes import SPEC
 

@@ -259,7 +259,7 @@ def test_straightness_of_straight_and_curved_fields():
 def test_epsilon_loss_follows_sds_schedule():
     """The diffusion teacher's loss: zero for the model that knows the true noise under SD's scaled-linear
     schedule, clearly not for one that assumes another schedule."""
-    from runtime.testing import SD_SCHEDULER_CONFIG
+    from runtime.builders import SD_SCHEDULER_CONFIG
 
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD's, written out
     x1, eps = torch.randn(32, 4, 8, 8), torch.randn(32, 4, 8, 8)
@@ -284,7 +284,7 @@ def test_epsilon_loss_follows_sds_schedule():
 def test_diffusion_teacher_trained_saved_and_solved(sd_pairs, prompts_file, tmp_path):
     """A diffusion model trained by the loop is saved as SD is (StableDiffusionPipeline + scheduler/) and is a
     diffusion teacher for train.pairs; its DPM-Solver path, in flow coordinates, ends at the pairs' X1."""
-    from runtime.testing import SD_SCHEDULER_CONFIG
+    from runtime.builders import SD_SCHEDULER_CONFIG
     from train.teacher import load_teacher
 
     cfg = TrainConfig(pairs=str(sd_pairs), out=str(tmp_path / "t"), max_steps=3, batch_size=4, lr=1e-3,

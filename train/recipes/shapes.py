@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from runtime.checkpoints import BUNDLED, resolve
 from runtime.cli import run_cli
 from runtime.models import load_components, save_checkpoint
-from runtime.testing import SD_SCHEDULER_CONFIG, TinySpec, build_tiny_components
+from runtime.builders import SD_SCHEDULER_CONFIG, TinySpec, build_tiny_components
 
 from runtime.files import atomic_write_bytes, atomic_write_json
 
