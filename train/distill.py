@@ -79,8 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--loss", default="l2", choices=["l2", "pseudo-huber", "lpips"])
     p.add_argument("--lpips-net", default="vgg", choices=sorted(LPIPS_BACKBONES))
     p.add_argument("--lpips-random-backbone", action="store_true", help="tests only: untrained LPIPS backbone")
-    a = parse_args(p, argv)
-    return run_cli(lambda: _run(a))
+    return run_cli(lambda: _run(parse_args(p, argv)))
 
 
 def _run(a: argparse.Namespace) -> None:

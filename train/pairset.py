@@ -10,11 +10,18 @@ in a small LRU cache. A :class:`PairStream` gives each DDP rank its micro-batche
   ``(seed, e, rank, group index)``), mixing pairs across and within shards;
 * micro-batch ``i`` of a rank is a pure function of ``(seed, rank, world, i)``: a resumed run continues exactly
   mid-epoch by skipping ``i`` batches, which reads no data.
+
+A :class:`Loader` reads a stream's micro-batches ahead on a background thread (a bounded queue), so that reading and
+checksumming shards overlaps training. A pairs folder may also hold cached text embeddings
+(``embeddings/<key>/``, made by ``python -m train.embed`` for one text encoder): a side file per shard, aligned with
+its pairs, read and checked with the shard.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +34,7 @@ from safetensors.torch import load as st_load
 from .common import TrainError, sha256_bytes
 
 MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings"
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -60,7 +68,26 @@ class PairSet:
         self.sizes = np.array([self._count(name) for name, _ in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self.embeddings: Path | None = None  # the text-embedding cache in use (see use_embeddings)
+        self._emb_shards: dict[str, str] = {}
 
+    def embedding_folder(self, identity: dict[str, Any]) -> Path:
+        """Where the text-embedding cache for this text encoder (``train.embed.text_encoder_identity``) lives."""
+        return self.folder / EMBEDDINGS / identity["key"]
+
+    def use_embeddings(self, identity: dict[str, Any]) -> str | None:
+        """Read cached text embeddings with the shards from now on, when a finished cache for this text encoder
+        exists; returns its key (None: there is none)."""
+        folder = self.embedding_folder(identity)
+        try:
+            doc = json.loads((folder / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        if not doc.get("complete") or doc.get("encoder") != identity or doc.get("pairs") != self.digest:
+            return None
+        self.embeddings, self._emb_shards = folder, doc["shards"]
+        self._cache.clear()
+        return identity["key"]
     def _count(self, name: str) -> int:
         path = self.folder / name
         if not path.is_file():
@@ -85,7 +112,15 @@ class PairSet:
         if sha256_bytes(data) != digest:
             raise TrainError(f"{self.folder / name} does not match its checksum; re-run `python -m train.pairs` "
                              "with the same arguments to regenerate it")
-        self._cache[k] = st_load(data)
+        tensors = st_load(data)
+        if self.embeddings is not None:
+            side = self.embeddings / name
+            emb = side.read_bytes() if side.is_file() else b""
+            if sha256_bytes(emb) != self._emb_shards.get(name):
+                raise TrainError(f"{side} is missing or does not match its checksum; re-run `python -m train.embed "
+                                 f"--pairs {self.folder}` to remake it")
+            tensors["emb"] = st_load(emb)["emb"]
+        self._cache[k] = tensors
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
         return self._cache[k]
@@ -104,6 +139,18 @@ class PairSet:
             local = torch.from_numpy(indices[rows.numpy()] - self.offsets[k])
             x0[rows], x1[rows], prompt[rows] = t["x0"][local].float(), t["x1"][local].float(), t["prompt_index"][local]
         return x0, x1, [self.prompts[int(p)] for p in prompt]
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
+        """:meth:`pairs` plus the cached text embeddings of the pairs' prompts (fp32; None without a cache)."""
+        x0, x1, texts = self.pairs(indices)
+        if self.embeddings is None:
+            return x0, x1, texts, None
+        indices = np.asarray(indices, dtype=np.int64)
+        shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        rows = []
+        for i, k in zip(indices, shard_of):
+            rows.append(self.shard(int(k))["emb"][int(i - self.offsets[k])])
+        return x0, x1, texts, torch.stack(rows).float()
 
 
 class PairStream:
@@ -147,3 +194,60 @@ class PairStream:
 
     def epoch_length(self, e: int) -> int:
         return int(self.pairs.sizes[self.shards(e)].sum())
+
+
+class Loader:
+    """Micro-batches ``(x0, x1, prompts, cached embeddings or None)`` of a stream from micro-batch ``start`` on,
+    read ``prefetch`` micro-batches ahead on a background thread (0: on the caller's thread). The order is the
+    stream's, so prefetching changes nothing but the time; an error on the thread (a damaged shard) is raised by the
+    ``next`` that would have returned the batch."""
+
+    def __init__(self, pairs: PairSet, stream: PairStream, start: int = 0, prefetch: int = 8,
+                 pin: bool = False) -> None:
+        self.pairs, self.pin = pairs, pin
+        self._batches = stream.batches(start=start)
+        self._stop = threading.Event()
+        self._queue: queue.Queue[Any] | None = None
+        if prefetch > 0:
+            self._queue = queue.Queue(maxsize=prefetch)
+            self._thread = threading.Thread(target=self._fill, name="pair-prefetch", daemon=True)
+            self._thread.start()
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
+        x0, x1, texts, emb = self.pairs.batch(next(self._batches))
+        if self.pin:  # page-locked: the copy to the GPU can overlap
+            x0, x1 = x0.pin_memory(), x1.pin_memory()
+            emb = emb.pin_memory() if emb is not None else None
+        return x0, x1, texts, emb
+
+    def _fill(self) -> None:
+        assert self._queue is not None
+        while not self._stop.is_set():
+            try:
+                item: Any = ("ok", self._read())
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                item = ("error", e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] == "error":
+                return
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
+        if self._queue is None:
+            return self._read()
+        kind, value = self._queue.get()
+        if kind == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._queue is not None:
+            self._thread.join(timeout=10)

@@ -23,9 +23,11 @@ from .loop import Trainer, TrainConfig, add_common_args, config_from_args, reflo
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.reflow", description=__doc__.splitlines()[0])
     add_common_args(p, TrainConfig(pairs="", out=""))
-    a = parse_args(p, argv)
-    return run_cli(lambda: Trainer(config_from_args(a, loss="reflow", extra={"default_steps": 4}), reflow_loss,
-                                   "reflow").run())
+    return run_cli(lambda: _run(parse_args(p, argv)))
+
+
+def _run(a: argparse.Namespace) -> None:
+    Trainer(config_from_args(a, loss="reflow", extra={"default_steps": 4}), reflow_loss, "reflow").run()
 
 
 if __name__ == "__main__":
