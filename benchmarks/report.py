@@ -155,10 +155,13 @@ def render_train_memory(doc: dict) -> list[str]:
              "device and run forward in training mode; the tensors autograd keeps for the backward pass are counted "
              f"exactly (fp32; bf16 autocast keeps about half). Fixed: AdamW with fp32 master weights, "
              f"{16 * doc['params'] / gib:.1f} GiB (+{4 * doc['params'] / gib:.1f} GiB of DDP buckets on several "
-             "GPUs).", "", "| batch | gradient checkpointing | activations (fp32) | per GPU, fp32 | per GPU, bf16 "
-             "autocast |", "| ---: | --- | ---: | ---: | ---: |"]
-    lines += [f"| {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | {r['activations_fp32'] / gib:.2f} GiB | "
-              f"{r['total_fp32'] / gib:.1f} GiB | ~{r['total_bf16_autocast'] / gib:.1f} GiB |" for r in doc["rows"]]
+             "GPUs). LPIPS distillation adds the VAE decoder at full resolution and the LPIPS network (VGG-16) to the "
+             "backward pass, and their frozen fp32 weights to the fixed cost.", "",
+             "| stage | batch | gradient checkpointing | activations (fp32) | per GPU, fp32 | per GPU, bf16 autocast |",
+             "| --- | ---: | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r.get('stage', 'reflow / L2 distillation')} | {r['batch']} | {'yes' if r['checkpointing'] else 'no'} "
+              f"| {r['activations_fp32'] / gib:.2f} GiB | {r['total_fp32'] / gib:.1f} GiB | "
+              f"~{r['total_bf16_autocast'] / gib:.1f} GiB |" for r in doc["rows"]]
     if doc.get("note"):
         lines += ["", f"Note: {doc['note']}"]
     return lines + [""]
