@@ -265,6 +265,26 @@ def test_prefetch_and_cached_embeddings_change_nothing(pairs, tmp_path, referenc
         Trainer(_cfg(pairs, tmp_path / "none", text_embeddings="cached"), reflow_loss, "reflow").run()
 
 
+def test_the_loader_reads_the_next_shard_group_ahead_on_another_thread(pairs):
+    """Groups of one shard (cache_shards=1): the first shard is read by the prefetch thread when its batch is
+    assembled, every later one by the read-ahead thread, before a batch needs it, each exactly once."""
+    import threading
+
+    from train.pairset import Loader, PairSet, PairStream
+
+    ps = PairSet(pairs, cache_shards=1)
+    reads, real = [], ps._read
+    ps._read = lambda k: reads.append((k, threading.current_thread().name)) or real(k)
+    loader = Loader(ps, PairStream(ps, 2, seed=0), prefetch=2)
+    batches = [next(loader) for _ in range(8)]  # one epoch: 16 pairs
+    loader.close()
+    first = int(PairStream(ps, 2, seed=0).shards(0)[0])
+    assert sorted(k for k, _ in reads[:4]) == [0, 1, 2, 3], reads  # each once (the list is in order of starts)
+    assert [k for k, n in reads[:4] if not n.startswith("shard-read")] == [first], reads
+    sync = Loader(PairSet(pairs, cache_shards=1), PairStream(ps, 2, seed=0), prefetch=0)
+    assert all(torch.equal(a[1], next(sync)[1]) for a in batches)
+
+
 # ------------------------------------------------------------------------------ 3: logging and validation
 def test_logging_and_validation_are_written_and_change_nothing(pairs, tmp_path, reference, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
