@@ -2,7 +2,7 @@
 file written by rank 0, ``torch.load`` of the whole file on resume) and after (``torch.distributed.checkpoint``
 through ``train.checkpoint``).
 
-    python -m benchmarks.train_checkpoint [--dir /tmp/ckpt-bench] [--out benchmarks/results/train-checkpoint.json]
+    python -m benchmarks.train_checkpoint [--repeat 2] [--dir /tmp/ckpt-bench] [--out benchmarks/results/...]
 
 The state is what a run without EMA holds: the SD-1.5 UNet's fp32 weights (860M parameters) and AdamW's two moments
 and step per parameter, ~10.3 GB (EMA adds 3.4 GB). Each phase runs in a fresh process that first builds the
@@ -96,7 +96,8 @@ def phase(name: str, folder: Path) -> dict[str, Any]:
         opt.load_state_dict({"state": {index[n]: s for n, s in optim.items()}, "param_groups": groups})
     seconds = time.perf_counter() - t0
     assert len(opt.state) == len(names)
-    return {"phase": name, "seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    return {"phase": name, "seconds": seconds, "peak_rss_gb": peak}
 
 
 def drop_page_cache() -> bool:
@@ -117,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_checkpoint", description=__doc__.splitlines()[0])
     p.add_argument("--dir", default="/tmp/instaflow-ckpt-bench")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train-checkpoint.json"))
+    p.add_argument("--repeat", type=int, default=2, help="runs of each phase, interleaved (the median is kept)")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     folder = Path(a.dir)
@@ -131,25 +133,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder.mkdir(parents=True)
     load_at_start = list(os.getloadavg())
     rows = []
+    runs: dict[str, list[dict[str, Any]]] = {}
     try:
-        for name in ("old-save", "old-load", "new-save", "new-load"):
-            cold = drop_page_cache() if name.endswith("load") else None
-            r = subprocess.run([sys.executable, "-m", "benchmarks.train_checkpoint", "--dir", str(folder), "--phase",
-                                name], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-            if r.returncode:
-                print(r.stderr[-3000:], file=sys.stderr)
-                return 1
-            row = json.loads(r.stdout.strip().splitlines()[-1])
-            target = folder / "step-00001000.pt" if name.startswith("old") else folder / "state"
-            row["bytes"] = size_of(target)
-            row["page_cache_dropped"] = cold
-            rows.append(row)
-            print(f"{name}: {row['seconds']:.1f} s, {row['bytes'] / GB:.2f} GB, peak RSS {row['peak_rss_gb']:.1f} GB",
-                  flush=True)
+        for rep in range(a.repeat):
+            for name in ("old-save", "old-load", "new-save", "new-load"):
+                if name.endswith("save"):  # each repeat writes afresh
+                    shutil.rmtree(folder / "state", ignore_errors=True)
+                    (folder / "step-00001000.pt").unlink(missing_ok=True)
+                cold = drop_page_cache() if name.endswith("load") else None
+                r = subprocess.run([sys.executable, "-m", "benchmarks.train_checkpoint", "--dir", str(folder),
+                                    "--phase", name], capture_output=True, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "2"})
+                if r.returncode:
+                    print(r.stderr[-3000:], file=sys.stderr)
+                    return 1
+                row = json.loads(r.stdout.strip().splitlines()[-1])
+                target = folder / "step-00001000.pt" if name.startswith("old") else folder / "state"
+                row["bytes"] = size_of(target)
+                row["page_cache_dropped"] = cold
+                runs.setdefault(name, []).append(row)
+                print(f"{name} ({rep + 1}/{a.repeat}): {row['seconds']:.1f} s, {row['bytes'] / GB:.2f} GB, peak RSS "
+                      f"{row['peak_rss_gb']:.1f} GB", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    for name, rs in runs.items():  # the median run of each phase, with every run's seconds
+        rs = sorted(rs, key=lambda x: x["seconds"])
+        rows.append({**rs[len(rs) // 2], "runs_seconds": [x["seconds"] for x in runs[name]]})
     doc = {"checkpoint_io": "SD-1.5 UNet + AdamW (no EMA)", "date": now(), "machine": machine_info(),
-           "command": "python -m benchmarks.train_checkpoint", "rows": rows, "loadavg_at_start": load_at_start}
+           "command": f"python -m benchmarks.train_checkpoint --repeat {a.repeat}", "rows": rows,
+           "loadavg_at_start": load_at_start}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, doc)

@@ -161,8 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
            "command": "python -m benchmarks.train_memory", "rows": rows,
            "note": "checked against the full-size CPU run: batch 1 with checkpointing is 13.1 GiB here, and that "
                    "run's process peaked at 15.0 GiB with the text encoder, the VAE and one block's recomputation "
-                   "on top. One 80 GB GPU trains batch 8 without checkpointing (with DDP's buckets); a 24 GB GPU "
-                   "needs checkpointing."}
+                   "on top. One 80 GB GPU trains reflow or L2 distillation at batch 8 without checkpointing (with "
+                   "DDP's buckets); a 24 GB GPU needs checkpointing. LPIPS distillation keeps 10.7 GiB of fp32 "
+                   "activations per image without checkpointing (the decoder at 512x512 and VGG-16: 6.2 GiB more than "
+                   "the UNet alone), so batch 8 needs 98 GiB in fp32 (~56 GiB under bf16 autocast); with "
+                   "--grad-checkpointing (UNet and decoder "
+                   "blocks and the LPIPS network checkpointed) it keeps 1.1 GiB per image, plus, during the "
+                   "backward pass, the activations of the one block being recomputed (the largest is a decoder "
+                   "block at 512x512)."}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, doc)

@@ -99,7 +99,8 @@ def test_recipe_file_states_the_paper_and_flags_override_it(capsys, tmp_path):
     bad.write_text('[reflow]\nlearning-rate = 1e-6\n[typed]\nmax-steps = "many"\n')
     base = ["--pairs", "p", "-o", str(tmp_path / "o")]
     _one_line_exit_2(capsys, reflow.main, ["--recipe", f"{bad}:reflow", *base], "has no --learning-rate")
-    _one_line_exit_2(capsys, reflow.main, ["--recipe", f"{bad}:typed", *base], "max-steps = 'many' is not a valid value")
+    _one_line_exit_2(capsys, reflow.main, ["--recipe", f"{bad}:typed", *base],
+                     "max-steps = 'many' is not a valid value")
     _one_line_exit_2(capsys, reflow.main, ["--recipe", f"{bad}:nope", *base], "has no table [nope]")
     _one_line_exit_2(capsys, reflow.main, ["--recipe", str(bad), *base], "--recipe takes FILE:TABLE")
 

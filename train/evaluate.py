@@ -70,7 +70,8 @@ def inception_extractor(path: str | Path | None, device: torch.device) -> tuple[
     """torchmetrics' FID Inception (2048-d) with weights from ``path``; one line when they are missing."""
     weights = Path(path) if path else default_inception_path()
     if not weights.is_file():
-        raise TrainError(f"FID needs the Inception weights: put {INCEPTION_FILE} into {weights.parent} ({INCEPTION_URL}), "
+        raise TrainError(f"FID needs the Inception weights: put {INCEPTION_FILE} into {weights.parent} "
+                         f"({INCEPTION_URL}), "
                          "or pass --inception FILE")
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3

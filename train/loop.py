@@ -29,7 +29,7 @@ from runtime.manifest import fingerprint
 from runtime.models import Components, load_components, save_checkpoint
 
 from . import checkpoint as ckpt_io
-from .common import Dist, TrainError, device_for, init_distributed, progress
+from .common import Dist, TrainError, device_for, init_distributed, load_prompts, progress
 from .pairset import Loader, PairSet, PairStream
 
 Loss = Callable[["Batch"], torch.Tensor]
@@ -262,6 +262,12 @@ class Trainer:
             raise TrainError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {cfg.mixed_precision!r}")
         if cfg.text_embeddings not in TEXT_EMBEDDINGS:
             raise TrainError(f"--text-embeddings must be one of {', '.join(TEXT_EMBEDDINGS)}")
+        if cfg.log_dir:
+            from .monitor import summary_writer
+
+            summary_writer(None, None, check_only=True)  # tensorboard installed: before any work
+        if cfg.validate_every and cfg.validation_prompts:
+            load_prompts(cfg.validation_prompts)
 
     def _accumulation(self, d: Dist) -> int:
         cfg = self.cfg
@@ -498,7 +504,8 @@ def ema_decay(ema: float, step: int) -> float:
 
 def add_common_args(p: Any, defaults: TrainConfig) -> None:
     p.add_argument("--recipe", default=None,
-                   help="FILE:TABLE of settings (e.g. train/recipes/instaflow_sd15.toml:reflow); flags override it")
+                   help="FILE:TABLE of settings (e.g. train/recipes/instaflow_sd15.toml:reflow-1); flags override "
+                        "it")
     p.add_argument("--pairs", required=True, help="pairs folder from `python -m train.pairs`")
     p.add_argument("-o", "--output", required=True, help="run folder: OUT/model (diffusers), OUT/state (resume)")
     p.add_argument("--init", default=None, help="checkpoint to start from [the teacher that made the pairs]")

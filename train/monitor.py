@@ -32,12 +32,13 @@ if TYPE_CHECKING:
 VALIDATION_SEED = 1234
 
 
-def summary_writer(log_dir: str, purge_step: int | None) -> Any:
+def summary_writer(log_dir: str | None, purge_step: int | None, check_only: bool = False) -> Any:
+    """TensorBoard's writer (a resumed run purges what was logged after ``purge_step``); one line without it."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise TrainError("--log-dir needs TensorBoard: pip install 'instaflow-rt[train]' (or tensorboard)") from None
-    return SummaryWriter(log_dir=log_dir, purge_step=purge_step or None)
+    return None if check_only else SummaryWriter(log_dir=log_dir, purge_step=purge_step or None)
 
 
 class Monitor:
