@@ -466,6 +466,9 @@ class Trainer:
         for key, (shape, dtype) in shapes.items():
             if key.startswith("optim."):
                 pname, k = key[len("optim."):].rsplit(".", 1)
+                if pname not in names:
+                    raise TrainError(f"{path} holds optimizer state for {pname}, which this model does not have: not "
+                                     "a state of this model; use another -o folder, or --force to start over")
                 dev = names[pname].device if shape else torch.device("cpu")
                 tensors[key] = optim.setdefault(pname, {})[k] = torch.empty(shape, dtype=dtype, device=dev)
         rng_key = f"rng.{r.dist.rank}"
