@@ -172,10 +172,72 @@ def render_train_memory(doc: dict) -> list[str]:
              "device and run forward in training mode; the tensors autograd keeps for the backward pass are counted "
              f"exactly (fp32; bf16 autocast keeps about half). Fixed: AdamW with fp32 master weights, "
              f"{16 * doc['params'] / gib:.1f} GiB (+{4 * doc['params'] / gib:.1f} GiB of DDP buckets on several "
-             "GPUs).", "", "| batch | gradient checkpointing | activations (fp32) | per GPU, fp32 | per GPU, bf16 "
-             "autocast |", "| ---: | --- | ---: | ---: | ---: |"]
-    lines += [f"| {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | {r['activations_fp32'] / gib:.2f} GiB | "
-              f"{r['total_fp32'] / gib:.1f} GiB | ~{r['total_bf16_autocast'] / gib:.1f} GiB |" for r in doc["rows"]]
+             "GPUs). LPIPS distillation adds the VAE decoder at full resolution and the LPIPS network (VGG-16) to the "
+             "backward pass, and their frozen fp32 weights to the fixed cost.", "",
+             "| stage | batch | gradient checkpointing | activations (fp32) | per GPU, fp32 | per GPU, bf16 autocast |",
+             "| --- | ---: | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r.get('stage', 'reflow / L2 distillation')} | {r['batch']} | "
+              f"{'yes' if r['checkpointing'] else 'no'} "
+              f"| {r['activations_fp32'] / gib:.2f} GiB | {r['total_fp32'] / gib:.1f} GiB | "
+              f"~{r['total_bf16_autocast'] / gib:.1f} GiB |" for r in doc["rows"]]
+    if doc.get("note"):
+        lines += ["", f"Note: {doc['note']}"]
+    return lines + [""]
+
+
+def _machine_line(doc: dict) -> str:
+    m = doc.get("machine", {})
+    hw = m.get("gpu") or f"{m.get('cpu', 'CPU')} ({m.get('cores', '?')} cores)"
+    load = doc.get("loadavg_at_start")
+    return hw + (f"; load average {load[0]:.1f} when it started (other jobs shared the cores)"
+                 if load and load[0] > 1.5 else "")
+
+
+def render_train_checkpoint(doc: dict) -> list[str]:
+    """``python -m benchmarks.train_checkpoint``: the resumable state's write and read time at SD size."""
+    gb = 1e9
+    rows = {r["phase"]: r for r in doc["rows"]}
+    lines = [f"## Training state at SD size: write and read — {doc['date']}", "",
+             f"`{doc['command']}` on {_machine_line(doc)}: {doc['checkpoint_io']}, one process, each phase in a fresh "
+             "process after building the model and optimizer state; reads from a cold page cache. Before: rank 0 "
+             "`torch.save`s one file, every rank `torch.load`s all of it on resume. After: "
+             "`torch.distributed.checkpoint` (`train/checkpoint.py`).", "",
+             "| | write s (each run) | read s (each run) | size GB | peak RSS on read GB |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+
+    def runs(row: dict) -> str:
+        return " / ".join(f"{x:.1f}" for x in row.get("runs_seconds", [row["seconds"]]))
+
+    for label, key in (("before: one torch.save file", "old"), ("after: DCP", "new")):
+        w, r = rows[f"{key}-save"], rows[f"{key}-load"]
+        lines.append(f"| {label} | {runs(w)} | {runs(r)} | {w['bytes'] / gb:.2f} | {r['peak_rss_gb']:.1f} |")
+    if doc.get("note"):
+        lines += ["", f"Note: {doc['note']}"]
+    return lines + [""]
+
+
+def render_train_data(doc: dict) -> list[str]:
+    """``python -m benchmarks.train_data``: pairs/s of the training data path."""
+    lines = [f"## Training data path: pairs/s — {doc['date']}", "",
+             f"`{doc['command']}` on {_machine_line(doc)}: {doc['pairs']} SD-1.5-shaped pairs (fp16 latents, "
+             f"{doc['shard']} per shard, groups of 8 shards), micro-batches of {doc['batch']} through "
+             "`train.pairset.Loader`, cold page cache, median of the interleaved repeats. `step` is the wait after "
+             "each "
+             "micro-batch standing in for a GPU's training step; cached embeddings add a 77x768 fp16 side file per "
+             "pair to the reads and take the text encoder off the step.", "",
+             "| step ms | text embeddings | prefetch 0 (pairs/s) | prefetch 8 (pairs/s) | with / without |",
+             "| ---: | --- | ---: | ---: | ---: |"]
+    keyed = {(r["step_ms"], r["cached_embeddings"], r["prefetch"]): r["pairs_per_s"] for r in doc["rows"]}
+    for step, cached in dict.fromkeys((r["step_ms"], r["cached_embeddings"]) for r in doc["rows"]):
+        off = keyed[(step, cached, 0)]
+        on = next(v for (s_, c_, p_), v in keyed.items() if s_ == step and c_ == cached and p_ > 0)
+        what = "cached (read with the pairs)" if cached else "prompts only (the step encodes them)"
+        lines.append(f"| {step:.0f} | {what} | {off:.0f} | "
+                     f"{on:.0f} | {on / off:.2f}x |")
+    enc = doc.get("encode_prompts_per_s")
+    if enc:
+        lines += ["", f"The text encoder the cache removes from the step: SD-1.5's CLIP text encoder on this CPU, one "
+                  f"prompt per call: {enc:.1f} prompts/s (on a GPU a few ms per batch)."]
     if doc.get("note"):
         lines += ["", f"Note: {doc['note']}"]
     return lines + [""]
@@ -209,7 +271,8 @@ def render_cold_start(doc: dict) -> list[str]:
 
 #: results of the other tools, told apart by a key only their JSON has
 OTHER_SECTIONS = (("variants", render_layouts), ("steps", render_fullsize), ("clients", render_serve_load),
-                  ("activations_of", render_train_memory), ("cold_start", render_cold_start))
+                  ("activations_of", render_train_memory), ("checkpoint_io", render_train_checkpoint),
+                  ("data_path", render_train_data), ("cold_start", render_cold_start))
 
 
 def bar_chart(docs: list[dict], path: Path) -> None:

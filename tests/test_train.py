@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from runtime import Pipeline
 from train.common import TrainError, load_prompts
@@ -341,15 +342,27 @@ def test_whole_chain_smoke(sd_style_ckpt, prompts_file, tmp_path):
     assert len(out.images) == 2 and out.images[0].size == (32, 32)
 
 
-def test_reflow_under_torchrun_two_processes(sd_pairs, tmp_path):
+def test_reflow_under_torchrun_two_processes_and_resharded_resume(sd_pairs, tmp_path, capsys):
+    """Two ranks: each writes its part of the DCP state (DDP's replicated tensors are de-duplicated, so each rank's
+    file holds about half); a single process resumes from it (another world size) with the very same weights."""
+    out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-                        "train.reflow", "--pairs", str(sd_pairs), "-o", str(tmp_path / "ddp"), "--max-steps", "4",
-                        "--batch-size", "4", "--save-every", "2"], env=_env(tmp_path), cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+                        "train.reflow", "--pairs", str(sd_pairs), "-o", str(out), "--max-steps", "4",
+                        "--batch-size", "4", "--save-every", "2", "--ema", "0", "--lr", "1e-3", "--prefetch", "2"],
+                       env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "ddp" / "model" / "model_index.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "ddp" / "state").glob("*.pt")) == ["step-00000002.pt",
-                                                                                 "step-00000004.pt"]
+    assert (out / "model" / "model_index.json").is_file()
+    state = out / "state"
+    assert sorted(p.name for p in state.iterdir()) == ["step-00000002", "step-00000004"]
+    parts = sorted((state / "step-00000004").glob("*.distcp"))
+    sizes = [p.stat().st_size for p in parts]
+    assert len(parts) == 2 and min(sizes) > 0.3 * sum(sizes), sizes  # both ranks wrote, about half each
+    saved = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    cfg = TrainConfig(pairs=str(sd_pairs), out=str(out), max_steps=4, batch_size=8, lr=1e-3, ema=0.0)
+    model = Trainer(cfg, reflow_loss, "reflow").run()  # global batch 8 as before: the same run, on one rank
+    assert "world size 2 -> 1" in capsys.readouterr().out
+    again = load_file(model / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
 
 
 def test_training_memory_is_counted_from_what_autograd_keeps():

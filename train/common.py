@@ -106,7 +106,8 @@ _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """``parser.parse_args``, where a negative number in scientific notation is a value, not an option: argparse
     reads ``--lr -1e-3`` as two options ("expected one argument"), so it becomes ``--lr=-1e-3`` and the range check
-    can say what is wrong."""
+    can say what is wrong. With ``--recipe FILE:TABLE`` (when the parser has that flag) the table's settings become
+    the defaults; flags given on the command line override them."""
     args = list(sys.argv[1:] if argv is None else argv)
     out: list[str] = []
     for a in args:
@@ -114,4 +115,54 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
             out[-1] = f"{out[-1]}={a}"
         else:
             out.append(a)
+    if any(a.dest == "recipe" for a in parser._actions):
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--recipe", default=None)
+        known, _ = pre.parse_known_args(out)
+        if known.recipe:
+            parser.set_defaults(**recipe_defaults(parser, known.recipe))
     return parser.parse_args(out)
+
+
+def load_recipe(spec: str) -> tuple[Path, str, dict[str, Any]]:
+    """``FILE:TABLE`` -> (file, table, the table's settings). A recipe is a TOML file of tables of flag settings, one
+    table per stage (``train/recipes/instaflow_sd15.toml``)."""
+    import tomllib
+
+    path_text, sep, table = spec.rpartition(":")
+    if not sep or not table or not path_text:
+        raise TrainError(f"--recipe takes FILE:TABLE (e.g. train/recipes/instaflow_sd15.toml:reflow), got {spec!r}")
+    path = Path(path_text)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise TrainError(f"recipe file does not exist: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise TrainError(f"recipe {path} is not valid TOML: {e}") from None
+    if not isinstance(doc.get(table), dict):
+        tables = ", ".join(k for k, v in doc.items() if isinstance(v, dict))
+        raise TrainError(f"recipe {path} has no table [{table}]; it has: {tables}")
+    return path, table, doc[table]
+
+
+def recipe_defaults(parser: argparse.ArgumentParser, spec: str) -> dict[str, Any]:
+    """The parser defaults a recipe table sets (keys are flag names: ``max-steps`` or ``max_steps``); one line for
+    a key the command does not have or a value of the wrong kind."""
+    path, table, settings = load_recipe(spec)
+    actions = {a.dest: a for a in parser._actions}
+    out: dict[str, Any] = {"recipe": f"{path}:{table}"}
+    for key, value in settings.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest in ("help", "recipe"):
+            raise TrainError(f"recipe {path} [{table}]: {parser.prog} has no --{key.replace('_', '-')}")
+        try:
+            if action.type is not None and not isinstance(value, bool):
+                value = action.type(value)
+        except (TypeError, ValueError):
+            raise TrainError(f"recipe {path} [{table}]: {key} = {value!r} is not a valid value") from None
+        if action.choices is not None and value not in action.choices:
+            raise TrainError(f"recipe {path} [{table}]: {key} must be one of {', '.join(map(str, action.choices))}, "
+                             f"got {value!r}")
+        out[dest] = value
+    return out

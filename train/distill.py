@@ -2,11 +2,15 @@
 
     python -m train.distill --pairs pairs_2rf/ -o runs/student --loss l2 [--max-steps 1000] [...]
     python -m train.distill --pairs pairs_2rf/ -o runs/student_lpips --loss lpips --init runs/student/model
+    python -m train.distill --recipe train/recipes/instaflow_sd15.toml:distill-lpips --pairs ... -o ... --init ...
+
+The flags are train.reflow's (``python -m train.reflow -h``) plus the loss.
 
 Initialised from v_k (the flow that made the pairs; ``--init`` to continue from an earlier stage, e.g. LPIPS after
 L2 as in the paper). Losses: ``l2`` or ``pseudo-huber`` in latent space, or ``lpips`` between the VAE decodings of
 prediction and target (the ``lpips`` package; its ImageNet backbone comes from the torch hub cache, and a missing
-file is one error line saying which file to put where). Writes ``OUT/model``, whose default is one step, no CFG.
+file is one error line saying which file to put where). With ``--grad-checkpointing`` the VAE decoder's blocks and
+the LPIPS network are checkpointed too, not only the UNet. Writes ``OUT/model``, whose default is one step, no CFG.
 """
 
 from __future__ import annotations
@@ -56,9 +60,14 @@ def lpips_model(net: str = "vgg", random_backbone: bool = False) -> torch.nn.Mod
     return model.eval().requires_grad_(False)
 
 
-def make_lpips_loss(model: torch.nn.Module) -> Loss:
+def make_lpips_loss(model: torch.nn.Module, checkpointing: bool = False) -> Loss:
     """LPIPS between the VAE decodings of the student's prediction and of the target. The prediction is not clamped
-    (a clamp would zero its gradient wherever decoded pixels leave [-1, 1]); only the target is."""
+    (a clamp would zero its gradient wherever decoded pixels leave [-1, 1]); only the target is.
+
+    ``checkpointing`` (``--grad-checkpointing``): the LPIPS network's activations are recomputed in the backward pass
+    instead of kept (the VAE decoder's blocks are checkpointed by the trainer, which enables diffusers' gradient
+    checkpointing on the VAE): at 512x512 the decoder and VGG activations, not the UNet's, dominate a distillation
+    step's memory (``python -m benchmarks.train_memory``)."""
     placed: dict[torch.device, torch.nn.Module] = {}
 
     def loss(b: Batch) -> torch.Tensor:
@@ -68,24 +77,33 @@ def make_lpips_loss(model: torch.nn.Module) -> Loss:
         image = vae.decode(flow.vae_input(pred, c.scaling_factor, c.shift_factor), return_dict=False)[0]
         with torch.no_grad():
             target = vae.decode(flow.vae_input(b.x1, c.scaling_factor, c.shift_factor), return_dict=False)[0]
-        return net(image, target.clamp(-1, 1)).mean()
+        target = target.clamp(-1, 1)
+        if checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(net, image, target, use_reentrant=False).mean()
+        return net(image, target).mean()
 
     return loss
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__.splitlines()[0])
     add_common_args(p, TrainConfig(pairs="", out="", text_dropout=0.0))
     p.add_argument("--loss", default="l2", choices=["l2", "pseudo-huber", "lpips"])
     p.add_argument("--lpips-net", default="vgg", choices=sorted(LPIPS_BACKBONES))
     p.add_argument("--lpips-random-backbone", action="store_true", help="tests only: untrained LPIPS backbone")
-    a = parse_args(p, argv)
-    return run_cli(lambda: _run(a))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(lambda: _run(parse_args(build_parser(), argv)))
 
 
 def _run(a: argparse.Namespace) -> None:
     if a.loss == "lpips":
-        fn = make_lpips_loss(lpips_model(a.lpips_net, a.lpips_random_backbone))  # built once, before any work
+        # built once, before any work
+        fn = make_lpips_loss(lpips_model(a.lpips_net, a.lpips_random_backbone), checkpointing=a.grad_checkpointing)
     else:
         fn = l2_loss if a.loss == "l2" else pseudo_huber_loss
     cfg = config_from_args(a, loss=a.loss, lpips_net=a.lpips_net, lpips_random_backbone=a.lpips_random_backbone,

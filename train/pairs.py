@@ -30,7 +30,7 @@ from runtime.pipeline import parse_dtype
 from runtime.files import atomic_write_bytes, atomic_write_json
 
 from .common import (TrainError, batches, device_for, init_distributed,
-                     load_prompts, progress, sha256_bytes)
+                     load_prompts, parse_args, progress, sha256_bytes)
 from .teacher import load_teacher
 
 from .pairset import MANIFEST, read_manifest
@@ -150,7 +150,9 @@ def write_pairs(folder: str | Path, x0: torch.Tensor, x1: torch.Tensor, prompt_i
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.pairs", description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", required=True, help="checkpoint: alias, hub id or folder (diffusion or flow)")
+    p.add_argument("--recipe", default=None,
+                   help="FILE:TABLE of settings (e.g. train/recipes/instaflow_sd15.toml:pairs-sd); flags override it")
+    p.add_argument("--teacher", default=None, help="checkpoint: alias, hub id or folder (diffusion or flow)")
     p.add_argument("--prompts", required=True, help="text file (one per line), JSON or CSV of captions")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--num-pairs", type=int, default=1000)
@@ -168,9 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    return run_cli(lambda: generate(a.teacher, a.prompts, a.output, a.num_pairs, a.batch_size, a.seed, a.steps,
-                                    a.guidance, a.height, a.width, a.shard_size, a.storage, a.device, a.dtype))
+    return run_cli(lambda: _run(parse_args(build_parser(), argv)))
+
+
+def _run(a: argparse.Namespace) -> None:
+    if not a.teacher:
+        raise TrainError("--teacher is required (a checkpoint: alias, hub id or folder), on the command line or in "
+                         "the recipe")
+    generate(a.teacher, a.prompts, a.output, a.num_pairs, a.batch_size, a.seed, a.steps, a.guidance, a.height,
+             a.width, a.shard_size, a.storage, a.device, a.dtype)
 
 
 if __name__ == "__main__":
