@@ -262,7 +262,7 @@ def test_stream_graph_keeps_the_error_that_broke_the_capture(fake_gpu_latest, mo
 
     def end_invalidated(stream):
         fake_gpu_latest.CAPTURING.pop(stream, None)
-        return (fake_gpu_latest.cudart.cudaError_t.cudaErrorIllegalState,)
+        return (fake_gpu_latest.cudart.cudaError_t.cudaErrorStreamCaptureInvalidated, None)
 
     monkeypatch.setattr(fake_gpu_latest.cudart, "cudaStreamEndCapture", end_invalidated)
 
