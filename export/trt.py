@@ -37,6 +37,11 @@ from .onnx import export
 from .verify import export_checkpoint
 
 
+#: the oldest polygraphy that builds for TensorRT 10 and 11 (pyproject pins it): 0.49.0 sets the EXPLICIT_BATCH
+#: flag TensorRT 11 removed, and up to 0.49.26 it reads ``ILayer.precision_is_set``, also removed in 11.0
+POLYGRAPHY_MIN = "0.50.3"
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
 
@@ -70,31 +75,42 @@ def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str
     """Build ``onnx_path`` into a TensorRT engine through polygraphy (kept in step with every TensorRT release by
     NVIDIA): a strongly typed network parsed from the file (external data followed), one optimisation profile, the
     timing cache loaded when present (``refittable``: weights can be replaced later, see :func:`refit_engine`);
-    engine and updated timing cache are written atomically here."""
-    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
-    from polygraphy.backend.trt.util import get_trt_logger
-    from polygraphy.exception import PolygraphyException
-    from polygraphy.logger import G_LOGGER
+    engine and updated timing cache are written atomically here. Any failure inside polygraphy or TensorRT is one
+    line naming both and their versions (a polygraphy older than the TensorRT touches what it removed: an
+    AttributeError)."""
+    try:
+        import polygraphy
+        from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
+        from polygraphy.backend.trt.util import get_trt_logger
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise BackendUnavailableError(f"building engines needs polygraphy (pip install 'polygraphy>={POLYGRAPHY_MIN}'"
+                                      " or 'instaflow-rt[trt]'); the ONNX export is done") from None
 
     from runtime.backends.tensorrt_backend import set_logger
 
     G_LOGGER.colors = False  # plain log lines (and no warning about the optional 'colored' module)
-    set_logger(trt, get_trt_logger())  # polygraphy's builder logger serves the engines loaded after it too
-    shapes = Profile()
-    for name, (lo, best, hi) in profile.items():
-        shapes.add(name, min=lo, opt=best, max=hi)
-    cache = str(timing_cache) if timing_cache.exists() else None  # a missing cache starts empty
-    create_config = CreateConfig(profiles=[shapes], load_timing_cache=cache, refittable=refittable,
-                                 memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gb * 2**30)})
     try:
+        set_logger(trt, get_trt_logger())  # polygraphy's builder logger serves the engines loaded after it too
+        shapes = Profile()
+        for name, (lo, best, hi) in profile.items():
+            shapes.add(name, min=lo, opt=best, max=hi)
+        cache = str(timing_cache) if timing_cache.exists() else None  # a missing cache starts empty
+        create_config = CreateConfig(profiles=[shapes], load_timing_cache=cache, refittable=refittable,
+                                     memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gb * 2**30)})
         builder, network, parser = network_from_onnx_path(str(onnx_path), strongly_typed=strongly_typed(trt))
         config = create_config(builder, network)
         serialized = engine_bytes_from_network((builder, network, parser), config=config)
-    except PolygraphyException as e:
-        raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name}: "
-                          f"{str(e).strip().splitlines()[-1][:300]} (see the log above)") from None
+        cache_bytes = bytes(config.get_timing_cache().serialize())
+    except Exception as e:  # noqa: BLE001 - polygraphy's and TensorRT's own errors, and AttributeErrors of skew
+        detail = (str(e).strip().splitlines() or [""])[-1][:300]
+        hint = (f"this polygraphy does not know this TensorRT: pip install 'polygraphy>={POLYGRAPHY_MIN}'"
+                if isinstance(e, AttributeError) else "see the log above")
+        raise ExportError(f"TensorRT {getattr(trt, '__version__', '?')} with polygraphy "
+                          f"{getattr(polygraphy, '__version__', '?')} failed to build an engine from "
+                          f"{onnx_path.name}: {type(e).__name__}: {detail} ({hint})") from None
     atomic_write_bytes(engine_path, bytes(serialized))
-    atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    atomic_write_bytes(timing_cache, cache_bytes)
 
 
 def refit_engine(trt: Any, engine_path: Path, onnx_path: Path, new_path: Path) -> None:

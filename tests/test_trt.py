@@ -309,7 +309,8 @@ def test_fake_tensorrt_builds_through_polygraphy(fake_gpu_latest, tiny_ckpt, tmp
     cache = (next(tmp_path.glob("timing.*.cache"))).read_bytes()
     assert [d for e, d in fake_gpu_latest.LOG if e == "timing_cache"] == [cache] * 4  # loaded by every build
     monkeypatch.setattr(fake_gpu_latest.Builder, "build_serialized_network", lambda self, network, config: None)
-    with pytest.raises(ExportError, match=r"^TensorRT failed to build an engine from text_encoder.onnx: ") as info:
+    with pytest.raises(ExportError, match=r"^TensorRT 11.1.0 with polygraphy [0-9.]+ failed to build an engine from "
+                                          r"text_encoder.onnx: PolygraphyException: .*\(see the log above\)$") as info:
         build(str(tiny_ckpt), tmp_path, static=True, force=True)
     assert "\n" not in str(info.value)
 
@@ -327,3 +328,77 @@ def test_fake_tensorrt_on_the_bundled_model(fake_gpu_latest, tmp_path):
         engines = _fake_backend("tiny", tmp_path)  # fresh: nothing cached
         b = engines(prompts, seed=7, output_type="pt", **kwargs).images
         assert_fp16_close(b, reference(prompts, seed=7, output_type="pt", **kwargs).images)
+
+
+# ------------------------------------------------------------------------------- skew between the NVIDIA packages
+def small_onnx(path: Path) -> Path:
+    """A one-convolution fp16 graph with a dynamic batch: enough for the build path (no export needed)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float16), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["b", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["b", 2, 4, 4])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_polygraphy_that_predates_tensorrt_11_is_one_line(fake_gpu_latest, tmp_path, monkeypatch):
+    """polygraphy 0.49.0 sets NetworkDefinitionCreationFlag.EXPLICIT_BATCH unconditionally; TensorRT 11 removed it,
+    so its build ends in an AttributeError inside polygraphy. The build says so in one line naming both versions
+    (its CreateNetwork, as released in 0.49.0, stands in for the old package)."""
+    import polygraphy
+    from polygraphy.backend.trt import loader, util as trt_util
+
+    from export.trt import build_engine
+
+    trt = fake_gpu_latest
+
+    def create_network_0_49_0(self):  # polygraphy 0.49.0, backend/trt/loader.py CreateNetwork.call_impl
+        builder = trt.Builder(trt_util.get_trt_logger())
+        network_flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        if self.strongly_typed:
+            network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        return builder, builder.create_network(flags=network_flags)
+
+    monkeypatch.setattr(loader.CreateNetwork, "call_impl", create_network_0_49_0)
+    onnx_path = small_onnx(tmp_path / "m.onnx")
+    profile = {"x": ((1, 3, 4, 4), (1, 3, 4, 4), (2, 3, 4, 4))}
+    with pytest.raises(ExportError) as info:
+        build_engine(trt, onnx_path, tmp_path / "m.plan", profile, tmp_path / "timing.cache")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"TensorRT 11.1.0 with polygraphy {polygraphy.__version__} failed to build an engine "
+                              "from m.onnx: AttributeError: EXPLICIT_BATCH")
+    assert "pip install 'polygraphy>=0.50.3'" in message
+    assert not (tmp_path / "m.plan").exists()
+    fake_gpu_latest.use("10.16.0")  # TensorRT 10 still has the (ignored) flag: the same old code builds
+    build_engine(trt, onnx_path, tmp_path / "m.plan", profile, tmp_path / "timing.cache")
+    assert (tmp_path / "m.plan").exists()
+
+
+def test_pins_name_nvidia_packages_that_work_together():
+    """pyproject's extras: a polygraphy that builds for TensorRT 10 and 11 (0.50.3: 0.49.0 sets EXPLICIT_BATCH,
+    0.49.9-0.49.26 read ILayer.precision_is_set, both removed in TensorRT 11.0), and cuda-python below 13 (13.x is
+    linked to the CUDA 13 runtime and fails on CUDA 12 drivers; 12.x runs on CUDA 12 and 13 drivers)."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from export.trt import POLYGRAPHY_MIN
+
+    doc = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extras = doc["project"]["optional-dependencies"]
+    reqs = {(extra, Requirement(r).name): Requirement(r) for extra, rs in extras.items() for r in rs
+            if not r.startswith("instaflow-rt")}
+    for extra in ("trt", "dev"):
+        spec = reqs[(extra, "polygraphy")].specifier
+        assert not spec.contains("0.49.26") and spec.contains(POLYGRAPHY_MIN) and spec.contains("0.53.6"), extra
+    assert Version(POLYGRAPHY_MIN) == Version("0.50.3")
+    cuda = reqs[("gpu", "cuda-python")].specifier
+    assert cuda.contains("12.9.4") and not cuda.contains("13.0.3"), cuda
+    assert re.search(r"cuda-python 13\.x .*CUDA 13 driver", (Path(__file__).parents[1] / "pyproject.toml").read_text())
