@@ -121,10 +121,10 @@ def refit_engine(trt: Any, engine_path: Path, onnx_path: Path, new_path: Path) -
     engine = trt.Runtime(logger(trt)).deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
         raise ExportError(f"cannot load {engine_path.name} to refit it; rebuild with --force")
-    try:
-        refitter = trt.Refitter(engine, logger(trt))
-    except TypeError:  # pybind11's answer to the nullptr TensorRT gives for an engine built without REFIT
-        raise ExportError(f"{engine_path.name} was not built refittable; rebuild with --refittable") from None
+    if not engine.refittable:  # ICudaEngine.refittable (10.0-11.x): a Refitter of another engine is TensorRT's
+        # nullptr (an error in its log, pybind11's TypeError here), so it is never created
+        raise ExportError(f"{engine_path.name} was not built refittable; rebuild with --refittable")
+    refitter = trt.Refitter(engine, logger(trt))
     parser = trt.OnnxParserRefitter(refitter, logger(trt))
     if not parser.refit_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))

@@ -77,15 +77,14 @@ class Logger(ILogger):
         self.severity = severity
 
     def log(self, severity: int, msg: str) -> None:
-        LOG.append(("trt_log", (severity, msg)))
+        pass  # _report records errors
 
 
 def _report(logger: Any, severity: int, msg: str) -> None:
-    """What TensorRT does with an error: the message goes to the logger the object was created with."""
-    if hasattr(logger, "log"):
-        logger.log(severity, msg)
-    else:  # pragma: no cover - every logger here has log()
-        LOG.append(("trt_log", (severity, msg)))
+    """What TensorRT does with an error: the message goes to the logger the object was created with (recorded in
+    :data:`LOG` as ``trt_error`` too, whichever logger that is: polygraphy's prints it)."""
+    LOG.append(("trt_error", msg))
+    logger.log(severity, msg)
 
 
 def init_libnvinfer_plugins(logger: ILogger, namespace: str) -> bool:

@@ -402,3 +402,24 @@ def test_pins_name_nvidia_packages_that_work_together():
     cuda = reqs[("gpu", "cuda-python")].specifier
     assert cuda.contains("12.9.4") and not cuda.contains("13.0.3"), cuda
     assert re.search(r"cuda-python 13\.x .*CUDA 13 driver", (Path(__file__).parents[1] / "pyproject.toml").read_text())
+
+
+def test_refit_asks_the_engine_whether_it_is_refittable(fake_gpu_latest, tmp_path):
+    """An engine built without REFIT is refused from ICudaEngine.refittable, before a Refitter exists: TensorRT
+    would answer the Refitter with nullptr and an error in its log (pybind11 raises TypeError)."""
+    from export.trt import build_engine, refit_engine
+
+    onnx_path = small_onnx(tmp_path / "m.onnx")
+    profile = {"x": ((1, 3, 4, 4), (1, 3, 4, 4), (2, 3, 4, 4))}
+    build_engine(fake_gpu_latest, onnx_path, tmp_path / "fixed.plan", profile, tmp_path / "timing.cache")
+    fake_gpu_latest.LOG.clear()
+    with pytest.raises(ExportError, match=r"^fixed.plan was not built refittable; rebuild with --refittable$"):
+        refit_engine(fake_gpu_latest, tmp_path / "fixed.plan", onnx_path, tmp_path / "new.plan")
+    assert [e for e in fake_gpu_latest.LOG if e[0] == "trt_error"] == []  # TensorRT was never asked
+    with pytest.raises(TypeError, match="nullptr"):  # the stand-in refuses as the binding does
+        fake_gpu_latest.Refitter(fake_gpu_latest.Runtime(fake_gpu_latest.Logger()).deserialize_cuda_engine(
+            (tmp_path / "fixed.plan").read_bytes()), fake_gpu_latest.Logger())
+    build_engine(fake_gpu_latest, onnx_path, tmp_path / "refit.plan", profile, tmp_path / "timing.cache",
+                 refittable=True)
+    refit_engine(fake_gpu_latest, tmp_path / "refit.plan", onnx_path, tmp_path / "new.plan")
+    assert (tmp_path / "new.plan").exists()
