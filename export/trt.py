@@ -74,8 +74,9 @@ def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str
                  workspace_gb: float = 8.0, refittable: bool = False) -> None:
     """Build ``onnx_path`` into a TensorRT engine through polygraphy (kept in step with every TensorRT release by
     NVIDIA): a strongly typed network parsed from the file (external data followed), one optimisation profile, the
-    timing cache loaded when present (``refittable``: weights can be replaced later, see :func:`refit_engine`);
-    engine and updated timing cache are written atomically here. Any failure inside polygraphy or TensorRT is one
+    timing cache loaded when present (``refittable``: weights can be replaced later, see :func:`refit_engine`),
+    activation memory sized per input shape where TensorRT can (:func:`enable_activation_resize`); engine and
+    updated timing cache are written atomically here. Any failure inside polygraphy or TensorRT is one
     line naming both and their versions (a polygraphy older than the TensorRT touches what it removed: an
     AttributeError)."""
     try:
@@ -100,6 +101,7 @@ def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str
                                      memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gb * 2**30)})
         builder, network, parser = network_from_onnx_path(str(onnx_path), strongly_typed=strongly_typed(trt))
         config = create_config(builder, network)
+        enable_activation_resize(trt, config)
         serialized = engine_bytes_from_network((builder, network, parser), config=config)
         cache_bytes = bytes(config.get_timing_cache().serialize())
     except Exception as e:  # noqa: BLE001 - polygraphy's and TensorRT's own errors, and AttributeErrors of skew
@@ -111,6 +113,18 @@ def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str
                           f"{onnx_path.name}: {type(e).__name__}: {detail} ({hint})") from None
     atomic_write_bytes(engine_path, bytes(serialized))
     atomic_write_bytes(timing_cache, cache_bytes)
+
+
+def enable_activation_resize(trt: Any, config: Any) -> bool:
+    """Let ``IExecutionContext.update_device_memory_size_for_shapes`` size activation memory for the shapes in use
+    rather than the profile's largest (``PreviewFeature.RUNTIME_ACTIVATION_RESIZE_10_10``, TensorRT 10.10+; by
+    feature, not version). Set on the builder config directly: polygraphy's ``preview_features`` would also turn
+    off every feature not listed. Returns whether it is on."""
+    feature = getattr(getattr(trt, "PreviewFeature", None), "RUNTIME_ACTIVATION_RESIZE_10_10", None)
+    if feature is None or not hasattr(config, "set_preview_feature"):
+        return False
+    config.set_preview_feature(feature, True)
+    return True
 
 
 def refit_engine(trt: Any, engine_path: Path, onnx_path: Path, new_path: Path) -> None:
@@ -173,13 +187,9 @@ def compare_engine(engine_path: Path, module: Any, spec: ComponentSpec, batch: i
 
 
 def _open_engine(path: Path) -> Any:
-    import torch
-
     from runtime.backends.tensorrt_backend import Engine
 
-    engine = Engine(path, device=_engine_device())
-    engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8, device=engine.device)
-    return engine
+    return Engine(path, device=_engine_device())  # its activation memory grows to the shapes it runs
 
 
 def _run_engine(engine: Any, inputs: list[Any]) -> Any:

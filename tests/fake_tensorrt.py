@@ -59,6 +59,10 @@ ACTIVATION_BYTES_PER_ELEMENT = 16
 CAPTURING: dict[int, list] = {}  # stream handle -> operations recorded while capturing
 PENDING: dict[int, list] = {}  # stream handle -> operations enqueued, not yet run
 LOG: list[tuple[str, Any]] = []  # (event, detail): what ran, for assertions
+INVALIDATED: set[int] = set()  # streams whose capture an uncapturable enqueue invalidated
+#: ``UNCAPTURABLE(shapes) -> bool``: input shapes whose enqueue cannot be captured (as a plugin that allocates or
+#: synchronises inside enqueue: the call fails and invalidates the capture, NVIDIA/TensorRT#802)
+UNCAPTURABLE: Any = None
 SURFACES = ("10.8.0", "10.16.0", "11.1.0")
 
 
@@ -650,6 +654,10 @@ class _Context:
         if self.memory_size < self.needed_memory():
             LOG.append(("error", f"activation memory of {self.memory_size} bytes, {self.needed_memory()} needed"))
             return False
+        if stream_handle in CAPTURING and UNCAPTURABLE is not None and UNCAPTURABLE(self.shapes):
+            INVALIDATED.add(stream_handle)
+            LOG.append(("error", "enqueue failed during stream capture (cudaErrorStreamCaptureUnsupported)"))
+            return False
         outputs = [n for n, (mode, _) in self.engine.io.items() if mode == TensorIOMode.OUTPUT]
 
         def run() -> None:
@@ -693,6 +701,7 @@ def _ok(*values: Any) -> tuple:
 
 
 def _begin(stream: int, mode: _CaptureMode) -> tuple:
+    LOG.append(("begin_capture", stream))
     if stream in CAPTURING or stream == 0:
         return (_CudaError.cudaErrorIllegalState,)
     CAPTURING[stream] = []
@@ -702,7 +711,11 @@ def _begin(stream: int, mode: _CaptureMode) -> tuple:
 def _end(stream: int) -> tuple:
     if stream not in CAPTURING:
         return (_CudaError.cudaErrorIllegalState, None)  # cuda-bindings: (err, None) when a call with a result fails
-    return _ok(types.SimpleNamespace(ops=CAPTURING.pop(stream)))
+    ops = CAPTURING.pop(stream)
+    if stream in INVALIDATED:
+        INVALIDATED.discard(stream)
+        return (_CudaError.cudaErrorStreamCaptureInvalidated, None)
+    return _ok(types.SimpleNamespace(ops=ops))
 
 
 def _launch(graph_exec: Any, stream: int) -> tuple:
@@ -741,8 +754,13 @@ def insufficient_driver(runtime_version: int = 13000, driver_version: int = 1208
     """cuda-bindings 13.x (its runtime statically linked from CUDA 13) on a driver for CUDA 12: the version queries
     answer, everything that needs the runtime initialised answers ``cudaErrorInsufficientDriver``, as tuples."""
     bad = _CudaError.cudaErrorInsufficientDriver
+
+    def begin(stream: int, mode: _CaptureMode) -> tuple:
+        LOG.append(("begin_capture", stream))
+        return (bad,)
+
     return _runtime(
-        cudaStreamBeginCapture=lambda stream, mode: (bad,), cudaStreamEndCapture=lambda stream: (bad, None),
+        cudaStreamBeginCapture=begin, cudaStreamEndCapture=lambda stream: (bad, None),
         cudaGraphInstantiate=lambda graph, flags: (bad, None), cudaGraphLaunch=lambda graph_exec, stream: (bad,),
         cudaGraphExecDestroy=lambda g: (bad,), cudaGraphDestroy=lambda g: (bad,),
         cudaDriverGetVersion=lambda: _ok(driver_version), cudaRuntimeGetVersion=lambda: _ok(runtime_version))

@@ -165,10 +165,13 @@ def test_fake_tensorrt_build_then_backend_matches_torch(fake_gpu, tiny_ckpt, tin
             pipe("a", num_images_per_prompt=3, seed=0)  # one prompt, three images
         with pytest.raises(InvalidInputError, match="outside what the text_encoder engine"):
             pipe.backend.encode(torch.zeros(5, 16, dtype=torch.long))  # the per-engine check stays
-    # with graphs: one capture per (engine, shape), then launches; batch 1 and 2 for encoder and one-step
+    # with graphs: captures per (engine, shape), then launches; when the shared activation block grows (the guided
+    # calls' UNet needs more than the one-step path) the graphs captured with the old block are dropped
     graphed = pipe.backend._graphs
-    assert {k: len(v) for k, v in graphed.items()} == {"text_encoder": 2, "onestep": 2}
+    assert set(graphed) == {"text_encoder", "onestep"}
     assert sum(1 for e in fake_gpu.LOG if e[0] == "launch") >= 6
+    for cache in graphed.values():
+        assert all(c.handle[0].memory == pipe.backend.memory.block.data_ptr() for c in cache.graphs.values())
 
 
 def test_fake_tensorrt_backend_refusals(fake_gpu_latest, tiny_ckpt, odd_ckpt, tmp_path, monkeypatch):
@@ -226,7 +229,6 @@ def test_fake_tensorrt_engine_checks_set_input_shape(fake_gpu_latest, tiny_ckpt,
 
     doc = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=1)
     engine = Engine(tmp_path / doc.components["vae_decoder"].file, torch.device("cpu"))
-    engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8)
     context = engine.new_context()
     ok = engine.bind(context, engine.cast([torch.randn(1, 4, 8, 8)]))
     assert ok.shape == (1, 3, 32, 32)
@@ -282,7 +284,6 @@ def test_fake_streams_are_asynchronous(fake_gpu_latest, tiny_ckpt, tmp_path):
 
     doc = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=1)
     engine = Engine(tmp_path / doc.components["vae_decoder"].file, torch.device("cpu"))
-    engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8)
     stream = torch.cuda.Stream()
     out = engine.run(engine.cast([torch.randn(1, 4, 8, 8)]), stream.cuda_stream)
     out.fill_(7.0)
@@ -423,3 +424,127 @@ def test_refit_asks_the_engine_whether_it_is_refittable(fake_gpu_latest, tmp_pat
                  refittable=True)
     refit_engine(fake_gpu_latest, tmp_path / "refit.plan", onnx_path, tmp_path / "new.plan")
     assert (tmp_path / "new.plan").exists()
+
+
+# ------------------------------------------------------------- graphs optional, activation memory for the shapes used
+@pytest.fixture(scope="module")
+def built_engines(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint's engines, built once on the 11.x surface (static size, 1-2 images), for tests that only
+    run them."""
+    import fake_tensorrt as fake
+
+    from export.trt import build
+
+    out = tmp_path_factory.mktemp("engines")
+    with pytest.MonkeyPatch.context() as mp:
+        install_fake_tensorrt(mp, "11.1.0")
+        build(str(tiny_ckpt), out, min_batch=1, max_batch=2, static=True)
+    fake.use("10.16.0")
+    return out
+
+
+def _ours(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+
+
+def test_cuda_python_13_on_a_cuda_12_driver_runs_without_graphs(fake_gpu_latest, tiny_ckpt, built_engines, tiny_pipe,
+                                                                 monkeypatch):
+    """cuda-bindings 13.x is linked to the CUDA 13 runtime: on a CUDA 12 driver every runtime call answers
+    (cudaErrorInsufficientDriver,). Graphs switch on whenever cuda-python imports, so the backend must find out
+    and run without them, with one warning, not fail every call."""
+    import warnings
+
+    fake = fake_gpu_latest
+    prompts, kwargs = ["a red circle", "a blue square"], dict(seed=3, output_type="pt")
+    ref = tiny_pipe(prompts, **kwargs).images
+    monkeypatch.setattr(fake, "cudart", fake.insufficient_driver())  # runtime 13.0, driver 12.8
+    with pytest.warns(RuntimeWarning) as record:
+        pipe = _fake_backend(tiny_ckpt, built_engines)  # cuda_graph=None: graphs when cuda-python imports
+    assert len(_ours(record)) == 1
+    assert _ours(record)[0].startswith("CUDA graphs are off for the tensorrt backend: cuda-python's CUDA runtime is "
+                                       "13.0 but the driver supports CUDA 12.8 (cudaErrorInsufficientDriver); "
+                                       "install 'cuda-python<13' or a newer driver")
+    assert not pipe.backend.cuda_graph and not pipe.backend._graphs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert_fp16_close(pipe(prompts, **kwargs).images, ref)
+    assert not any(e[0] in ("begin_capture", "launch") for e in fake.LOG)
+
+    # a driver whose version queries pass but which refuses the capture itself: off at the first capture, once
+    monkeypatch.setattr(fake, "cudart", fake.insufficient_driver(runtime_version=12080))
+    pipe = _fake_backend(tiny_ckpt, built_engines, cuda_graph=True)
+    assert pipe.backend.cuda_graph
+    fake.LOG.clear()
+    with pytest.warns(RuntimeWarning) as record:
+        assert_fp16_close(pipe(prompts, **kwargs).images, ref)
+    assert len(_ours(record)) == 1
+    assert _ours(record)[0].startswith("CUDA graphs are off for the tensorrt backend (cudaStreamBeginCapture failed: "
+                                       "cudaErrorInsufficientDriver")
+    assert not pipe.backend.cuda_graph
+    assert sum(e[0] == "begin_capture" for e in fake.LOG) == 1  # the one-step engine never tried
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert_fp16_close(pipe(prompts, **kwargs).images, ref)
+        assert_fp16_close(pipe(["a cat"], **kwargs).images, tiny_pipe(["a cat"], **kwargs).images)
+    assert sum(e[0] == "begin_capture" for e in fake.LOG) == 1
+
+
+def test_a_shape_that_cannot_be_captured_runs_without_a_graph(fake_gpu_latest, tiny_ckpt, built_engines, tiny_pipe,
+                                                              monkeypatch):
+    """An enqueue that cannot be captured (here: every engine at batch 2; on a GPU, a plugin that allocates in
+    enqueue) fails the capture; that shape then runs without a graph from the first call on, with one warning for
+    the backend, and other shapes keep their graphs."""
+    import warnings
+
+    fake = fake_gpu_latest
+    monkeypatch.setattr(fake, "UNCAPTURABLE", lambda shapes: any(s[0] == 2 for s in shapes.values()))
+    pipe = _fake_backend(tiny_ckpt, built_engines, cuda_graph=True)
+    kwargs = dict(seed=3, output_type="pt")
+    with pytest.warns(RuntimeWarning) as record:
+        b = pipe(["a red circle", "a blue square"], **kwargs).images
+    assert_fp16_close(b, tiny_pipe(["a red circle", "a blue square"], **kwargs).images)
+    assert len(_ours(record)) == 1  # the one-step engine failed too: still one warning
+    assert _ours(record)[0].startswith("the text_encoder engine cannot be captured as a CUDA graph for inputs 2x16 "
+                                       "(execute_async_v3 of text_encoder.")
+    assert _ours(record)[0].endswith("; those shapes run without a graph")
+    graphs = pipe.backend._graphs
+    assert all(len(g.uncapturable) == 1 and len(g) == 0 and not g.disabled for g in graphs.values())
+    fake.LOG.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for prompts in (["a cat"], ["a dog", "a fish"], ["a bird"]):
+            assert_fp16_close(pipe(prompts, **kwargs).images, tiny_pipe(prompts, **kwargs).images)
+    assert sum(e[0] == "begin_capture" for e in fake.LOG) == 2  # batch 1, once per engine; batch 2 never again
+    assert sum(e[0] == "launch" for e in fake.LOG) == 4
+    assert {k: len(g) for k, g in graphs.items()} == {"text_encoder": 1, "onestep": 1}
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_activation_memory_is_sized_for_the_shapes_used(fake_gpu_latest, tiny_ckpt, built_engines, tiny_pipe,
+                                                        cuda_graph):
+    """Nothing is allocated up front; the shared block grows to what the shapes run so far need, as
+    update_device_memory_size_for_shapes reports it (engines built with RUNTIME_ACTIVATION_RESIZE_10_10), far
+    below device_memory_size_v2 (the maximum over the profile, what was allocated at start-up before). A larger
+    block moves it, so graphs captured with the old one are recaptured."""
+    pipe = _fake_backend(tiny_ckpt, built_engines, cuda_graph=cuda_graph)
+    backend = pipe.backend
+    assert backend.memory.size == 0
+    worst = max(e.device_memory_size for e in backend.engines.values())
+
+    def need(batch: int) -> int:  # what the stand-in's engines of the one-step path need at this batch
+        return max(backend.engines[n].engine.activation_bytes({i: (batch, *lo[1:]) for i, (lo, _, _) in
+                                                               backend.profiles[n].items()})
+                   for n in ("text_encoder", "onestep"))
+
+    kwargs = dict(seed=3, output_type="pt")
+    for prompts, size in ((["a cat"], need(1)), (["a red circle", "a blue square"], need(2)), (["a dog"], need(2))):
+        assert_fp16_close(pipe(prompts, **kwargs).images, tiny_pipe(prompts, **kwargs).images)
+        assert backend.memory.size == size
+        for cache in backend._graphs.values():  # every graph kept runs in the current block, none in a freed one
+            assert all(c.handle[0].memory == backend.memory.block.data_ptr() for c in cache.graphs.values())
+    assert need(1) < need(2) < worst
+    plan = json.loads((built_engines / backend.index.components["unet"].file).read_bytes())
+    assert plan["activation_resize"]  # the build asked TensorRT for per-shape sizes (10.10+)
+    if cuda_graph:
+        assert sum(len(g) for g in backend._graphs.values()) >= 2
+
