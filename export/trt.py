@@ -31,7 +31,7 @@ from runtime.manifest import ENGINES, EngineEntry, EngineIndex, ExportSettings, 
 from runtime.models import load_components
 from runtime.specs import ComponentSpec, ModelDims, specs_by_name
 
-from .compare import TOLERANCE, Velocity, max_rel_error, reference, uses_unet_velocity
+from .compare import TOLERANCE, Velocity, fp16_tolerance, max_rel_error, reference, uses_unet_velocity
 from .graphs import module_for
 from .onnx import export
 from .verify import export_checkpoint
@@ -177,13 +177,18 @@ def _refittable_predecessor(previous: EngineIndex | None, name: str, graph: Any,
 
 
 def compare_engine(engine_path: Path, module: Any, spec: ComponentSpec, batch: int, hw: tuple[int, int],
-                   seed: int = 0, velocity: Velocity | None = None) -> float:
-    """Max relative error of the engine vs the fp32 PyTorch ``module`` on the same fresh random inputs (rounded to
-    the engine's input types first), at ``batch`` and latent size ``hw``; ``velocity``: see
-    :func:`export.verify.reference` (the fp16 one-step engine)."""
+                   seed: int = 0, velocity: Velocity | None = None, precision: str = "float32"
+                   ) -> tuple[float, float]:
+    """(max relative error, tolerance) of the engine vs the fp32 PyTorch ``module`` on the same fresh random inputs
+    (rounded to the engine's input types first), at ``batch`` and latent size ``hw``; an fp16 engine's tolerance
+    comes from PyTorch's own fp16 error there (:func:`export.compare.fp16_tolerance`, on this GPU); ``velocity``:
+    see :func:`export.compare.reference` (the fp16 one-step engine)."""
     engine = _open_engine(engine_path)
     inputs = engine.cast(list(spec.sample_inputs(batch, *hw, seed=seed).values()))
-    return max_rel_error(_run_engine(engine, inputs).float().cpu().numpy(), reference(module, inputs, velocity))
+    ref = reference(module, inputs, velocity)
+    err = max_rel_error(_run_engine(engine, inputs).float().cpu().numpy(), ref)
+    tol = fp16_tolerance(module, inputs, ref, velocity)[0] if precision == "float16" else TOLERANCE[precision]
+    return err, tol
 
 
 def _open_engine(path: Path) -> Any:
@@ -249,13 +254,13 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
         velocity = None
         if uses_unet_velocity(name, graph.dtype):
             velocity = engine_velocity(out / entries["unet"].file)
-        err = compare_engine(out / file, module_for(name, components), specs[name], opt_batch, hw, velocity=velocity)
-        tol = TOLERANCE[graph.dtype]
+        err, tol = compare_engine(out / file, module_for(name, components), specs[name], opt_batch, hw,
+                                  velocity=velocity, precision=graph.dtype)
         ok = bool(np.isfinite(err) and err <= tol)
-        print(f"[check] {name}: max rel err vs PyTorch fp32 {err:.2e} (tol {tol:.0e}: {'ok' if ok else 'FAIL'})",
+        print(f"[check] {name}: max rel err vs PyTorch fp32 {err:.2e} (tol {tol:.1e}: {'ok' if ok else 'FAIL'})",
               flush=True)
         if not ok:
-            raise ExportError(f"engine {file} disagrees with PyTorch (max rel err {err:.2e} > {tol:.0e})")
+            raise ExportError(f"engine {file} disagrees with PyTorch (max rel err {err:.2e} > {tol:.1e})")
         entries[name] = EngineEntry(file=file, sha256=sha256_file(out / file), stamp=stamp([out / file]),
                                     onnx_sha256=graph.sha256, precision=graph.dtype, fp32_scopes=graph.fp32_scopes,
                                     profile=profile, inputs=graph.inputs, outputs=graph.outputs, max_rel_err=err,
