@@ -548,3 +548,22 @@ def test_activation_memory_is_sized_for_the_shapes_used(fake_gpu_latest, tiny_ck
     if cuda_graph:
         assert sum(len(g) for g in backend._graphs.values()) >= 2
 
+
+def test_engine_memory_is_computed_from_the_shapes():
+    """benchmarks.engine_memory (the README's cost of an engine set): a layer's activation inputs and outputs count
+    (weights not), and attention counts as one fused operation (q, k, v, output), never as its full matrix."""
+    from benchmarks.engine_memory import measure
+
+    with torch.device("meta"):
+        conv = torch.nn.Conv2d(8, 16, 3, padding=1).half()
+    x = torch.empty(2, 8, 32, 32, dtype=torch.float16, device="meta")
+    layer_io, peak = measure(conv, [x])
+    assert layer_io == 2 * (8 + 16) * 32 * 32 * 2 and peak == layer_io
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = (torch.empty(1, 8, 4096, 40, dtype=torch.float16, device="meta") for _ in range(3))
+    layer_io, _ = measure(Attention(), [q, k, v])
+    assert layer_io == 4 * q.numel() * 2  # q, k, v and the output, not 8 x 4096 x 4096 scores
