@@ -85,12 +85,17 @@ def check_session(session: Any, providers: Sequence[Any]) -> None:
             f"onnxruntime did not load {wanted} (the session runs on {', '.join(got) or 'nothing'}): its CUDA, "
             f"cuDNN or TensorRT libraries are missing or of another version (onnxruntime's log says which); "
             f"install the ones onnxruntime {_import_ort().__version__} needs, or pass providers='cpu'")
-    given = session.get_provider_options().get(wanted, {})
-    dropped = sorted(k for k, v in options.items() if str(given.get(k)) != str(v))
+    given = session.get_provider_options().get(wanted, {})  # onnxruntime reports every option as a string
+    dropped = sorted(k for k, v in options.items()
+                     if k not in given or (k in _OWN_OPTIONS and str(given[k]) != str(v)))
     if dropped:
         raise BackendUnavailableError(f"onnxruntime runs {wanted} without the options {', '.join(dropped)} it was "
                                       "given (this onnxruntime does not take them?); upgrade onnxruntime-gpu")
 
+
+#: the provider options the backend sets itself, whose values are checked too (a caller's may be normalised, e.g.
+#: True reported as "1": those only have to be there)
+_OWN_OPTIONS = ("device_id", "user_compute_stream", "enable_cuda_graph")
 
 _PROBED: dict[tuple[Any, ...], BackendUnavailableError | None] = {}
 

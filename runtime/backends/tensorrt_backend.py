@@ -75,6 +75,7 @@ class ActivationMemory:
         if self.block is None or self.block.numel() < size:
             if self.block is not None and self.stream is not None:
                 self.stream.synchronize()  # work enqueued with the old block finishes before it is freed
+            self.block = None  # freed before the larger one is allocated: never both at once
             if self.stream is not None and self.device.type == "cuda":
                 with torch.cuda.stream(self.stream):
                     self.block = torch.empty(size, dtype=torch.uint8, device=self.device)
