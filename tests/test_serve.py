@@ -337,16 +337,20 @@ def test_sigterm_drains_requests_in_flight_then_stops(service):
         t.start()
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    try:
-        late = _post(url, {"prompt": PROMPT}, timeout=10)[0]
-    except (urllib.error.URLError, ConnectionError):
-        late = "closed"
+    late: Any = None
+    deadline = time.time() + 60
+    while late is None and time.time() < deadline:  # once /healthz says the service drains, a new request is 503
+        try:
+            if _get(url, "/healthz")[0] == 503:
+                late = _post(url, {"prompt": PROMPT}, timeout=10)[0]
+        except (urllib.error.URLError, ConnectionError):
+            late = "closed"
+        time.sleep(0.05)
     for t in threads:
         t.join(120)
     assert proc.wait(90) == 0
     exited = time.monotonic()
-    assert sorted(r[0] for r in results) == [200] * 12 and late in (503, "closed")
+    assert sorted(r[0] for r in results) == [200] * 12 and late in (503, "closed"), ([r[0] for r in results], late)
     assert exited - max(answered) < 30, "the service took long to stop after its last answer"
     text = log.read_text()
     assert "stopping: new requests get 503" in text and "stopping: every request answered" in text

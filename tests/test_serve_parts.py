@@ -18,7 +18,7 @@ pytest.importorskip("starlette", reason="the serve extra is not installed")
 from runtime.errors import Cancelled, InstaFlowError, InvalidInputError  # noqa: E402
 from runtime.serve.batching import Batcher, Job, OutOfMemory  # noqa: E402
 from runtime.serve.config import ServeConfig, default_sizes, hash_key, parse_sizes, read_api_key  # noqa: E402
-from runtime.serve.gate import Gate, GateConfig, check_request, host_name  # noqa: E402
+from runtime.serve.gate import Gate, GateConfig, RefusalLimiter, check_request, host_name  # noqa: E402
 
 KEY = "k" * 20
 
@@ -299,6 +299,41 @@ def test_gate_capacity_and_drain_refuse_before_reading_the_body(tmp_path):
     assert code == 503 and "shutting down" in _error_of(body) and headers["connection"] == "close"
     report = json.loads(next(tmp_path.glob("gate-*.json")).read_text())
     assert report["open"] == 0
+
+
+def test_refusals_beyond_a_clients_rate_wait_their_turn():
+    """10 a second in bursts of 20: a client sending mistakes back to back gets 20 at once, then one every 0.1 s;
+    another client is not affected; the wait never exceeds 10 s; after a quiet spell the burst is back."""
+    lim = RefusalLimiter(rate=10)
+    assert [lim.delay("a", 100.0) for _ in range(20)] == [0.0] * 20
+    assert [round(lim.delay("a", 100.0), 6) for _ in range(3)] == [0.1, 0.2, 0.3]
+    assert lim.delay("b", 100.0) == 0.0
+    assert max(lim.delay("a", 100.0) for _ in range(1000)) == 10.0
+    assert lim.delay("a", 200.0) == 0.0
+    assert RefusalLimiter(rate=0).delay("a", 0.0) == 0.0
+    small = RefusalLimiter(rate=10, max_clients=2)
+    for c in ("a", "b", "c"):
+        small.delay(c, 0.0)
+    assert list(small._due) == ["b", "c"]  # bounded memory: the oldest address forgotten
+
+
+def test_gate_holds_a_flood_of_refusals_but_not_good_answers():
+    async def scenario():
+        gate = Gate(_json_app(), GateConfig(refusal_rate=5))
+        client = Client(gate)
+        bad = {"host": "x", "content-type": "text/plain"}
+        good = {"host": "x", "content-type": "application/json"}
+        for _ in range(10):  # the burst: answered at once
+            assert (await client.request("POST", "/v1/generate", bad, [b"{}"]))[0] == 415
+        assert gate.delayed == 0
+        t = asyncio.get_running_loop().time()
+        assert (await client.request("POST", "/v1/generate", bad, [b"{}"]))[0] == 415
+        held = asyncio.get_running_loop().time() - t
+        assert gate.delayed == 1 and held > 0.1  # the 11th waited its turn (0.2 s)
+        assert (await client.request("POST", "/v1/generate", good, [b"{}"]))[0] == 200
+        assert gate.delayed == 1  # a good answer is never held
+
+    asyncio.run(scenario())
 
 
 def test_host_names_and_api_keys():

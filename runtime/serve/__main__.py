@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--body-timeout", type=float, default=g.body_timeout_s,
       help=f"seconds a client has to send its body; then 408 [{g.body_timeout_s:g}]")
     a("--max-body-bytes", type=int, default=g.max_body_bytes, help=f"request body limit [{g.max_body_bytes}]")
+    a("--refusal-rate", type=float, default=g.refusal_rate,
+      help=f"refusals a second answered at once per client address; more wait their turn (0: off) "
+           f"[{g.refusal_rate:g}]")
     a("--api-key", default=None, help=f"require `Authorization: Bearer KEY` (visible in `ps`: prefer "
                                       f"--api-key-file or ${API_KEY_ENV})")
     a("--api-key-file", default=None, help="file whose first line is the API key")
@@ -92,6 +95,8 @@ def configs(a: argparse.Namespace) -> tuple[ServeConfig, GateConfig]:
                          request_timeout_s=a.request_timeout, treat_as_flow=a.treat_as_flow)
     if not a.body_timeout > 0:
         raise InvalidInputError(f"--body-timeout must be > 0, got {a.body_timeout}")
+    if not a.refusal_rate >= 0:
+        raise InvalidInputError(f"--refusal-rate must be >= 0, got {a.refusal_rate}")
     if a.max_body_bytes < 1024:
         raise InvalidInputError(f"--max-body-bytes must be >= 1024, got {a.max_body_bytes}")
     if bool(a.ssl_keyfile) != bool(a.ssl_certfile):
@@ -108,7 +113,7 @@ def configs(a: argparse.Namespace) -> tuple[ServeConfig, GateConfig]:
         hosts = [*LOOPBACK_HOSTS, a.host]
     gate = GateConfig(api_key_sha256=hash_key(key) if key else None, allowed_hosts=hosts,
                       max_body_bytes=a.max_body_bytes, body_timeout_s=a.body_timeout,
-                      request_timeout_s=config.request_timeout_s, docs=a.docs)
+                      request_timeout_s=config.request_timeout_s, docs=a.docs, refusal_rate=a.refusal_rate)
     return config, gate
 
 
@@ -196,9 +201,9 @@ def serve_forever(config: ServeConfig, gate: GateConfig, host: str, port: int, r
         if not stop.drain.is_set():
             print(f"serving {config.ckpt} at {scheme}://{host}:{port}/v1/generate (Ctrl-C to stop)", flush=True)
             stop.drain.wait()
-        print("stopping: new requests get 503, requests in flight finish first", flush=True)
         since = time.time()
         (state / DRAIN_FLAG).touch()
+        print("stopping: new requests get 503, requests in flight finish first", flush=True)
         drained = wait_for_gate(state, since, stop, time.monotonic() + config.graceful_shutdown_s + gate.body_timeout_s)
         print("stopping: every request answered" if drained else "stopping: not waiting any longer", flush=True)
     finally:

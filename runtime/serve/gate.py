@@ -12,6 +12,8 @@ before any hop to a replica:
   (413, reading stops there) or does not arrive within ``body_timeout_s`` (408): slow clients never hold a replica;
 - a request beyond ``capacity`` (503 with ``Retry-After``, before its body is read) and any request while the
   service drains (503, ``Connection: close``);
+- a client that keeps being refused (more than ``refusal_rate`` refusals a second, bursts of twice that) gets each
+  further refusal late (at most 10 s): it holds an idle connection instead of CPU the model needs;
 - Ray Serve's own per-request overrides (``x-request-timeout-seconds``, ``x-request-disconnect-disabled``) are
   stripped, so no client lifts the request timeout.
 
@@ -32,7 +34,7 @@ import json
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
@@ -71,6 +73,7 @@ class GateConfig:
     state_dir: str | None = None  # where the CLI raises the drain flag and reads the gate's in-flight count
     capacity: int | None = None  # requests handed on at once by this proxy; None: Ray Serve's limits only
     api_key_file: str | None = None  # read once at start (the cluster form; the CLI passes the hash)
+    refusal_rate: float = 10.0  # refusals a second answered at once per client address (bursts of twice that)
 
     def __post_init__(self) -> None:
         if self.api_key_sha256 is None and self.api_key_file:
@@ -228,6 +231,33 @@ _RAY_ERRORS = {
 }
 
 
+#: Statuses that count as refusals for the limiter (a slow body's 408 has waited already; 5xx are the service's).
+THROTTLED = frozenset({400, 401, 404, 405, 411, 413, 415, 422, 503})
+
+
+class RefusalLimiter:
+    """Refusals answered per client address: ``rate`` a second, in bursts of up to ``2 x rate`` at once; beyond,
+    each refusal waits its turn (at most ``max_delay_s``), so a client that sends mistakes back to back is slowed to
+    ``rate`` answers a second, costing an idle connection rather than CPU. Clients without mistakes never wait.
+    (Generic cell rate algorithm; at most ``max_clients`` addresses remembered, oldest forgotten first.)"""
+
+    def __init__(self, rate: float, max_delay_s: float = 10.0, max_clients: int = 10000) -> None:
+        self.rate, self.max_delay_s, self.max_clients = rate, max_delay_s, max_clients
+        self._due: OrderedDict[str, float] = OrderedDict()  # when each client's next refusal is due
+
+    def delay(self, client: str, now: float) -> float:
+        """Seconds to hold this client's refusal at ``now`` (monotonic seconds)."""
+        if self.rate <= 0:
+            return 0.0
+        interval, tolerance = 1.0 / self.rate, 2.0  # tolerance: the burst, 2 x rate refusals in 2 x rate intervals
+        due = max(self._due.pop(client, now), now) + interval
+        due = min(due, now + tolerance + self.max_delay_s)  # a persistent client's debt stops growing
+        self._due[client] = due
+        while len(self._due) > self.max_clients:
+            self._due.popitem(last=False)
+        return min(max(0.0, due - now - tolerance), self.max_delay_s)
+
+
 class Gate:
     """The ASGI middleware (see the module docstring). One per HTTP proxy."""
 
@@ -239,6 +269,8 @@ class Gate:
         self.handed_on = 0  # requests passed to the service and not answered yet
         self.responses: Counter[int] = Counter()  # answers by status (the gate's own and the service's)
         self.draining = False
+        self.limiter = RefusalLimiter(self.config.refusal_rate)
+        self.delayed = 0  # refusals held back by the limiter
         self._watcher: asyncio.Task | None = None
         try:
             self._watch_soon(asyncio.get_running_loop())
@@ -283,8 +315,18 @@ class Gate:
         finally:
             self.open -= 1
 
-    async def _refuse(self, send: Send, refusal: Refusal, close: bool = False) -> None:
+    async def _hold(self, scope: Scope, status: int) -> None:
+        """Hold a refusal as long as the limiter says (see :class:`RefusalLimiter`)."""
+        if status in THROTTLED:
+            client = scope.get("client")
+            wait = self.limiter.delay(str(client[0]) if client else "", time.monotonic())
+            if wait > 0:
+                self.delayed += 1
+                await asyncio.sleep(wait)
+
+    async def _refuse(self, scope: Scope, send: Send, refusal: Refusal, close: bool = False) -> None:
         self.responses[refusal.status] += 1
+        await self._hold(scope, refusal.status)
         await send_json(send, refusal.status, refusal.message, refusal.headers, close=close)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -294,15 +336,15 @@ class Gate:
         method, path = scope.get("method", "GET"), scope.get("path", "")
         has_body = method == "POST"
         if self.draining and path != "/-/healthz":
-            await self._refuse(send, Refusal(503, "the service is shutting down", (("Retry-After", "5"),)), close=True)
+            await self._refuse(scope, send, Refusal(503, "the service is shutting down", (("Retry-After", "5"),)), close=True)
             return
         refusal = check_request(c, method, path, headers)
         if refusal is not None:
-            await self._refuse(send, refusal, close=has_body)
+            await self._refuse(scope, send, refusal, close=has_body)
             return
         if has_body:
             if c.capacity is not None and self.handed_on >= c.capacity:
-                await self._refuse(send, Refusal(503, "the service is at capacity; retry later",
+                await self._refuse(scope, send, Refusal(503, "the service is at capacity; retry later",
                                                  (("Retry-After", str(RETRY_AFTER_S)),)), close=True)
                 return
             try:
@@ -312,28 +354,29 @@ class Gate:
                     log.info("instaflow gate: %s", e)
                     self.responses[499] += 1
                     return
-                await self._refuse(send, Refusal(e.status, str(e)), close=True)
+                await self._refuse(scope, send, Refusal(e.status, str(e)), close=True)
                 return
             if self.draining:
-                await self._refuse(send, Refusal(503, "the service is shutting down", (("Retry-After", "5"),)),
+                await self._refuse(scope, send, Refusal(503, "the service is shutting down", (("Retry-After", "5"),)),
                                    close=True)
                 return
             receive = replay(body, receive)
         self.handed_on += 1
         try:
-            await self.app(scope, receive, self._answers(send, path))
+            await self.app(scope, receive, self._answers(scope, send, path))
         finally:
             self.handed_on -= 1
 
-    def _answers(self, send: Send, path: str) -> Send:
-        """Wrap ``send``: count statuses; Ray Serve's plain-text errors become one-line JSON; ``/metrics`` gets the
-        gate's counters appended."""
+    def _answers(self, scope: Scope, send: Send, path: str) -> Send:
+        """Wrap ``send``: count statuses; hold refusals (the limiter); Ray Serve's plain-text errors become one-line
+        JSON; ``/metrics`` gets the gate's counters appended."""
         state: dict[str, Any] = {"start": None, "body": []}
 
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 self.responses[status] += 1
+                await self._hold(scope, status)
                 ctype = (_header(message.get("headers", []), b"content-type") or b"").lower()
                 rewrite = status >= 400 and not ctype.startswith(b"application/json")
                 if rewrite or (path == "/metrics" and status == 200):
@@ -371,6 +414,8 @@ class Gate:
         lines = ["# HELP instaflow_gate_responses_total answers leaving this HTTP proxy, by status (refusals by the "
                  "gate included; 499: client gone mid-body)", "# TYPE instaflow_gate_responses_total counter"]
         lines += [f'instaflow_gate_responses_total{{status="{s}"}} {n}' for s, n in sorted(self.responses.items())]
+        lines += ["# HELP instaflow_gate_delayed_refusals_total refusals held back because their client had too many",
+                  "# TYPE instaflow_gate_delayed_refusals_total counter", f"instaflow_gate_delayed_refusals_total {self.delayed}"]
         lines += ["# HELP instaflow_gate_open_requests requests inside this HTTP proxy's gate",
                   "# TYPE instaflow_gate_open_requests gauge", f"instaflow_gate_open_requests {self.open}"]
         body = body + ("\n".join(lines) + "\n").encode()
