@@ -128,19 +128,45 @@ def render_layouts(doc: dict) -> list[str]:
 
 
 def render_serve_load(doc: dict) -> list[str]:
-    """``python -m benchmarks.serve_load``: the HTTP service under concurrent load, per ``--max-batch``."""
+    """``python -m benchmarks.serve_load``: the HTTP service under concurrent load, per ``--max-batch``, and (when
+    run) the same clients with hostile traffic mixed in."""
     m, rows = doc.get("machine", {}), doc["rows"]
     lines = [f"## HTTP service under load — {m.get('cpu', 'unknown CPU')} ({m.get('cores', '?')} cores), "
-             f"{doc['date']}", "",
-             f"`{doc.get('command', 'python -m benchmarks.serve_load')}`: a fresh `python -m runtime.serve` per "
-             f"`--max-batch` (default wait and queue), {doc['clients']} concurrent clients on loopback each sending "
-             f"requests one after another, bundled model at {doc['size']}x{doc['size']} px, every answer checked "
-             "against the direct `Pipeline` call with its seed.", "",
-             f"| --max-batch | requests | answered correctly | images/s | vs --max-batch {rows[0]['max_batch']} | "
-             "p50 ms | p99 ms |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['max_batch']} | {r['requests']} | {r['answered_correctly']} | {r['images_per_s']:.1f} | "
-              f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}x | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
-              for r in rows]
+             f"{doc['date']}", ""]
+    if rows:
+        lines += [f"`{doc.get('command', 'python -m benchmarks.serve_load')}`: a fresh `python -m runtime.serve` per "
+                  f"`--max-batch` (default wait and queue), {doc['clients']} concurrent clients on loopback each "
+                  f"sending requests one after another, bundled model at {doc['size']}x{doc['size']} px, every "
+                  "answer checked against the direct `Pipeline` call with its seed.", "",
+                  f"| --max-batch | requests | answered correctly | images/s | vs --max-batch {rows[0]['max_batch']} | "
+                  "p50 ms | p99 ms |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['max_batch']} | {r['requests']} | {r['answered_correctly']} | {r['images_per_s']:.1f} | "
+                  f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}x | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+                  for r in rows]
+    h = doc.get("hostile")
+    if h:
+        mix = h["mix"]
+        parts = [f"{mix['slow']} slow-body connections (one byte a second)" if mix["slow"] else "",
+                 f"{mix['oversized']} clients sending requests over the limits" if mix["oversized"] else "",
+                 f"{mix['junk']} sending 10 MB bodies" if mix["junk"] else "",
+                 f"{mix['bad_negatives']} sending guided requests with a lone surrogate in the negative prompt"
+                 if mix["bad_negatives"] else "",
+                 f"{mix['flood']} sending valid requests back to back" if mix.get("flood") else ""]
+        lines += ["" if rows else f"`{doc.get('command', 'python -m benchmarks.serve_load')}`.", "" if rows else "",
+                  f"**Hostile mix** (one fresh service, `--max-batch {h['max_batch']}`, the same {doc['clients']} "
+                  "good clients alone, then again while attackers run, each attacker back to back: "
+                  f"{', '.join(x for x in parts if x)}):", "",
+                  "| phase | good requests | answered correctly | images/s | p50 ms | p99 ms |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for phase in ("clean", "hostile"):
+            r = h[phase]
+            lines.append(f"| {phase} | {r['requests']} | {r['answered_correctly']} | {r['images_per_s']:.1f} | "
+                         f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
+        lines += [f"| hostile / clean | | | {h['throughput_ratio']:.2f}x | {h['p50_ratio']:.2f}x | "
+                  f"{h['p99_ratio']:.2f}x |", ""]
+        answers = "; ".join(f"{kind}: " + ", ".join(f"{n} x {'cut off' if s == '0' else s}" for s, n in c.items())
+                            for kind, c in h["attackers"].items())
+        lines.append(f"Attackers' answers (status x count): {answers}.")
     if doc.get("note"):
         lines += ["", f"Note: {doc['note']}"]
     return lines + [""]
