@@ -5,6 +5,7 @@ nothing here starts Ray or a process (tests/test_serve.py runs the real service)
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import threading
@@ -415,3 +416,34 @@ def test_a_bug_is_a_counted_500_in_one_line():
     assert response.status_code == 500 and _error_of(response.body) == \
         "internal error (the service's log has the details)"
     assert 'instaflow_requests_total{status="500"} 1.0' in generate_latest(service.metrics.registry).decode()
+
+
+def test_gpu_calls_are_padded_to_a_batch_bucket_and_the_padding_is_dropped():
+    """On a GPU every call on the menu runs at a batch size from a short fixed list (graphs are captured for those
+    only): 3 requests run as a batch of 4, and 3 images come back, in order. Checked with a stand-in pipeline, so it
+    runs on the CPU."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from runtime.serve import app as app_module
+
+    calls = []
+
+    def pipe(prompts, **kw):
+        calls.append((list(prompts), [g.initial_seed() for g in kw["generator"]]))
+        images = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(len(prompts))]
+        return SimpleNamespace(images=images, timings={"total": 0.0})
+
+    replica = SimpleNamespace(pipe=pipe, eager=pipe, cuda=True, buckets=[1, 2, 4, 8])
+    payloads = [app_module.Payload(f"p{i}", "", 10 + i, 1, 0.0, 8, 8, False, True) for i in range(3)]
+    jobs = [Job(("k",), 64, p) for p in payloads]
+    out = app_module.ImageService.func_or_class._run(replica, jobs, lambda: False)
+    assert calls == [(["p0", "p1", "p2", "p2"], [10, 11, 12, 12])]
+    assert len(out) == 3 and [Image.open(io.BytesIO(png)).getpixel((0, 0))[0] for png, _ in out] == \
+        [0, 1, 2]
+    assert out[0][1]["group_size"] == 3 and out[0][1]["batch_size"] == 4
+    replica.cuda = False  # on the CPU a call runs at its own size
+    calls.clear()
+    app_module.ImageService.func_or_class._run(replica, jobs, lambda: False)
+    assert calls[0][0] == ["p0", "p1", "p2"]

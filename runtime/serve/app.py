@@ -194,7 +194,10 @@ class ImageService:
         if not str(device).startswith("cuda"):
             return {}
         n_sizes = len(parse_sizes(c.sizes)) if c.sizes else 3
-        return {"max_graphs": max(16, n_sizes * (c.max_batch.bit_length() + 1), 2 * c.max_batch) + 2}
+        n_buckets = c.max_batch.bit_length() + 1
+        # per menu size and bucket: one shape without guidance, one with (a doubled batch); the text encoder sees
+        # 1 to 2 x max_batch texts
+        return {"max_graphs": max(16, 2 * n_sizes * n_buckets, 2 * c.max_batch) + 2}
 
     def _menu(self) -> list[tuple[int, int]]:
         c = self.config
@@ -302,9 +305,8 @@ class ImageService:
         t0 = time.perf_counter()
         try:
             response = await self._generate(request)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client went away or timed out: Ray logs it (one line), we count it
             self.metrics.abandoned.inc()
-            log.info("instaflow: a client went away before its answer (or its request timed out)")
             raise
         except Exception:  # noqa: BLE001 - a bug: one line to the client, the traceback to the log, counted
             log.exception("instaflow: request failed")
@@ -396,14 +398,14 @@ class ImageService:
         return oom
 
     def _run(self, jobs: list[Job], cancel: Any) -> list[tuple[bytes, dict[str, Any]]]:
-        """One pipeline call for jobs sharing size, steps and guidance (a worker thread); PNGs out. On a GPU a
-        one-step call is padded to the next captured batch size."""
+        """One pipeline call for jobs sharing size, steps and guidance (a worker thread); PNGs out. On a GPU a call
+        is padded to the next batch bucket, so that the shapes graphs are captured for stay few and fixed."""
         import torch
 
         first: Payload = jobs[0].payload
         pipe = self.pipe if first.on_menu else self.eager
         payloads = [j.payload for j in jobs]
-        if self.cuda and first.on_menu and first.steps == 1 and not first.cfg:  # the captured one-step path
+        if self.cuda and first.on_menu:  # graphs exist (or are captured) for the bucket sizes only
             n = next(b for b in self.buckets if b >= len(payloads))
             payloads = payloads + [payloads[-1]] * (n - len(payloads))
         out = pipe([p.prompt for p in payloads],
