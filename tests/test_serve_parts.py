@@ -447,3 +447,20 @@ def test_gpu_calls_are_padded_to_a_batch_bucket_and_the_padding_is_dropped():
     calls.clear()
     app_module.ImageService.func_or_class._run(replica, jobs, lambda: False)
     assert calls[0][0] == ["p0", "p1", "p2"]
+
+
+def test_preflight_checks_the_menu_against_the_checkpoint_before_ray_starts():
+    from argparse import Namespace
+
+    from runtime.serve.__main__ import exposure_warnings, preflight
+
+    preflight(ServeConfig(ckpt="tiny"))  # the default menu of the bundled model: 32x32, 32x48, 48x32
+    for sizes, match in (("30x30", "--sizes 30x30: height must be a positive multiple of the VAE scale factor 4"),
+                         ("5000x32", "--sizes 5000x32: 32x5000 px: a side over")):
+        with pytest.raises(InvalidInputError, match=match):
+            preflight(ServeConfig(ckpt="tiny", sizes=sizes))
+    assert preflight(ServeConfig(ckpt="tiny", sizes="64x64,32x32")) is None
+    args = Namespace(host="0.0.0.0", ssl_keyfile=None, api_key=None)
+    said = exposure_warnings(args, GateConfig())
+    assert len(said) == 3 and all(line.startswith("warning: --host 0.0.0.0 without") for line in said)
+    assert exposure_warnings(Namespace(host="127.0.0.1", ssl_keyfile=None, api_key=None), GateConfig()) == []

@@ -117,6 +117,41 @@ def configs(a: argparse.Namespace) -> tuple[ServeConfig, GateConfig]:
     return config, gate
 
 
+def preflight(config: ServeConfig) -> None:
+    """What can be checked before Ray starts, from the checkpoint's configs alone (no weights): it resolves, and
+    every size of the menu is one it takes (one line otherwise)."""
+    from ..checkpoints import check_is_flow, resolve
+    from ..models import load_components
+    from .config import menu_for
+
+    checkpoint = resolve(config.ckpt)
+    check_is_flow(checkpoint, config.treat_as_flow)
+    menu_for(config, load_components(checkpoint, weights=False))
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of a traceback-like text (the error itself)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def exposure_warnings(a: argparse.Namespace, gate: GateConfig) -> list[str]:
+    """What an operator binding beyond loopback should know (one line each)."""
+    out = []
+    if a.host not in LOOPBACK_HOSTS:
+        if gate.api_key_sha256 is None:
+            out.append(f"warning: --host {a.host} without an API key: anyone who reaches it may generate images "
+                       "(--api-key-file)")
+        if gate.allowed_hosts is None:
+            out.append(f"warning: --host {a.host} without --allowed-hosts: any Host header is answered")
+        if not a.ssl_keyfile:
+            out.append(f"warning: --host {a.host} without TLS: keys and images travel in clear (--ssl-keyfile/"
+                       "--ssl-certfile, or a gateway that terminates TLS)")
+    if a.api_key is not None:
+        out.append(f"warning: --api-key is visible to every user in `ps`; prefer --api-key-file or ${API_KEY_ENV}")
+    return out
+
+
 def actor_options(config: ServeConfig, replicas: int) -> dict[str, float]:
     """Each replica's share of this machine: a GPU each on a CUDA device, and the CPU cores split evenly (Ray sets
     a worker's thread count to its CPUs: with Ray's default of one, torch would compute on one core)."""
@@ -140,10 +175,11 @@ class Stop:
         (self.now if self.drain.is_set() else self.drain).set()
 
 
-def wait_for_gate(state: Path, since: float, stop: Stop, deadline: float) -> bool:
+def wait_for_gate(state: Path, since: float, stop: Stop, deadline: float) -> bool | None:
     """After the drain flag: wait until the proxy's gate reports no request open (True), or the deadline / a second
-    signal (False)."""
+    signal (False); None when no gate reports within 3 s (it is not installed)."""
     quiet_since = None
+    started = time.monotonic()
     while time.monotonic() < deadline and not stop.now.is_set():
         reports = []
         for f in state.glob("gate-*.json"):
@@ -152,6 +188,8 @@ def wait_for_gate(state: Path, since: float, stop: Stop, deadline: float) -> boo
             except (OSError, ValueError):
                 pass
         fresh = [r for r in reports if r.get("time", 0) >= since]
+        if not fresh and time.monotonic() - started > 3:
+            return None
         if fresh and all(r.get("open", 1) == 0 for r in fresh):
             quiet_since = quiet_since or time.monotonic()
             if time.monotonic() - quiet_since >= 0.2:  # two reports in a row: nothing open, nothing arriving
@@ -167,6 +205,7 @@ def serve_forever(config: ServeConfig, gate: GateConfig, host: str, port: int, r
     """Start Ray (local), the HTTP proxy with the gate and the deployment; block until SIGINT/SIGTERM; drain: the
     gate answers 503 to new requests, the admitted ones finish, then Serve and Ray stop."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    preflight(config)
     stop = Stop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
@@ -181,7 +220,7 @@ def serve_forever(config: ServeConfig, gate: GateConfig, host: str, port: int, r
 
     from .app import ImageService, deployment_options, gate_dict
 
-    started = False
+    started, wait_s = False, 20.0
     try:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
@@ -196,7 +235,10 @@ def serve_forever(config: ServeConfig, gate: GateConfig, host: str, port: int, r
         started = True
         app = ImageService.options(num_replicas=replicas, ray_actor_options=actor_options(config, replicas),
                                    **deployment_options(config)).bind(config.to_dict(), gate_dict(gate))
-        serve.run(app, name="instaflow", route_prefix="/", blocking=False)
+        try:
+            serve.run(app, name="instaflow", route_prefix="/", blocking=False)
+        except RuntimeError as e:  # the replica could not start: its error, not Ray's page of traceback
+            raise InstaFlowError(f"the service did not start: {last_line(str(e))}") from None
         scheme = "https" if ssl else "http"
         if not stop.drain.is_set():
             print(f"serving {config.ckpt} at {scheme}://{host}:{port}/v1/generate (Ctrl-C to stop)", flush=True)
@@ -205,15 +247,19 @@ def serve_forever(config: ServeConfig, gate: GateConfig, host: str, port: int, r
         (state / DRAIN_FLAG).touch()
         print("stopping: new requests get 503, requests in flight finish first", flush=True)
         drained = wait_for_gate(state, since, stop, time.monotonic() + config.graceful_shutdown_s + gate.body_timeout_s)
-        print("stopping: every request answered" if drained else "stopping: not waiting any longer", flush=True)
+        if drained is None:  # no gate in the proxy: Ray Serve's own graceful shutdown drains the replicas
+            print("stopping: the HTTP proxy's gate did not report; replicas drain as Ray Serve stops them", flush=True)
+            wait_s = config.graceful_shutdown_s + 20
+        else:
+            print("stopping: every request answered" if drained else "stopping: not waiting any longer", flush=True)
     finally:
-        _shutdown(started)
+        _shutdown(started, wait_s)
         shutil.rmtree(state, ignore_errors=True)
 
 
-def _shutdown(serve_started: bool) -> None:
-    """Serve and Ray down, within seconds: whatever still hangs after 20 s (a Ray process that died under us) is
-    left to exit with this process."""
+def _shutdown(serve_started: bool, wait_s: float = 20.0) -> None:
+    """Serve and Ray down, within seconds: whatever still hangs after ``wait_s`` (a Ray process that died under us)
+    is left to exit with this process."""
     import ray
 
     def down() -> None:
@@ -229,9 +275,9 @@ def _shutdown(serve_started: bool) -> None:
 
     t = threading.Thread(target=down, daemon=True)
     t.start()
-    t.join(20)
+    t.join(wait_s)
     if t.is_alive():
-        print("warning: Ray did not stop within 20 s; exiting anyway", file=sys.stderr, flush=True)
+        print(f"warning: Ray did not stop within {wait_s:g} s; exiting anyway", file=sys.stderr, flush=True)
         os._exit(0)
 
 
@@ -277,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if os.environ.get(_CHILD_ENV) != "1":
+        for line in exposure_warnings(a, gate):
+            print(line, file=sys.stderr)
         return supervise(argv)
     from ..cli import run_cli
 

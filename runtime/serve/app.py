@@ -44,7 +44,7 @@ from ray import serve
 
 from ..errors import Cancelled, InstaFlowError, InvalidInputError
 from .batching import Batcher, Job, OutOfMemory
-from .config import ServeConfig, default_sizes, format_size, parse_sizes
+from .config import ServeConfig, format_size, menu_for, parse_sizes
 from .gate import RETRY_AFTER_S, GateConfig, check_request
 
 log = logging.getLogger("ray.serve")
@@ -200,14 +200,8 @@ class ImageService:
         return {"max_graphs": max(16, 2 * n_sizes * n_buckets, 2 * c.max_batch) + 2}
 
     def _menu(self) -> list[tuple[int, int]]:
-        c = self.config
-        comps = self.pipe.components
-        if c.sizes is None:
-            down = len(getattr(comps.unet.config, "down_block_types", ())) or 4
-            sizes = default_sizes(comps.default_size, comps.vae_scale_factor * 2 ** (down - 1))
-        else:
-            sizes = parse_sizes(c.sizes)
-        for h, w in sizes:  # each must be a size the pipeline takes, within its limits
+        sizes = menu_for(self.config, self.pipe.components, self.pipe.limits)
+        for h, w in sizes:  # and whatever the backend says (exported graphs may take fewer sizes)
             try:
                 self.pipe.check_inputs("x", height=h, width=w, seed=0)
             except InstaFlowError as e:

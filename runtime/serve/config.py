@@ -130,6 +130,30 @@ def default_sizes(default: tuple[int, int], multiple: int) -> list[tuple[int, in
     return out
 
 
+def menu_for(config: ServeConfig, components: Any, limits: Any = None) -> list[tuple[int, int]]:
+    """The size menu of ``config`` for a checkpoint's ``components`` (configs are enough: no weights needed), each
+    size checked as the pipeline checks it (multiples of the VAE scale factor, within ``limits``): one line for a
+    size the model cannot take, before anything is served."""
+    from ..inputs import Limits, Request, check_pixels
+
+    if config.sizes is None:
+        down = len(getattr(components.unet.config, "down_block_types", ())) or 4
+        sizes = default_sizes(components.default_size, components.vae_scale_factor * 2 ** (down - 1))
+    else:
+        sizes = parse_sizes(config.sizes)
+    if limits is None:
+        limits = Limits()
+        if config.max_pixels is not None:
+            limits.max_pixels = config.max_pixels
+    for h, w in sizes:
+        try:
+            check_pixels(h, w, components.vae_scale_factor)
+            limits.check(Request(["x"], [""], 1, 0.0, h, w, 1, "pil"))
+        except InvalidInputError as e:
+            raise InvalidInputError(f"--sizes {format_size(h, w)}: {e}") from None
+    return sizes
+
+
 def hash_key(key: str) -> str:
     """The SHA-256 (hex) of an API key: what the service keeps and compares, never the key itself."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
