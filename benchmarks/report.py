@@ -167,6 +167,14 @@ def render_serve_load(doc: dict) -> list[str]:
         answers = "; ".join(f"{kind}: " + ", ".join(f"{n} x {'cut off' if s == '0' else s}" for s, n in c.items())
                             for kind, c in h["attackers"].items())
         lines.append(f"Attackers' answers (status x count): {answers}.")
+    o = doc.get("overload")
+    if o:
+        ms = o["latency_ms"]
+        lat = "; ".join(f"{s}: p50 {v[0]:.0f} ms, p99 {v[1]:.0f} ms" for s, v in ms.items())
+        counts = ", ".join(f"{n} x {'cut off' if s == '0' else s}" for s, n in o["statuses"].items())
+        lines += ["", f"**Overload** (a fresh service, `--max-batch {o['max_batch']} --refusal-rate 0`, {o['flood']} "
+                  f"clients sending valid requests back to back for {o['seconds']:.0f} s): "
+                  f"{o['images_per_s']:.1f} images/s served; answers {counts}; {lat}."]
     if doc.get("note"):
         lines += ["", f"Note: {doc['note']}"]
     return lines + [""]

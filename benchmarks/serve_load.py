@@ -3,6 +3,7 @@ the same clients with hostile traffic mixed in.
 
     python -m benchmarks.serve_load [--clients 16] [--requests 12] [--batches 1 4 8] [--size 64]
         [--hostile-batch 8] [--slow 200] [--oversized 2] [--junk 1] [--bad-negatives 2] [--flood 0]
+        [--overload 200] [--overload-seconds 20]
 
 For each ``--max-batch`` a fresh service (`python -m runtime.serve --sizes SIZExSIZE`, default wait, queue and limits)
 is started on a free port; every client sends its requests one after another (each with its own seed), all clients
@@ -19,6 +20,10 @@ good clients alone ("clean"), then again while attackers run ("hostile"):
 - ``--bad-negatives`` clients sending, back to back, guided requests whose negative prompt holds a lone surrogate;
 - ``--flood`` clients sending valid requests back to back (beyond the service's capacity: 503s; off by default,
   since then good clients share the service's capacity with them by design).
+
+Then (``--overload``, 0 to skip) a last fresh service with ``--refusal-rate 0`` is flooded by that many clients
+sending valid requests back to back (distinct clients, as far as the limiter goes): images served per second and
+how long refusals (503) and answers (200) take.
 
 The attackers run in a process of their own at nice 19 (on a real deployment they are other machines). Every good
 answer is checked as above; the attackers' answers are counted by status. The good clients' throughput and
@@ -161,9 +166,14 @@ def _slow_body(port: int, stop: threading.Event, statuses: Counter) -> None:
             time.sleep(0.2)
 
 
-def _loop(send: Callable[[], tuple[int, bytes]], stop: threading.Event, statuses: Counter) -> None:
+def _loop(send: Callable[[], tuple[int, bytes]], stop: threading.Event, statuses: Counter,
+          latencies: dict[int, list[float]] | None = None) -> None:
     while not stop.is_set():
-        statuses[send()[0]] += 1
+        t = time.perf_counter()
+        status = send()[0]
+        statuses[status] += 1
+        if latencies is not None:
+            latencies.setdefault(status, []).append(time.perf_counter() - t)
 
 
 def attackers(url: str, port: int, size: int, slow: int, oversized: int, junk: int, bad_negatives: int, flood: int
@@ -186,16 +196,24 @@ def attackers(url: str, port: int, size: int, slow: int, oversized: int, junk: i
     threads += [threading.Thread(target=_loop, args=(lambda: _post(url, bad, 30), stop, statuses["bad_negatives"]),
                                  daemon=True) for _ in range(bad_negatives)]
     valid = {"prompt": PROMPTS[3], "height": size, "width": size}
-    threads += [threading.Thread(target=_loop, args=(lambda: _post(url, valid, 60), stop, statuses["flood"]),
-                                 daemon=True) for _ in range(flood)]
+    flood_latencies: dict[int, list[float]] = {}
+    threads += [threading.Thread(target=_loop, args=(lambda: _post(url, valid, 60), stop, statuses["flood"],
+                                                     flood_latencies), daemon=True) for _ in range(flood)]
+    started = time.perf_counter()
     for t in threads:
         t.start()
 
-    def finish() -> dict[str, dict[str, int]]:
+    def finish() -> dict[str, Any]:
         stop.set()
+        seconds = time.perf_counter() - started
         for t in threads:
             t.join(10)
-        return {k: {str(s): n for s, n in sorted(c.items())} for k, c in statuses.items() if c}
+        out: dict[str, Any] = {k: {str(s): n for s, n in sorted(c.items())} for k, c in statuses.items() if c}
+        if flood_latencies:
+            out["flood_seconds"] = seconds
+            out["flood_ms"] = {str(s): [1e3 * float(np.percentile(v, q)) for q in (50, 99)]
+                               for s, v in sorted(flood_latencies.items())}
+        return out
 
     return finish, threads
 
@@ -249,6 +267,25 @@ def run_hostile(max_batch: int, clients: int, requests: int, size: int, expected
             "p50_ratio": hostile["p50_ms"] / clean["p50_ms"], "p99_ratio": hostile["p99_ms"] / clean["p99_ms"]}
 
 
+def run_overload(max_batch: int, size: int, flood: int, seconds: float) -> dict[str, Any]:
+    """A fresh service (``--refusal-rate 0``: the flood stands for ``flood`` distinct clients, which the per-address
+    limiter would not slow) under ``flood`` clients sending valid requests back to back for ``seconds``: images
+    served per second, and how long a refusal (503) and an answer (200) take."""
+    proc, port = start_service(["--max-batch", str(max_batch), "--sizes", f"{size}x{size}", "--refusal-rate", "0"])
+    try:
+        url = f"http://127.0.0.1:{port}/v1/generate"
+        _post(url, {"prompt": PROMPTS[0], "height": size, "width": size, "seed": 0})  # warm-up
+        attack, finish = attack_process(url, port, size, {"slow": 0, "oversized": 0, "junk": 0, "bad_negatives": 0,
+                                                          "flood": flood})
+        time.sleep(seconds)
+        result = finish()
+    finally:
+        stop_service(proc)
+    served = result.get("flood", {}).get("200", 0)
+    return {"max_batch": max_batch, "flood": flood, "seconds": result["flood_seconds"], "statuses": result["flood"],
+            "images_per_s": served / result["flood_seconds"], "latency_ms": result["flood_ms"]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=16)
@@ -260,7 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--oversized", type=int, default=2, help="clients sending requests over the limits")
     p.add_argument("--junk", type=int, default=1, help="clients sending 10 MB bodies")
     p.add_argument("--bad-negatives", type=int, default=2, help="clients sending invalid negative prompts")
-    p.add_argument("--flood", type=int, default=0, help="clients sending valid requests back to back")
+    p.add_argument("--flood", type=int, default=0, help="clients sending valid requests back to back, in the mix")
+    p.add_argument("--overload", type=int, default=200,
+                   help="clients flooding a fresh service with valid requests for --overload-seconds (0: skip)")
+    p.add_argument("--overload-seconds", type=float, default=20.0)
     p.add_argument("--note", default=None, help="a note stored with the results (e.g. what shared the machine)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / ".results" / "serve_load.json"))
     p.add_argument("--attack", default=None, help=argparse.SUPPRESS)  # the attackers' own process
@@ -276,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [run_setting(b, a.clients, a.requests, a.size, expected) for b in a.batches]
     hostile = run_hostile(a.hostile_batch, a.clients, a.requests, a.size, expected, a.slow, a.oversized, a.junk,
                           a.bad_negatives, a.flood) if a.hostile_batch else None
+    overload = run_overload(a.hostile_batch or a.batches[-1], a.size, a.overload, a.overload_seconds) \
+        if a.overload else None
     from runtime.files import atomic_write_json
 
     from .report import render_serve_load
@@ -286,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "clients": a.clients, "size": a.size, "rows": rows}
     if hostile:
         doc["hostile"] = hostile
+    if overload:
+        doc["overload"] = overload
     if a.note:
         doc["note"] = a.note
     out = Path(a.out)

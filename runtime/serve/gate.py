@@ -335,7 +335,7 @@ class Gate:
         scope = {**scope, "headers": headers}
         method, path = scope.get("method", "GET"), scope.get("path", "")
         has_body = method == "POST"
-        if self.draining and path != "/-/healthz":
+        if self.draining:  # health checks included: a gateway takes the service out of rotation
             await self._refuse(scope, send, Refusal(503, "the service is shutting down", (("Retry-After", "5"),)), close=True)
             return
         refusal = check_request(c, method, path, headers)
