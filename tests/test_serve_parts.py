@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("starlette", reason="the serve extra is not installed")
 
-from runtime.errors import Cancelled, InstaFlowError, InvalidInputError  # noqa: E402
+from runtime.errors import Cancelled, InvalidInputError  # noqa: E402
 from runtime.serve.batching import Batcher, Job, OutOfMemory  # noqa: E402
 from runtime.serve.config import ServeConfig, default_sizes, hash_key, parse_sizes, read_api_key  # noqa: E402
 from runtime.serve.gate import Gate, GateConfig, RefusalLimiter, check_request, host_name  # noqa: E402
@@ -271,7 +271,8 @@ def test_gate_strips_ray_timeout_overrides_and_rewrites_ray_errors():
                                                "x-request-disconnect-disabled": "?1"})
     names = {k for k, _ in seen[0][0]["headers"]}
     assert b"x-request-timeout-seconds" not in names and b"x-request-disconnect-disabled" not in names
-    assert code == 503 and headers["retry-after"] == "1" and _error_of(body) == "the service is at capacity; retry later"
+    assert code == 503 and headers["retry-after"] == "1"
+    assert _error_of(body) == "the service is at capacity; retry later"
     timeout = Gate(_json_app(408, b"Request abc timed out after 7.0s.", b"text/plain"), GateConfig(request_timeout_s=7))
     code, _, body = _post(timeout)
     assert code == 408 and _error_of(body) == "no answer within the service's request timeout (7 s)"

@@ -219,8 +219,8 @@ class ImageService:
         from .. import Pipeline
 
         if self.pipe.backend.name != "torch":
-            raise InvalidInputError(f"--allow-other-sizes runs other sizes eagerly with torch; the {self.pipe.backend.name} "
-                                    "backend on a GPU takes the menu's sizes only")
+            raise InvalidInputError(f"--allow-other-sizes runs other sizes eagerly with torch; the "
+                                    f"{self.pipe.backend.name} backend on a GPU takes the menu's sizes only")
         if not getattr(self.pipe.backend, "cuda_graph", False):
             return self.pipe
         eager = Pipeline(self.pipe.components, device=self.pipe.device, dtype=self.pipe.dtype, backend="torch",

@@ -75,7 +75,8 @@ class ServeConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(args) - known)
         if unknown:
-            raise InvalidInputError(f"unknown service setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise InvalidInputError(f"unknown service setting(s) {', '.join(unknown)}; known: "
+                                    f"{', '.join(sorted(known))}")
         return cls(**args)
 
     @property

@@ -336,7 +336,8 @@ class Gate:
         method, path = scope.get("method", "GET"), scope.get("path", "")
         has_body = method == "POST"
         if self.draining:  # health checks included: a gateway takes the service out of rotation
-            await self._refuse(scope, send, Refusal(503, "the service is shutting down", (("Retry-After", "5"),)), close=True)
+            await self._refuse(scope, send, Refusal(503, "the service is shutting down", (("Retry-After", "5"),)),
+                               close=True)
             return
         refusal = check_request(c, method, path, headers)
         if refusal is not None:
@@ -415,7 +416,8 @@ class Gate:
                  "gate included; 499: client gone mid-body)", "# TYPE instaflow_gate_responses_total counter"]
         lines += [f'instaflow_gate_responses_total{{status="{s}"}} {n}' for s, n in sorted(self.responses.items())]
         lines += ["# HELP instaflow_gate_delayed_refusals_total refusals held back because their client had too many",
-                  "# TYPE instaflow_gate_delayed_refusals_total counter", f"instaflow_gate_delayed_refusals_total {self.delayed}"]
+                  "# TYPE instaflow_gate_delayed_refusals_total counter",
+                  f"instaflow_gate_delayed_refusals_total {self.delayed}"]
         lines += ["# HELP instaflow_gate_open_requests requests inside this HTTP proxy's gate",
                   "# TYPE instaflow_gate_open_requests gauge", f"instaflow_gate_open_requests {self.open}"]
         body = body + ("\n".join(lines) + "\n").encode()
