@@ -154,7 +154,8 @@ def render_serve_load(doc: dict) -> list[str]:
                  f"{mix['flood']} sending valid requests back to back" if mix.get("flood") else ""]
         lines += ["" if rows else f"`{doc.get('command', 'python -m benchmarks.serve_load')}`.", "" if rows else "",
                   f"**Hostile mix** (one fresh service, `--max-batch {h['max_batch']}`, the same {doc['clients']} "
-                  "good clients alone, then again while attackers run, each attacker back to back: "
+                  f"good clients alone, then again while attackers run, {h['clean'].get('rounds', 1)} time(s) in "
+                  "turn; attackers in a process of their own at nice 19, each back to back: "
                   f"{', '.join(x for x in parts if x)}):", "",
                   "| phase | good requests | answered correctly | images/s | p50 ms | p99 ms |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -164,9 +165,15 @@ def render_serve_load(doc: dict) -> list[str]:
                          f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
         lines += [f"| hostile / clean | | | {h['throughput_ratio']:.2f}x | {h['p50_ratio']:.2f}x | "
                   f"{h['p99_ratio']:.2f}x |", ""]
+        if "load_avg_1min" in h["clean"]:
+            lines.append(f"Load average (1 min) at the end of each round: clean {h['clean']['load_avg_1min']}, "
+                         f"hostile {h['hostile']['load_avg_1min']}.")
         answers = "; ".join(f"{kind}: " + ", ".join(f"{n} x {'cut off' if s == '0' else s}" for s, n in c.items())
                             for kind, c in h["attackers"].items())
         lines.append(f"Attackers' answers (status x count): {answers}.")
+        if "service_cores_under_attack_alone" in h:
+            lines += ["", f"The attack alone (no good clients, 10 s) costs the service's processes "
+                          f"{h['service_cores_under_attack_alone']:.2f} cores (idle: {h['service_cores_idle']:.2f})."]
     o = doc.get("overload")
     if o:
         ms = o["latency_ms"]

@@ -11,7 +11,7 @@ at once. Every answer must be 200 and the image of the direct ``Pipeline`` call 
 pixel). Prints throughput (images/s) and p50/p99 latency per setting as a Markdown table, and the JSON to ``--out``.
 
 The hostile mix (``--hostile-batch``, 0 to skip) runs in one more fresh service, two phases side by side: the same
-good clients alone ("clean"), then again while attackers run ("hostile"):
+good clients alone ("clean"), then again while attackers run ("hostile"), ``--rounds`` (2) times in turn:
 
 - ``--slow`` connections that send their headers and then trickle their body one byte a second (each is answered
   408 after the service's ``--body-timeout``, and reconnects);
@@ -99,8 +99,8 @@ def stop_service(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def good_clients(url: str, clients: int, requests: int, size: int, expected: dict[int, np.ndarray]
-                 ) -> dict[str, Any]:
+def good_clients(url: str, clients: int, requests: int, size: int, expected: dict[int, np.ndarray],
+                 keep_latencies: bool = False) -> dict[str, Any]:
     """``clients`` threads sending ``requests`` each, one after another; every answer checked."""
     from PIL import Image
 
@@ -126,8 +126,12 @@ def good_clients(url: str, clients: int, requests: int, size: int, expected: dic
         t.join()
     wall = time.perf_counter() - t0
     n = clients * requests
-    return {"requests": n, "answered_correctly": n - len(wrong), "seconds": wall, "images_per_s": n / wall,
-            "p50_ms": 1e3 * float(np.percentile(latencies, 50)), "p99_ms": 1e3 * float(np.percentile(latencies, 99))}
+    out = {"requests": n, "answered_correctly": n - len(wrong), "seconds": wall, "images_per_s": n / wall,
+           "p50_ms": 1e3 * float(np.percentile(latencies, 50)), "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
+           "load_avg_1min": round(os.getloadavg()[0], 2)}
+    if keep_latencies:
+        out["latencies"] = latencies
+    return out
 
 
 def run_setting(max_batch: int, clients: int, requests: int, size: int, expected: dict[int, np.ndarray]
@@ -245,24 +249,80 @@ def _attack_main(spec: str) -> int:
     return 0
 
 
+def service_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and everything it started (Ray's processes too)."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
+def cores_used(pid: int, seconds: float) -> float:
+    """The service's CPU use over the next ``seconds``, in cores."""
+    before, t = service_cpu_seconds(pid), time.perf_counter()
+    time.sleep(seconds)
+    return (service_cpu_seconds(pid) - before) / (time.perf_counter() - t)
+
+
+def _merge(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one phase as one: requests and seconds add up, percentiles are over every latency."""
+    lat = [x for r in phases for x in r["latencies"]]
+    n, wall = sum(r["requests"] for r in phases), sum(r["seconds"] for r in phases)
+    return {"requests": n, "answered_correctly": sum(r["answered_correctly"] for r in phases), "seconds": wall,
+            "images_per_s": n / wall, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+            "p99_ms": 1e3 * float(np.percentile(lat, 99)), "rounds": len(phases),
+            "load_avg_1min": [r["load_avg_1min"] for r in phases]}
+
+
 def run_hostile(max_batch: int, clients: int, requests: int, size: int, expected: dict[int, np.ndarray],
-                slow: int, oversized: int, junk: int, bad_negatives: int, flood: int) -> dict[str, Any]:
-    """One fresh service: the good clients alone, then with the attackers; the two phases' numbers."""
+                slow: int, oversized: int, junk: int, bad_negatives: int, flood: int, rounds: int = 2
+                ) -> dict[str, Any]:
+    """One fresh service: the good clients alone, then with the attackers, ``rounds`` times in turn (so that what
+    else the machine does in the meantime weighs on both phases alike); the two phases' numbers."""
     proc, port = start_service(["--max-batch", str(max_batch), "--sizes", f"{size}x{size}", "--body-timeout", "5"])
     mix = {"slow": slow, "oversized": oversized, "junk": junk, "bad_negatives": bad_negatives, "flood": flood}
+    phases: dict[str, list[dict[str, Any]]] = {"clean": [], "hostile": []}
+    attacks: list[Any] = []
     try:
         url = f"http://127.0.0.1:{port}/v1/generate"
         _post(url, {"prompt": PROMPTS[0], "height": size, "width": size, "seed": 0})  # warm-up
-        clean = good_clients(url, clients, requests, size, expected)
+        for _ in range(rounds):
+            phases["clean"].append(good_clients(url, clients, requests, size, expected, keep_latencies=True))
+            attack, finish = attack_process(url, port, size, mix)
+            try:
+                time.sleep(3.0)  # the attack is under way before the good clients start
+                phases["hostile"].append(good_clients(url, clients, requests, size, expected, keep_latencies=True))
+            finally:
+                attacks.append(finish())
+        # what the attack alone costs the service: its processes' CPU, idle and then under the attack
+        idle = cores_used(proc.pid, 10.0)
         attack, finish = attack_process(url, port, size, mix)
         try:
-            time.sleep(3.0)  # the attack is under way before the good clients start
-            hostile = good_clients(url, clients, requests, size, expected)
+            time.sleep(3.0)
+            attacked = cores_used(proc.pid, 10.0)
         finally:
-            attacks = finish()
+            attacks.append(finish())
     finally:
         stop_service(proc)
-    return {"max_batch": max_batch, "clean": clean, "hostile": hostile, "attackers": attacks, "mix": mix,
+    clean, hostile = _merge(phases["clean"]), _merge(phases["hostile"])
+    answers: dict[str, Counter] = {}
+    for a in attacks:
+        for kind, counts in a.items():
+            if isinstance(counts, dict) and kind != "flood_ms":
+                answers.setdefault(kind, Counter()).update(counts)
+    return {"max_batch": max_batch, "clean": clean, "hostile": hostile,
+            "attackers": {k: dict(sorted(c.items())) for k, c in answers.items()}, "mix": mix,
+            "service_cores_idle": idle, "service_cores_under_attack_alone": attacked,
             "throughput_ratio": hostile["images_per_s"] / clean["images_per_s"],
             "p50_ratio": hostile["p50_ms"] / clean["p50_ms"], "p99_ratio": hostile["p99_ms"] / clean["p99_ms"]}
 
@@ -293,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8])
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--hostile-batch", type=int, default=8, help="--max-batch of the hostile-mix run (0: skip it)")
+    p.add_argument("--rounds", type=int, default=2, help="clean and hostile phases, in turn, this many times")
     p.add_argument("--slow", type=int, default=200, help="slow-body connections")
     p.add_argument("--oversized", type=int, default=2, help="clients sending requests over the limits")
     p.add_argument("--junk", type=int, default=1, help="clients sending 10 MB bodies")
@@ -315,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     del pipe
     rows = [run_setting(b, a.clients, a.requests, a.size, expected) for b in a.batches]
     hostile = run_hostile(a.hostile_batch, a.clients, a.requests, a.size, expected, a.slow, a.oversized, a.junk,
-                          a.bad_negatives, a.flood) if a.hostile_batch else None
+                          a.bad_negatives, a.flood, a.rounds) if a.hostile_batch else None
     overload = run_overload(a.hostile_batch or a.batches[-1], a.size, a.overload, a.overload_seconds) \
         if a.overload else None
     from runtime.files import atomic_write_json
