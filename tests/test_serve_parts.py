@@ -338,6 +338,31 @@ def test_gate_holds_a_flood_of_refusals_but_not_good_answers():
     asyncio.run(scenario())
 
 
+def test_a_held_refusal_from_the_service_does_not_keep_its_slot():
+    """A refusal the service made (422) is held only after the service is done with the request: the gate's count
+    of requests handed on (what Ray's router counts against a replica too) is back to 0 while it waits."""
+    gate = Gate(_json_app(422, b'{"error": "prompt: bad"}'), GateConfig(refusal_rate=1))
+    seen: list[int] = []
+
+    async def scenario():
+        for _ in range(3):  # a burst of 2, then held
+            scope = {"type": "http", "method": "POST", "path": "/v1/generate", "client": ("10.0.0.1", 5),
+                     "headers": [(b"content-type", b"application/json")]}
+            messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+            async def receive():
+                return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    seen.append((message["status"], gate.handed_on))
+
+            await gate(scope, receive, send)
+
+    asyncio.run(scenario())
+    assert seen == [(422, 0)] * 3 and gate.delayed == 1
+
+
 def test_host_names_and_api_keys():
     assert host_name("[::1]:8000") == "::1" and host_name("Example.COM:443") == "example.com"
     assert host_name("localhost") == "localhost" and host_name("::1") == "::1"

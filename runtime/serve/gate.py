@@ -362,28 +362,38 @@ class Gate:
                                    close=True)
                 return
             receive = replay(body, receive)
+        later: list[Message] = []  # a refusal from the service, sent once the service is done with the request
         self.handed_on += 1
         try:
-            await self.app(scope, receive, self._answers(scope, send, path))
+            await self.app(scope, receive, self._answers(send, path, later))
         finally:
             self.handed_on -= 1
+        if later:  # held (the limiter) only now: a held refusal must not keep a replica's slot
+            await self._hold(scope, int(later[0]["status"]))
+            for message in later:
+                await send(message)
 
-    def _answers(self, scope: Scope, send: Send, path: str) -> Send:
-        """Wrap ``send``: count statuses; hold refusals (the limiter); Ray Serve's plain-text errors become one-line
-        JSON; ``/metrics`` gets the gate's counters appended."""
+    def _answers(self, send: Send, path: str, later: list[Message]) -> Send:
+        """Wrap ``send``: count statuses; refusals the limiter throttles go to ``later``; Ray Serve's plain-text
+        errors become one-line JSON; ``/metrics`` gets the gate's counters appended."""
         state: dict[str, Any] = {"start": None, "body": []}
+
+        async def out(message: Message) -> None:
+            if later or (message["type"] == "http.response.start" and int(message["status"]) in THROTTLED):
+                later.append(message)
+            else:
+                await send(message)
 
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 self.responses[status] += 1
-                await self._hold(scope, status)
                 ctype = (_header(message.get("headers", []), b"content-type") or b"").lower()
                 rewrite = status >= 400 and not ctype.startswith(b"application/json")
                 if rewrite or (path == "/metrics" and status == 200):
                     state["start"] = message  # held until the body is complete
                     return
-                await send(message)
+                await out(message)
                 return
             if message["type"] == "http.response.body" and state["start"] is not None:
                 state["body"].append(message.get("body", b""))
@@ -394,9 +404,9 @@ class Gate:
                 if start["status"] == 200:  # /metrics
                     await self._send_metrics(send, start, body)
                 else:
-                    await self._send_rewritten(send, start)
+                    await self._send_rewritten(out, start)
                 return
-            await send(message)
+            await out(message)
 
         return wrapped
 
