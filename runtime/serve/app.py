@@ -171,9 +171,13 @@ class ImageService:
         self.eager = self._eager_pipeline()
         self.metrics = Metrics()
         seconds_per_unit = self._warm_up()
-        budget = max(c.cost_seconds / seconds_per_unit, max(h * w for h, w in self.sizes))
-        self.max_cost = c.max_cost if c.max_cost is not None else int(budget)
-        self.max_batch_cost = c.max_batch_cost if c.max_batch_cost is not None else max(int(budget), self.max_cost)
+        largest = max(h * w for h, w in self.sizes)
+        budget = int(c.cost_seconds / seconds_per_unit)
+        # floors: one step at the menu's largest size per request, and a full call of those per call (what the
+        # warm-up ran): the measured budget only ever limits steps and guidance, never the batching of the menu
+        self.max_cost = c.max_cost if c.max_cost is not None else max(budget, largest)
+        self.max_batch_cost = c.max_batch_cost if c.max_batch_cost is not None else \
+            max(budget, self.max_cost, c.max_batch * largest)
         self.batcher = Batcher(self._run, c.max_batch, c.max_wait_ms / 1000, self.max_batch_cost,
                                is_oom=self._is_oom, on_call=lambda n, _: self.metrics.batch.observe(n))
         self.held = 0
@@ -246,7 +250,7 @@ class ImageService:
         h, w = self.sizes[0]
         n = self.config.max_batch
         best = math.inf
-        for _ in range(2):
+        for _ in range(3):  # the fastest of three: other work on the machine only ever slows a run down
             t = time.perf_counter()
             self.pipe(["warm-up"] * n, height=h, width=w, seed=0)
             if self.cuda:

@@ -26,7 +26,10 @@ class ServeConfig:
 
     The cost of a request is its pixels times its Euler steps, doubled with guidance (``guidance_scale > 1`` runs
     the UNet on two batches): "pixel-steps". ``max_cost`` bounds one request and ``max_batch_cost`` one pipeline
-    call; left at ``None``, both are sized at start-up to what this replica computes in ``cost_seconds``.
+    call; left at ``None``, both are sized at start-up to what this replica computes in ``cost_seconds`` (the
+    fastest of three full calls at the menu's first size), but never below one step at the menu's largest size per
+    request and ``max_batch`` of those per call. Measured on a shared machine they vary from one start to the next:
+    pin them for reproducible limits.
     """
 
     ckpt: str = "tiny"
