@@ -66,8 +66,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    """The open service: batches of up to 8 gathered for 300 ms (so concurrent requests share a batch), 8 requests
-    waiting at most beyond the 16 a replica holds, a small size menu and fixed limits (not measured: the tests
+    """The open service: batches of up to 8 gathered for 300 ms (so concurrent requests share a batch), a replica
+    holding 8 queued requests and a running call of 8, 8 more waiting in the proxy, a small size menu and fixed limits (not measured: the tests
     must not depend on this machine's speed)."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
@@ -308,7 +308,8 @@ def test_a_full_service_answers_503_in_the_proxy_then_recovers(service):
     results = _together(48, lambda i: _post(url, {"prompt": PROMPT, "height": 128, "width": 128,
                                                   "num_inference_steps": 12, "seed": i}, timeout=120))
     codes = sorted(r[0] for r in results)
-    # a replica holds 2 x 8, 8 more wait in the proxy: 24 of 48 are refused when all arrive within a call's time
+    # a replica holds 8 queued and 8 running, 8 more wait in the proxy: 24 of 48 are refused when all arrive within
+    # a call's time
     assert set(codes) <= {200, 503} and codes.count(503) >= 12 and codes.count(200) >= 8, codes
     busy = next(r for r in results if r[0] == 503)
     assert busy[1]["Retry-After"] == "1" and "at capacity" in _error(busy[2])
@@ -393,7 +394,8 @@ def test_cluster_config_loads_and_builds_the_application(tmp_path):
     assert isinstance(app, serve.Application)
     (deployment,) = app_doc.deployments
     assert deployment.name == "ImageService" and deployment.ray_actor_options.num_gpus == 1
-    assert deployment.max_queued_requests == 64 and deployment.graceful_shutdown_timeout_s == 65
+    assert deployment.max_ongoing_requests == 72 and deployment.max_queued_requests == 64
+    assert deployment.graceful_shutdown_timeout_s == 65
 
 
 # ------------------------------------------------------------------------------------------------ the guarded service

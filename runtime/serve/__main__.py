@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-wait-ms", type=float, default=d.max_wait_ms,
       help=f"how long a batch waits for more requests [{d.max_wait_ms:g}]")
     a("--max-queue", type=int, default=d.max_queue,
-      help=f"requests waiting for a busy replica before 503 [{d.max_queue}]")
+      help=f"requests a replica queues (besides the --max-batch it runs); as many more wait in the proxy, then "
+           f"503 [{d.max_queue}]")
     a("--sizes", default=None, help="the size menu, WIDTHxHEIGHT,... [the checkpoint's size, 3:2 and 2:3]")
     a("--allow-other-sizes", action="store_true", help="admit sizes off the menu (run eagerly, never captured)")
     a("--max-cost", type=int, default=None,
@@ -211,7 +212,7 @@ def serve_forever(config: ServeConfig, gate: GateConfig, host: str, port: int, r
         signal.signal(sig, stop)
     state = Path(tempfile.mkdtemp(prefix="instaflow-serve-"))
     gate.state_dir = str(state)
-    gate.capacity = replicas * 2 * config.max_batch + config.max_queue
+    gate.capacity = replicas * (config.max_queue + config.max_batch) + config.max_queue  # Ray Serve's limits
     # the HTTP proxy is one of Ray's processes: it inherits these, and Ray Serve installs the gate from them
     os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK
     os.environ[GATE_ENV] = gate.to_json()

@@ -38,7 +38,7 @@ class ServeConfig:
     dtype: str | None = None
     max_batch: int = 8  # images per pipeline call
     max_wait_ms: float = 5.0  # how long a batch waits for more requests
-    max_queue: int = 64  # requests waiting for a replica (Ray Serve's max_queued_requests); more get 503
+    max_queue: int = 64  # requests a replica queues besides a running call; as many more may wait in the proxy
     sizes: str | None = None  # "WIDTHxHEIGHT,...": the size menu; None: the checkpoint's size, 3:2 and 2:3
     allow_other_sizes: bool = False  # sizes off the menu, within the limits, run eagerly (never captured)
     max_cost: int | None = None  # pixel-steps per request; None: what this replica computes in cost_seconds
