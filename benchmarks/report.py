@@ -143,6 +143,14 @@ def render_serve_load(doc: dict) -> list[str]:
         lines += [f"| {r['max_batch']} | {r['requests']} | {r['answered_correctly']} | {r['images_per_s']:.1f} | "
                   f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}x | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
                   for r in rows]
+        if all("baseline" in r for r in rows):
+            lines += ["", f"Side by side with the baseline's service (`{rows[0]['baseline'].get('root', 'baseline')}`"
+                      f", {rows[0]['rounds']} round(s) each, in turn; p50/p99: medians over the rounds):", "",
+                      "| --max-batch | baseline images/s | ours | ours / baseline | baseline p50 ms | ours | "
+                      "baseline p99 ms | ours |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {r['max_batch']} | {r['baseline']['images_per_s']:.1f} | {r['images_per_s']:.1f} | "
+                      f"{r['images_per_s'] / r['baseline']['images_per_s']:.2f}x | {r['baseline']['p50_ms']:.0f} | "
+                      f"{r['p50_ms']:.0f} | {r['baseline']['p99_ms']:.0f} | {r['p99_ms']:.0f} |" for r in rows]
     h = doc.get("hostile")
     if h:
         mix = h["mix"]

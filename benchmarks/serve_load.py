@@ -5,6 +5,9 @@ the same clients with hostile traffic mixed in.
         [--hostile-batch 8] [--slow 200] [--oversized 2] [--junk 1] [--bad-negatives 2] [--flood 0]
         [--overload 200] [--overload-seconds 20]
 
+With ``--baseline DIR`` (another checkout, e.g. ``main``), each ``--max-batch`` row is measured for that checkout's
+service and this one in turn (``--rounds`` times), side by side.
+
 For each ``--max-batch`` a fresh service (`python -m runtime.serve --sizes SIZExSIZE`, default wait, queue and limits)
 is started on a free port; every client sends its requests one after another (each with its own seed), all clients
 at once. Every answer must be 200 and the image of the direct ``Pipeline`` call with that seed (within one level per
@@ -75,12 +78,12 @@ def _post(url: str, body: dict[str, Any] | bytes, timeout: float = 300) -> tuple
         return 0, b""
 
 
-def start_service(args: list[str]) -> tuple[subprocess.Popen, int]:
-    """A fresh ``python -m runtime.serve`` on a free port, once it answers."""
+def start_service(args: list[str], root: Path = ROOT) -> tuple[subprocess.Popen, int]:
+    """A fresh ``python -m runtime.serve`` (the one in ``root``) on a free port, once it answers."""
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--port", str(port), "--device", "cpu", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root, text=True)
     for line in proc.stdout:  # type: ignore[union-attr]
         if line.startswith("serving "):
             break
@@ -134,10 +137,18 @@ def good_clients(url: str, clients: int, requests: int, size: int, expected: dic
     return out
 
 
-def run_setting(max_batch: int, clients: int, requests: int, size: int, expected: dict[int, np.ndarray]
-                ) -> dict[str, Any]:
-    """Start a service with ``--max-batch max_batch``, load it, stop it; the measured numbers."""
-    proc, port = start_service(["--max-batch", str(max_batch), "--sizes", f"{size}x{size}"])
+def has_size_menu(root: Path) -> bool:
+    """Whether the service in ``root`` takes ``--sizes`` (older ones serve any size)."""
+    out = subprocess.run([sys.executable, "-m", "runtime.serve", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root)}, cwd=root)
+    return "--sizes" in out.stdout
+
+
+def run_setting(max_batch: int, clients: int, requests: int, size: int, expected: dict[int, np.ndarray],
+                root: Path = ROOT) -> dict[str, Any]:
+    """Start a service (the one in ``root``) with ``--max-batch max_batch``, load it, stop it; the numbers."""
+    menu = ["--sizes", f"{size}x{size}"] if has_size_menu(root) else []
+    proc, port = start_service(["--max-batch", str(max_batch), *menu], root)
     try:
         url = f"http://127.0.0.1:{port}/v1/generate"
         _post(url, {"prompt": PROMPTS[0], "height": size, "width": size, "seed": 0})  # warm-up
@@ -145,6 +156,31 @@ def run_setting(max_batch: int, clients: int, requests: int, size: int, expected
     finally:
         stop_service(proc)
     return {"max_batch": max_batch, **row}
+
+
+def run_settings(batches: Sequence[int], clients: int, requests: int, size: int, expected: dict[int, np.ndarray],
+                 baseline: Path | None, rounds: int) -> list[dict[str, Any]]:
+    """One row per ``--max-batch``; with a ``baseline`` checkout, its service and this one in turn, ``rounds``
+    times, each row holding both (throughput over all rounds, percentiles over every latency)."""
+    if baseline is None:
+        return [run_setting(b, clients, requests, size, expected) for b in batches]
+    rows = []
+    for b in batches:
+        runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": []}
+        for _ in range(rounds):
+            runs["baseline"].append(run_setting(b, clients, requests, size, expected, baseline))
+            runs["ours"].append(run_setting(b, clients, requests, size, expected))
+        rows.append({"max_batch": b, **_sum_rounds(runs["ours"]),
+                     "baseline": {**_sum_rounds(runs["baseline"]), "root": str(baseline)}})
+    return rows
+
+
+def _sum_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    n, wall = sum(r["requests"] for r in runs), sum(r["seconds"] for r in runs)
+    return {"requests": n, "answered_correctly": sum(r["answered_correctly"] for r in runs), "seconds": wall,
+            "images_per_s": n / wall, "p50_ms": float(np.median([r["p50_ms"] for r in runs])),
+            "p99_ms": float(np.median([r["p99_ms"] for r in runs])), "rounds": len(runs),
+            "load_avg_1min": [r["load_avg_1min"] for r in runs]}
 
 
 # ------------------------------------------------------------------------------------------------ attackers
@@ -353,7 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8])
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--hostile-batch", type=int, default=8, help="--max-batch of the hostile-mix run (0: skip it)")
-    p.add_argument("--rounds", type=int, default=2, help="clean and hostile phases, in turn, this many times")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="clean and hostile phases (and baseline and ours, with --baseline) in turn, this many times")
+    p.add_argument("--baseline", default=None,
+                   help="another checkout of the project (e.g. `git archive main | tar -x -C DIR`): its service and "
+                        "this one in turn at each --max-batch")
     p.add_argument("--slow", type=int, default=200, help="slow-body connections")
     p.add_argument("--oversized", type=int, default=2, help="clients sending requests over the limits")
     p.add_argument("--junk", type=int, default=1, help="clients sending 10 MB bodies")
@@ -374,7 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     expected = {s: np.asarray(pipe(PROMPTS[s % len(PROMPTS)], height=a.size, width=a.size, seed=s).images[0])
                 .astype(int) for s in range(a.clients * a.requests)}
     del pipe
-    rows = [run_setting(b, a.clients, a.requests, a.size, expected) for b in a.batches]
+    baseline = Path(a.baseline).resolve() if a.baseline else None
+    rows = run_settings(a.batches, a.clients, a.requests, a.size, expected, baseline, a.rounds)
     hostile = run_hostile(a.hostile_batch, a.clients, a.requests, a.size, expected, a.slow, a.oversized, a.junk,
                           a.bad_negatives, a.flood, a.rounds) if a.hostile_batch else None
     overload = run_overload(a.hostile_batch or a.batches[-1], a.size, a.overload, a.overload_seconds) \
@@ -385,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .subjects import machine_info, now
 
     command = "python -m benchmarks.serve_load " + " ".join(argv if argv is not None else sys.argv[1:])
+    if baseline is not None:  # where the baseline came from, if it says
+        command += f"  (baseline: {baseline})"
     doc: dict[str, Any] = {"machine": machine_info(), "date": now(), "command": command.strip(),
                            "clients": a.clients, "size": a.size, "rows": rows}
     if hostile:
@@ -397,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, doc)
     print("\n".join(render_serve_load(doc)))
-    good = [*rows, *([hostile["clean"], hostile["hostile"]] if hostile else [])]
+    good = [*rows, *[r["baseline"] for r in rows if "baseline" in r],
+            *([hostile["clean"], hostile["hostile"]] if hostile else [])]
     return 0 if all(r["answered_correctly"] == r["requests"] for r in good) else 1
 
 
