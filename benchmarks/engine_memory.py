@@ -114,9 +114,9 @@ def measure(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[in
 
 
 def sd15_on_meta() -> Any:
-    """SD 1.5's components (random architecture of the real shapes, :data:`runtime.testing.SD15_SPEC`) on the meta
+    """SD 1.5's components (random architecture of the real shapes, :data:`runtime.builders.SD15_SPEC`) on the meta
     device, in fp16."""
-    from runtime.testing import SD15_SPEC, build_tiny_components
+    from runtime.builders import SD15_SPEC, build_tiny_components
 
     with torch.device("meta"):
         components = build_tiny_components(SD15_SPEC)

@@ -10,7 +10,8 @@ over the ranges of the component spec's profile (batch 1 to ``--max-batch`` imag
 guidance; sides from half to twice the default, in multiples of the UNet's downsampling), then through
 ``torch._inductor.aoti_compile_and_package`` into ``NAME.pt2``. fp16 on CUDA by default, fp32 on the CPU. The
 packages are verified against PyTorch in fp32 like ONNX graphs (:mod:`export.compare`: two batch sizes and a second
-size, fp32 1e-4, fp16 1e-2) and listed in ``manifest.json`` with the torch version and device they were compiled for;
+size, its fp32 and fp16 tolerances) and listed in ``manifest.json`` with the torch version and device they were
+compiled for;
 ``Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=DIR)`` runs them (``auto`` finds them in the export
 cache, ``~/.cache/instaflow-rt/aoti/``).
 """

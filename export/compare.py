@@ -52,7 +52,7 @@ def reference(module: torch.nn.Module, inputs: Sequence[torch.Tensor], velocity:
 
     For the fp16 fused graph, ``velocity`` is the export's own fp16 UNet (itself compared with PyTorch) and only
     the rest (Euler step, scaling, decode) runs here: the VAE decoder amplifies the UNet's fp16 rounding about 8x at
-    hard edges, so no end-to-end bound both passes good graphs and catches bad ones (README, Export)."""
+    hard edges, so no end-to-end bound both passes good graphs and catches bad ones (docs/export.md)."""
     device = device or torch.device("cpu")
     run = _runner(dtype, device)
     cast = [x.to(device, dtype) if x.is_floating_point() else x.to(device) for x in inputs]

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ckpt", default=d.ckpt, help="checkpoint: alias, hub id or folder [tiny]")
     a("--host", default="127.0.0.1", help="address the HTTP proxy listens on [127.0.0.1]")
     a("--port", type=int, default=8000, help="port [8000]")
-    a("--backend", default=d.backend, help="torch | onnxruntime | tensorrt | auto [auto]")
+    a("--backend", default=d.backend, help="auto | torch | aoti | onnxruntime | tensorrt [auto]")
     a("--device", default=None, help="cpu, cuda ... [cuda if available]")
     a("--dtype", default=None, help="fp32, fp16 or bf16 [fp16 on cuda, fp32 on cpu]")
     a("--replicas", type=int, default=1, help="pipelines (one per GPU on a GPU machine) [1]")
