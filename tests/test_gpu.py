@@ -224,3 +224,42 @@ def test_fp16_verification_admits_real_fp16_kernels(tiny_ckpt, tmp_path):
     fp16 = [r["fp16_err"] for r in result.rows if "fp16_err" in r]
     assert fp16 and all(np.isfinite(e) and 0 < e < FP16_CEILING for e in fp16)  # genuine fp16 on this GPU
     assert not compare(tmp_path, manifest, components, kernels(1.02)).passed
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp16"])
+def test_training_on_a_gpu_resumes_with_fp32_master_weights(sd_style_ckpt, tmp_path, precision):
+    """The trainer on CUDA (issue 30's paths that the CPU cannot run): pairs made on the GPU, bf16 autocast by default
+    (fp16 with the gradient scaler where asked), pinned-memory prefetch and cached embeddings, GPU memory logged; a run
+    split at step 2 and resumed from its DCP state ends where the full run ends (to the GPU's non-deterministic
+    reductions), with fp32 master weights that training moved."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from train.loop import Trainer, TrainConfig, reflow_loss, resolve_precision
+    from train.pairs import generate
+
+    root = tmp_path / "pairs-root"
+    root.mkdir()
+    (root / "prompts.txt").write_text("a red circle\na blue square at the top\na small green triangle\n")
+    shutil.copytree(sd_style_ckpt, root / "teacher")
+    generate(str(root / "teacher"), str(root / "prompts.txt"), root / "pairs", num_pairs=16, batch_size=8,
+             shard_size=4, steps=3)
+    assert resolve_precision("auto", torch.device("cuda")) == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+
+    def run(out, steps):
+        cfg = TrainConfig(pairs=str(root / "pairs"), out=str(out), max_steps=steps, batch_size=4, lr=3e-3,
+                          save_every=2, ema=0.9, prefetch=2, text_embeddings="auto", mixed_precision=precision,
+                          log_dir=str(out) + "-logs", log_every=1)
+        t = Trainer(cfg, reflow_loss, "reflow")
+        return t, load_file(t.run() / "unet" / "diffusion_pytorch_model.safetensors")
+
+    _, full = run(tmp_path / "full", 4)
+    run(tmp_path / "split", 2)
+    t, split = run(tmp_path / "split", 4)
+    start = load_file(root / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in full.values())
+    assert any(not torch.equal(full[k], start[k]) for k in full)  # training moved the weights
+    for k in full:
+        torch.testing.assert_close(split[k], full[k], rtol=1e-3, atol=1e-4)
+    assert any((tmp_path / "full-logs").rglob("events.out.tfevents*"))
