@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
+from ..inputs import Limits, Request, check_pixels
 
 #: The environment variable an API key may come from (instead of ``--api-key-file``).
 API_KEY_ENV = "INSTAFLOW_API_KEY"
@@ -138,7 +139,6 @@ def menu_for(config: ServeConfig, components: Any, limits: Any = None) -> list[t
     """The size menu of ``config`` for a checkpoint's ``components`` (configs are enough: no weights needed), each
     size checked as the pipeline checks it (multiples of the VAE scale factor, within ``limits``): one line for a
     size the model cannot take, before anything is served."""
-    from ..inputs import Limits, Request, check_pixels
 
     if config.sizes is None:
         down = len(getattr(components.unet.config, "down_block_types", ())) or 4

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 
-from .config import hash_key
+from .config import hash_key, read_api_key
 
 log = logging.getLogger("ray.serve")
 
@@ -77,8 +77,6 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         if self.api_key_sha256 is None and self.api_key_file:
-            from .config import read_api_key
-
             key = read_api_key(key_file=self.api_key_file)
             self.api_key_sha256 = hash_key(key) if key else None
         if self.allowed_hosts is not None:
