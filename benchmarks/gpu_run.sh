@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
-# One command for a GPU machine, no network, under 10 minutes: correctness, the AOTInductor packages, the latency of
-# every path side by side with diffusers (eager and with its compiled recipe), and cold starts. Each phase has its own
-# time limit and writes its log and results into OUT_DIR as it goes, so a phase killed by its limit still leaves what
-# it measured.
+# One command for a GPU machine, no network, inside one deadline (default 560 s): correctness, the AOTInductor
+# packages, the latency of every path side by side with diffusers (eager and with its compiled recipe), cold starts.
+# Every phase writes its log and results into OUT_DIR as it goes and gets what is left of the deadline, so a phase
+# cut short still leaves what it measured; with BENCH_TARBALL=FILE the whole OUT_DIR is also packed into FILE every
+# 15 s and at the end (for machines that hand back only a few files).
 #   bash benchmarks/gpu_run.sh [OUT_DIR]          (default: $BENCH_OUT, else benchmarks/.results)
-#   BENCH_SUBJECT=tiny bash benchmarks/gpu_run.sh  rehearses every phase on the CPU with the bundled model
+#   BENCH_SUBJECT=tiny BENCH_COMPILE=0 bash benchmarks/gpu_run.sh   rehearses every phase on the CPU (bundled model)
 #   BENCH_COMPILE=0                                leaves out the torch.compile cases (each compiles for a minute+)
-# Phases (seconds, H200 budget): 1. gpu-marked tests (150) beside 2. the subject's checkpoint and its AOTInductor
-# packages (export.aoti, 240: the compile must not run beside the timed cases); 3. pytest benchmarks (280: ours
-# default, compiled, compiled + tiny decoder, aoti, batch 8; diffusers eager and compiled; 25-step SD); 4. cold starts
-# in fresh processes (110: default, compile with the cache phase 3 filled, aoti); 5. the report.
+#   BENCH_DEADLINE=560                             seconds for the whole run
+# Phases: 0. the subject's checkpoint; 1. side by side, none of them timed: the AOTInductor packages
+# (export.aoti), the compile caches (the compiled cases run once, quickly, in three processes: ours, ours with the
+# tiny decoder, diffusers' recipe; the timed run then loads what they compiled) and the gpu-marked tests; 2. pytest
+# benchmarks alone on the machine (ours default, compiled, compiled + tiny decoder, aoti, batch 8; diffusers eager
+# and compiled; 25-step SD; the ratios interleaved); 3. cold starts in fresh processes (default, compile with the
+# warm cache, aoti); 4. the report.
 # Packages missing there (diffusers) travel as wheels in .whl/, made here by benchmarks/gpu_prepare.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+start=$(date +%s)
+deadline=$(( start + ${BENCH_DEADLINE:-560} ))
+left() { echo $(( deadline - $(date +%s) )); }
+# seconds for a phase: what is left minus what later phases need, at least 5
+budget() { local b=$(( $(left) - $1 )); [ $b -lt 5 ] && b=5; echo $b; }
 out=${1:-${BENCH_OUT:-benchmarks/.results}}
 subject=${BENCH_SUBJECT:-sd15}
 work=${BENCH_WORK:-/tmp/instaflow-bench}
 mkdir -p "$out" "$work"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false BENCH_WORK="$work"
-export INSTAFLOW_CACHE="$work/cache"  # phase 3's torch.compile fills it; phase 4's warm start reads it
+export INSTAFLOW_CACHE="$work/cache"  # phase 1 fills its compile cache; phases 2 and 3 read it
+tarball=${BENCH_TARBALL:-}
+pack() { [ -n "$tarball" ] && tar czf "$tarball.tmp" -C "$out" . 2>/dev/null && mv -f "$tarball.tmp" "$tarball"; true; }
+if [ -n "$tarball" ]; then (while sleep 15; do pack; done) & packer=$!; fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -26,38 +38,65 @@ else
   export PYTHONPATH=$PWD
 fi
 status=0  # every phase runs and leaves its log; the exit status says whether all passed
+phase() { echo "== $(( $(date +%s) - start )) s: $*" | tee -a "$out/phases.txt"; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+  python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'gpu', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+  nproc
 } > "$out/gpu_info.txt" 2>&1
 cat "$out/gpu_info.txt"
 
-echo "== 1+2. gpu-marked tests, beside the checkpoint and its AOTInductor packages"
-timeout 240 python3 -m benchmarks.cold_start --subject "$subject" --work "$work" --prepare-only --aoti \
+phase "0. the subject's checkpoint"
+timeout "$(budget 300)" python3 -m benchmarks.cold_start --subject "$subject" --work "$work" --prepare-only \
+  > "$out/prepare.log" 2>&1 || { status=1; tail -n 5 "$out/prepare.log"; }
+
+phase "1. AOTInductor packages, compile caches and gpu-marked tests, side by side"
+compile_cases=()
+[ "${BENCH_COMPILE:-1}" = 0 ] || compile_cases=("ours_1step_compiled and not taesd" "compiled_taesd" "diffusers_compiled")
+# the folder our compiled pipelines keep Inductor's caches in; diffusers' baseline is pointed at it too, because in
+# phase 2 it compiles in the same process after ours, which has set TORCHINDUCTOR_CACHE_DIR to it
+inductor=$(python3 -c "import torch; from runtime.cache import compile_cache_dir as d
+print(d(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))")
+phase1=$(budget 250)  # phases 2-4 need about 250 s
+timeout "$phase1" python3 -m benchmarks.cold_start --subject "$subject" --work "$work" --prepare-only --aoti \
   > "$out/aoti_export.log" 2>&1 &
-export_pid=$!
+pids=($!)
+for case in "${compile_cases[@]}"; do
+  name=${case%% *}
+  TORCHINDUCTOR_CACHE_DIR="$inductor" timeout "$phase1" python3 -m pytest benchmarks/test_latency.py \
+    -k "$subject and $case" --bench-compile --bench-quick -q -p no:cacheprovider --bench-out "$work/warm-$name" \
+    > "$out/warm_$name.log" 2>&1 &
+  pids+=($!)
+done
 if [ "$subject" = sd15 ]; then
-  timeout 150 python3 -m pytest tests -m gpu -q -p no:cacheprovider > "$out/gpu_tests.log" 2>&1 || status=1
+  timeout "$phase1" python3 -m pytest tests -m gpu -v -p no:cacheprovider -rs --durations=0 \
+    > "$out/gpu_tests.log" 2>&1 || status=1
   tail -n 3 "$out/gpu_tests.log"
 fi
-wait $export_pid || { echo "AOTInductor export did not finish (see aoti_export.log)"; status=1; }
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 tail -n 4 "$out/aoti_export.log"
+for case in "${compile_cases[@]}"; do tail -n 1 "$out/warm_${case%% *}.log"; done
+pack
 
-echo "== 3. benchmarks"
+phase "2. benchmarks"
 compile_flag=--bench-compile
 [ "${BENCH_COMPILE:-1}" = 0 ] && compile_flag=
-timeout 280 python3 -m pytest benchmarks/test_latency.py -k "$subject and not batch8_compiled" $compile_flag -q \
-  -p no:cacheprovider \
-  --bench-out "$out" > "$out/gpu_bench.log" 2>&1 || status=1
+timeout "$(budget 70)" python3 -m pytest benchmarks/test_latency.py -k "$subject and not batch8_compiled" \
+  $compile_flag -q -p no:cacheprovider --bench-out "$out" > "$out/gpu_bench.log" 2>&1 || status=1
 tail -n 5 "$out/gpu_bench.log"
+pack
 
-echo "== 4. cold starts"
+phase "3. cold starts"
 cases=default,aoti
-[ "${BENCH_COMPILE:-1}" = 0 ] || cases=default,compile_warm,aoti
-timeout 110 python3 -m benchmarks.cold_start --subject "$subject" --work "$work" --cases "$cases" \
-  --cache "$INSTAFLOW_CACHE" --out "$out/cold_start.json" > "$out/cold_start.log" 2>&1 || status=1
+[ "${BENCH_COMPILE:-1}" = 0 ] || cases=default,aoti,compile_warm
+timeout "$(budget 10)" python3 -m benchmarks.cold_start --subject "$subject" --work "$work" --cases "$cases" \
+  --rounds 10 --cache "$INSTAFLOW_CACHE" --out "$out/cold_start.json" > "$out/cold_start.log" 2>&1 || status=1
 cat "$out/cold_start.log"
 
-echo "== 5. report"
+phase "4. report"
 results=$(ls "$out"/gpu.json "$out"/cpu.json "$out"/cold_start.json 2>/dev/null)
-python3 -m benchmarks.report --results $results --out "$out/report/RESULTS.md" || status=1
+python3 -m benchmarks.report --results $results --out "$out/report.md" > "$out/report.log" 2>&1 || status=1
+phase "done (status $status)"
+[ -n "$tarball" ] && kill "$packer" 2>/dev/null
+pack
 exit $status
