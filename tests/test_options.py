@@ -106,3 +106,19 @@ def test_compile_with_every_option_compiles_once_per_machine(parts, tmp_path):
     expected = reference(PROMPTS, seed=1, output_type="pt").images
     for i in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"{i}.pt"), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pipelines_sharing_fused_modules_keep_their_weights(parts):
+    """A second pipeline over modules that are fused already (a benchmark's eager twin, a service's per-size
+    pipelines) must not fuse them again: that replaces every fused projection with new tensors, and the CUDA graphs
+    or compiled code of the first pipeline keep reading the old ones (on an H200 they read freed memory: NaN)."""
+    ckpt, _, _ = parts
+    first = Pipeline.from_pretrained(ckpt, device="cpu", backend="torch", fuse_qkv=True)
+    comps = first.components
+    fused = {n: p for n, p in comps.unet.named_parameters() if "to_qkv" in n or "to_kv" in n}
+    assert fused  # the micro UNet has attention, so there is something to keep
+    before = first(PROMPTS, seed=1, output_type="pt").images
+    Pipeline(comps, device="cpu", fuse_qkv=True)
+    after = {n: p for n, p in comps.unet.named_parameters() if "to_qkv" in n or "to_kv" in n}
+    assert all(after[n] is p for n, p in fused.items())  # the same tensors, not copies
+    assert torch.equal(first(PROMPTS, seed=1, output_type="pt").images, before)

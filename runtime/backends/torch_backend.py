@@ -53,7 +53,7 @@ class TorchBackend(Backend):
         self.fuse_qkv = fuse_qkv
         if fuse_qkv:  # changes the modules in place, like channels_last
             for module in (components.unet, components.vae):
-                if hasattr(module, "fuse_qkv_projections"):
+                if hasattr(module, "fuse_qkv_projections") and not is_fused(module):
                     module.fuse_qkv_projections()
         if compile:  # what compiles once per shape is kept on disk: a later process loads it (runtime.cache)
             self.compile_cache = use_compile_cache(device)
@@ -103,3 +103,11 @@ class TorchBackend(Backend):
     def one_step(self, embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """One Euler step + decode -> images in [0, 1], replayed from the CUDA graph captured for this shape."""
         return self._one_step_graphs(embeddings, noise)
+
+
+def is_fused(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s attention projections are fused already. Fusing again would replace every ``to_qkv`` /
+    ``to_kv`` with new tensors, which breaks the CUDA graphs and compiled code of another pipeline sharing the
+    modules (they keep reading the old, freed weights)."""
+    return any(getattr(m, "fused_projections", False) for m in module.modules())
+
