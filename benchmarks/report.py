@@ -71,15 +71,16 @@ def render_markdown(docs: list[dict], chart: str | None) -> str:
                   f"- platform: {m['platform']}", ""]
         for name, sub in doc["subjects"].items():
             cases = sub["cases"]
-            mem = ("peak MB (process) | call's own MB | GPU busy ms" if "gpu" in m else "RSS growth MB | | ")
+            gpu = "gpu" in m
+            mem = "peak MB (process) | call's own MB | GPU busy ms" if gpu else "RSS growth MB"
             lines += [f"### `{name}`: {sub['description']}", "", f"| case | median ms | min ms | rounds | {mem} |",
-                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                      "| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if gpu else "")]
             for case in [c for c in CASE_ORDER if c in cases] + [c for c in cases if c not in CASE_ORDER]:
                 r = cases[case]
                 extra = f"{r['extra_mem_bytes'] / 2**20:,.1f}" if "gpu" in m and "extra_mem_bytes" in r else ""
                 busy = _ms(r["gpu_busy_s"]) if r.get("gpu_busy_s") is not None else ""
                 lines.append(f"| {case} | {_ms(r['median_s'])} | {_ms(r['min_s'])} | {r['rounds']} | "
-                             f"{r['peak_mem_bytes'] / 2**20:,.1f} | {extra} | {busy} |")
+                             f"{r['peak_mem_bytes'] / 2**20:,.1f} |" + (f" {extra} | {busy} |" if gpu else ""))
             for case, who in BATCH8.items():
                 if case in cases:
                     rate = 8 / cases[case]["median_s"]
@@ -292,13 +293,20 @@ def render_train_data(doc: dict) -> list[str]:
     return lines + [""]
 
 
+def _rounds(command: str) -> int:
+    """The ``--rounds`` of a cold-start command line (its default, 10, when not given)."""
+    words = command.split()
+    return int(words[words.index("--rounds") + 1]) if "--rounds" in words[:-1] else 10
+
+
 def render_cold_start(doc: dict) -> list[str]:
     """``python -m benchmarks.cold_start``: a fresh process to its first image, per way of starting."""
     m = doc.get("machine", {})
     where = m.get("gpu") or f"{m.get('cpu', 'unknown CPU')} ({m.get('cores', '?')} cores)"
     lines = [f"### Cold start — {where}, {doc['date']}", "",
              f"`{doc.get('command', 'python -m benchmarks.cold_start')}` (subject `{doc['subject']}`): each case a new "
-             "process, timed from before `import runtime` to the first image, then the median of 10 more calls with "
+             "process, timed from before `import runtime` to the first image, then the median of "
+             f"{_rounds(doc.get('command', ''))} more calls with "
              "distinct prompts in that process.", "",
              "| case | backend | import s | load s | first call s | to first image s | then ms per image |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]

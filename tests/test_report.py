@@ -47,7 +47,7 @@ def test_gpu_targets_apply_on_gpu_only():
     assert "throughput at batch 8 (diffusers' single step): 40.0 images/s" in fast
     assert "4 steps, guidance 1.5 (UNet batch 2): 60.0 ms per image" in fast
     assert "| ours_1step | 12.0 | 12.0 | 3 | 1.0 | 0.5 |  |" in fast  # GPU: process peak, the call's own memory
-    assert "| ours_1step | 300.0 | 300.0 | 3 | 1.0 |  |  |" in cpu
+    assert "| ours_1step | 300.0 | 300.0 | 3 | 1.0 |" in cpu
 
 
 def test_report_cli_writes_markdown_and_chart(tmp_path):
