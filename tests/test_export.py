@@ -184,6 +184,28 @@ def test_fp16_of_a_graph_with_external_data(tiny_ckpt, tmp_path, monkeypatch):
         assert sorted(p.name for p in tmp_path.glob(f"{name}.onnx*")) == [f"{name}.onnx", f"{name}.onnx.data"]
 
 
+def test_fp16_tolerance_of_a_large_graph_without_a_gpu_is_the_fixed_one(monkeypatch):
+    """Genuine fp16 on the CPU is run for graphs up to FP16_CPU_MAX_PARAMS; a larger one (an SD-1.5 UNet took over
+    15 minutes in PyTorch's CPU fp16 kernels) gets the fixed tolerance without running it."""
+    import numpy as np
+
+    import export.compare as compare
+
+    monkeypatch.setattr(compare, "fp16_device", lambda: torch.device("cpu"))
+    module, inputs = torch.nn.Linear(8, 8), [torch.randn(2, 8)]
+    ref = module(inputs[0]).detach().numpy()
+    tol, err = compare.fp16_tolerance(module, inputs, ref)
+    assert 0 < err < 1e-2 and tol == min(max(compare.FP16_FLOOR, compare.FP16_FACTOR * err), compare.FP16_CEILING)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the fp16 reference ran")
+
+    monkeypatch.setattr(compare, "FP16_CPU_MAX_PARAMS", 8 * 8)  # the module has 72 parameters
+    monkeypatch.setattr(compare, "reference", must_not_run)
+    tol, err = compare.fp16_tolerance(module, inputs, ref)
+    assert tol == compare.TOLERANCE["float16"] and np.isnan(err)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
 def test_sd15_unet_external_data(tmp_path_factory, fp16):
