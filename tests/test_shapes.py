@@ -223,6 +223,41 @@ def test_recipe_stages_compute_in_fp32_with_the_budget_seed_on_any_device(tmp_pa
     assert seen["tf32"] is False
 
 
+def test_recipe_sets_every_training_setting_itself(tmp_path, monkeypatch):
+    """The recipe's numbers must not move when TrainConfig's defaults do (issue 30 moved EMA to 0.9999 and lr to
+    1e-6): every setting that changes what a stage computes is passed explicitly, with the recipe's values."""
+    import dataclasses
+
+    import train.recipes.shapes as shapes
+    from train.loop import TrainConfig
+
+    passed: dict[str, object] = {}
+
+    def config(**kw):
+        passed.update(kw)
+        return TrainConfig(**kw)
+
+    class FakeTrainer:
+        def __init__(self, cfg, loss, name, **kw):
+            self.losses, self.steps_per_s = [], 0.0
+
+        def run(self):
+            return tmp_path / "model"
+
+    monkeypatch.setattr(shapes, "TrainConfig", config)
+    monkeypatch.setattr(shapes, "Trainer", FakeTrainer)
+    shapes.train_stage(tmp_path, "rf2", tmp_path / "pairs", tmp_path / "init", 250, shapes.budget(), "reflow")
+    bookkeeping = {"out", "save_every", "keep", "force", "prefetch", "grad_checkpointing", "log_dir", "log_every",
+                   "validate_every", "validation_prompts", "validation_num", "validation_steps", "validation_guidance",
+                   "recipe", "lpips_net", "lpips_random_backbone"}  # (LPIPS: the recipe's losses are latent L2)
+    numeric = {f.name for f in dataclasses.fields(TrainConfig)} - bookkeeping
+    assert numeric <= set(passed), sorted(numeric - set(passed))
+    want = {"lr": 1e-3, "ema": 0.999, "weight_decay": 1e-2, "lr_schedule": "constant-with-warmup",
+            "warmup_steps": 100, "max_grad_norm": 1.0, "batch_size": 64, "grad_accum": 1, "global_batch": None,
+            "mixed_precision": "no", "text_embeddings": "encode", "text_dropout": 0.1, "seed": 0, "max_steps": 250}
+    assert {k: passed[k] for k in want} == want
+
+
 def test_path_straightness_returns_host_float64():
     from train.metrics import path_straightness
 

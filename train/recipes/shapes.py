@@ -171,10 +171,16 @@ def train_stage(out: Path, name: str, pairs: Path, init: Path, steps: int, b: Bu
     run = out / name
     if _done(run):
         return run / "model"
-    cfg = TrainConfig(pairs=str(pairs), out=str(run), init=str(init), max_steps=steps, batch_size=b.batch, lr=b.lr,
+    # every setting that changes the numbers is written here, not taken from TrainConfig's defaults (they follow
+    # the paper at SD scale and may change: issue 30 moved EMA to 0.9999 and lr to 1e-6)
+    cfg = TrainConfig(pairs=str(pairs), out=str(run), init=str(init), max_steps=steps, batch_size=b.batch,
+                      grad_accum=1, global_batch=None, lr=b.lr, weight_decay=1e-2,
+                      lr_schedule="constant-with-warmup", warmup_steps=min(100, steps), max_grad_norm=1.0,
                       text_dropout=dropout, save_every=max(steps // 5, 1), fresh_noise=fresh_noise, loss=loss,
-                      warmup_steps=min(100, steps), ema=0.999,  # every stage: a last iterate at lr 1e-3 is noisy
-                      mixed_precision="no", seed=b.seed,  # fp32 on any device: a GPU run computes what the CPU does
+                      ema=0.999,  # every stage: a last iterate at lr 1e-3 is noisy
+                      mixed_precision="no",  # fp32 on any device: a GPU run computes what the CPU does
+                      text_embeddings="encode",  # each prompt in its own text-encoder call (a cache gives the same)
+                      seed=b.seed,
                       extra={"default_steps": 1 if loss == "l2" else b.ode_steps, "recipe": "shapes"})
     if loss == "epsilon":
         trainer = Trainer(cfg, epsilon_loss(SD_SCHEDULER_CONFIG), name, diffusion_scheduler=SD_SCHEDULER_CONFIG)
