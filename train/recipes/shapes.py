@@ -5,8 +5,10 @@ data -> VAE (32x32 -> 4x8x8) -> the teacher, a text-conditioned **diffusion** UN
 (epsilon prediction, SD's scaled-linear schedule, text dropout) -> its pairs (DPM-Solver 25 steps, guidance 5.0,
 through ``train.pairs`` as for SD 1.5) -> 2-RF by reflow, initialised from the teacher's weights -> the 2-RF's pairs
 (Euler 25, guidance 1.5) -> the one-step student from the 2-RF, and the control: a one-step student distilled
-directly from the teacher's pairs, same budget -> a small classifier on real shapes -> report (``SHAPES.md``:
-FID and prompt accuracy with bootstrap intervals, straightness, the paper's claims; sample grids).
+directly from the teacher's pairs (the same steps, or ``control_steps``: the paper's matched budget is the 2-RF's
+and the student's together), each student with ``student_seeds`` training seeds -> a small classifier on real
+shapes -> report (``SHAPES.md``: on full and on partial captions, FID, prompt accuracy, coverage and clean shapes
+with bootstrap intervals, the seeds' spread, straightness, the paper's claims judged on every seed; sample grids).
 The text encoder is a frozen, randomly initialised tiny CLIP with one token per grammar word.
 
 ``--smoke`` runs every stage with tiny step counts (CI); ``--ship`` copies the best one-step student into
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import statistics
 import sys
@@ -41,7 +44,9 @@ from ..common import TrainError, progress
 from ..data import ATTRIBUTES, Label, all_labels, longest_caption_tokens, make_dataset
 from ..loop import Trainer, TrainConfig, epsilon_loss, l2_loss, reflow_loss
 from ..pairs import generate, write_pairs
-from .shapes_eval import CLASSIFIER, DISCUSSION, load_classifier, stage_classifier, stage_report, to_tensor
+from ..pairset import read_manifest
+from .shapes_eval import (CLASSIFIER, DISCUSSION, control_steps, load_classifier, seed_keys, stage_classifier,
+                          stage_report, to_tensor)
 
 __all__ = ["CLASSIFIER", "SPEC", "Budget", "load_classifier", "run"]
 
@@ -69,14 +74,27 @@ class Budget:
     guidance: float = 1.5  # the paper's 2-RF setting for distillation pairs
     ode_steps: int = 25  # DPM-Solver steps (teacher) and Euler steps (2-RF) for pairs and multi-step rows
     seed: int = 0  # training seed of every trained stage (batch order, t, text dropout): the students' training noise
+    student_seeds: int = 1  # each student trained with seeds seed, seed + 1, ...: rows "student", "student-s1", ...
+    control_steps: int = 0  # the control's distillation steps; 0: distill_steps (rf2_steps + distill_steps: matched)
 
 
 SMOKE = Budget(images=128, vae_steps=3, vae_batch=8, teacher_steps=3, pairs=16, rf2_steps=2, distill_steps=2,
                classifier_steps=3, eval_n=12, straightness_n=6, bootstrap=20, batch=8, ode_steps=3)
 
 
-def _done(folder: Path) -> bool:
-    return (folder / "DONE").is_file()
+def _done(folder: Path, expect: dict[str, Any] | None = None) -> bool:
+    """Whether the stage in ``folder`` is finished; ``expect``: settings it must have been run with (one line if
+    not: a folder of another budget, or a stage copied from another run)."""
+    if not (folder / "DONE").is_file():
+        return False
+    if expect:
+        info = json.loads((folder / "DONE").read_text())
+        differ = {k: (info.get(k), v) for k, v in expect.items() if k in info and info[k] != v}
+        if differ:
+            raise TrainError(f"{folder} was trained with other settings ("
+                             + ", ".join(f"{k} {a!r}, this budget {b!r}" for k, (a, b) in differ.items())
+                             + "); use another -o folder")
+    return True
 
 
 def _mark(folder: Path, info: dict[str, Any] | None = None) -> None:
@@ -165,11 +183,20 @@ def stage_data_pairs(out: Path, init: Path, images: np.ndarray, labels: list[Lab
     return folder
 
 
+def pairs_identity(pairs: Path) -> dict[str, Any]:
+    """What a stage's pairs were made with (their count and their teacher's kind, steps and guidance): a finished
+    stage copied into a run of another budget is refused, not silently reused."""
+    settings = read_manifest(pairs)["settings"]
+    teacher = settings.get("teacher", {})
+    return {"num_pairs": settings.get("num_pairs"), **{k: teacher.get(k) for k in ("kind", "steps", "guidance")}}
+
+
 def train_stage(out: Path, name: str, pairs: Path, init: Path, steps: int, b: Budget, loss: str,
-                fresh_noise: bool = False, dropout: float = 0.1) -> Path:
+                fresh_noise: bool = False, dropout: float = 0.1, seed: int | None = None) -> Path:
     """One training stage: ``loss`` is "epsilon" (the diffusion teacher), "reflow" (2-RF) or "l2" (distillation)."""
     run = out / name
-    if _done(run):
+    seed = seed if seed is not None else b.seed
+    if _done(run, {"steps": steps, "seed": seed, "pairs": pairs_identity(pairs)}):
         return run / "model"
     # every setting that changes the numbers is written here, not taken from TrainConfig's defaults (they follow
     # the paper at SD scale and may change: issue 30 moved EMA to 0.9999 and lr to 1e-6)
@@ -180,15 +207,17 @@ def train_stage(out: Path, name: str, pairs: Path, init: Path, steps: int, b: Bu
                       ema=0.999,  # every stage: a last iterate at lr 1e-3 is noisy
                       mixed_precision="no",  # fp32 on any device: a GPU run computes what the CPU does
                       text_embeddings="encode",  # each prompt in its own text-encoder call (a cache gives the same)
-                      seed=b.seed,
+                      seed=seed,
                       extra={"default_steps": 1 if loss == "l2" else b.ode_steps, "recipe": "shapes"})
+    t0 = time.perf_counter()
     if loss == "epsilon":
         trainer = Trainer(cfg, epsilon_loss(SD_SCHEDULER_CONFIG), name, diffusion_scheduler=SD_SCHEDULER_CONFIG)
     else:
         trainer = Trainer(cfg, reflow_loss if loss == "reflow" else l2_loss, name)
     model = trainer.run()
     _mark(run, {"final_loss": statistics.mean(trainer.losses[-20:]) if trainer.losses else None,
-                "steps_per_s": trainer.steps_per_s})
+                "steps_per_s": trainer.steps_per_s, "steps": steps, "seed": seed, "pairs": pairs_identity(pairs),
+                "wall_s": time.perf_counter() - t0})
     return model
 
 
@@ -225,7 +254,10 @@ def budget(smoke: bool = False, overrides: Sequence[str] = ()) -> Budget:
             changes[key] = fields[key](value)
         except ValueError:
             raise TrainError(f"--budget {item!r}: {key} takes a {fields[key].__name__}") from None
-    return replace(b, **changes)
+    b = replace(b, **changes)
+    if b.student_seeds < 1 or b.control_steps < 0:
+        raise TrainError("--budget student_seeds must be >= 1 and control_steps >= 0 (0: distill_steps)")
+    return b
 
 
 @contextlib.contextmanager
@@ -261,10 +293,12 @@ def _run(out: str | Path, smoke: bool, ship: bool, publish: bool, b: Budget | No
     pairs_teacher = stage_pairs(out, "pairs_teacher", teacher, b.teacher_guidance, b)
     rf2 = train_stage(out, "rf2", pairs_teacher, teacher, b.rf2_steps, b, "reflow")
     pairs_rf2 = stage_pairs(out, "pairs_rf2", rf2, b.guidance, b)
-    student = train_stage(out, "student", pairs_rf2, rf2, b.distill_steps, b, "l2", dropout=0.0)
-    control = train_stage(out, "student_teacher", pairs_teacher, teacher, b.distill_steps, b, "l2", dropout=0.0)
+    models = {"teacher": teacher, "rf2": rf2, "before": baseline}
+    for k, (name, control) in enumerate(zip(seed_keys(b, "student"), seed_keys(b, "student_teacher"))):
+        models[name] = train_stage(out, name, pairs_rf2, rf2, b.distill_steps, b, "l2", dropout=0.0, seed=b.seed + k)
+        models[control] = train_stage(out, control, pairs_teacher, teacher, control_steps(b), b, "l2", dropout=0.0,
+                                      seed=b.seed + k)
     clf = stage_classifier(out, b)
-    models = {"teacher": teacher, "rf2": rf2, "student": student, "student_teacher": control, "before": baseline}
     report, doc = stage_report(out, b, models, clf, smoke)
     if publish:
         dest = HERE / "shapes_report"
