@@ -243,6 +243,34 @@ def test_partial_captions_scoring():
     assert coverage_tv(collapsed, s.targets, teacher)["shape"] > 0.6
 
 
+def test_partial_bootstrap_is_paired_and_scores_each_row():
+    """The partial-caption replicates: one index draw for every row (identical rows give identical replicates, so
+    differences are paired), the reference's TV to itself is 0 in every replicate, a collapsed row's TV to the data
+    stays near its value, the no-clean-shape share is resampled like a mean."""
+    from train.data import ATTRIBUTES
+    from train.recipes.shapes_eval import Scored, bootstrap, full_set, partial_set
+
+    rng = np.random.default_rng(0)
+    full, part = full_set(120), partial_set(150)
+    feats = lambda n, shift=0.0: rng.normal(size=(n, 4)) + shift  # noqa: E731
+    spread = {a: np.where(t >= 0, t, rng.integers(len(ATTRIBUTES[a]), size=len(t))) for a, t in part.targets.items()}
+    collapsed = {a: np.where(t >= 0, t, 0) for a, t in part.targets.items()}
+    f = feats(150, 1.0)
+    rows = {"teacher-multi": Scored(f, spread, np.ones(150, bool)),
+            "twin": Scored(f.copy(), spread, np.ones(150, bool)),
+            "collapsed": Scored(feats(150), collapsed, np.arange(150) % 2 == 0)}
+    full_rows = {"a": Scored(feats(120), full.targets, np.ones(120, bool))}
+    boot = bootstrap(feats(120), full_rows, {"x/y": rng.normal(size=20)}, 40, full.targets,
+                     partial={"real": feats(150), "rows": rows, "targets": part.targets, "reference": "teacher-multi"})
+    pb = boot["partial"]
+    assert np.array_equal(pb["fid"]["teacher-multi"], pb["fid"]["twin"])
+    assert not np.array_equal(pb["fid"]["teacher-multi"], pb["fid"]["collapsed"])
+    assert (pb["tv_teacher"]["teacher-multi"] == 0).all() and (pb["tv_teacher"]["collapsed"] > 0.3).all()
+    assert 0.55 < pb["tv_data"]["collapsed"].mean() < 0.75  # 1 - 1/K averaged over K = 2, 4, 3, 5: 0.64
+    assert 0.35 < pb["unclean"]["collapsed"].mean() < 0.65 and (pb["unclean"]["twin"] == 0).all()
+    assert (pb["acc"]["collapsed"] == 1).all() and set(boot["acc"]["a"]) == set(ATTRIBUTES)
+
+
 def test_clean_shapes_accepts_real_images_and_refuses_averaged_ones():
     """The clean-shape test passes every real image (and a decoder-like soft edge) and refuses what mode averaging
     makes: two images averaged, two shapes in one image, a blur wider than an edge, a colour between the palette's."""
