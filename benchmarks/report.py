@@ -145,19 +145,68 @@ def render_layouts(doc: dict) -> list[str]:
 
 
 def render_serve_load(doc: dict) -> list[str]:
-    """``python -m benchmarks.serve_load``: the HTTP service under concurrent load, per ``--max-batch``."""
+    """``python -m benchmarks.serve_load``: the HTTP service under concurrent load, per ``--max-batch``, and (when
+    run) the same clients with hostile traffic mixed in."""
     m, rows = doc.get("machine", {}), doc["rows"]
     lines = [f"## HTTP service under load — {m.get('cpu', 'unknown CPU')} ({m.get('cores', '?')} cores), "
-             f"{doc['date']}", "",
-             f"`{doc.get('command', 'python -m benchmarks.serve_load')}`: a fresh `python -m runtime.serve` per "
-             f"`--max-batch` (default wait and queue), {doc['clients']} concurrent clients on loopback each sending "
-             f"requests one after another, bundled model at {doc['size']}x{doc['size']} px, every answer checked "
-             "against the direct `Pipeline` call with its seed.", "",
-             f"| --max-batch | requests | answered correctly | images/s | vs --max-batch {rows[0]['max_batch']} | "
-             "p50 ms | p99 ms |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['max_batch']} | {r['requests']} | {r['answered_correctly']} | {r['images_per_s']:.1f} | "
-              f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}x | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
-              for r in rows]
+             f"{doc['date']}", ""]
+    if rows:
+        lines += [f"`{doc.get('command', 'python -m benchmarks.serve_load')}`: a fresh `python -m runtime.serve` per "
+                  f"`--max-batch` (default wait and queue), {doc['clients']} concurrent clients on loopback each "
+                  f"sending requests one after another, bundled model at {doc['size']}x{doc['size']} px, every "
+                  "answer checked against the direct `Pipeline` call with its seed.", "",
+                  f"| --max-batch | requests | answered correctly | images/s | vs --max-batch {rows[0]['max_batch']} | "
+                  "p50 ms | p99 ms |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['max_batch']} | {r['requests']} | {r['answered_correctly']} | {r['images_per_s']:.1f} | "
+                  f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}x | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+                  for r in rows]
+        if all("baseline" in r for r in rows):
+            lines += ["", f"Side by side with the baseline's service (`{rows[0]['baseline'].get('root', 'baseline')}`"
+                      f", {rows[0]['rounds']} round(s) each, in turn; p50/p99: medians over the rounds):", "",
+                      "| --max-batch | baseline images/s | ours | ours / baseline | baseline p50 ms | ours | "
+                      "baseline p99 ms | ours |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {r['max_batch']} | {r['baseline']['images_per_s']:.1f} | {r['images_per_s']:.1f} | "
+                      f"{r['images_per_s'] / r['baseline']['images_per_s']:.2f}x | {r['baseline']['p50_ms']:.0f} | "
+                      f"{r['p50_ms']:.0f} | {r['baseline']['p99_ms']:.0f} | {r['p99_ms']:.0f} |" for r in rows]
+    h = doc.get("hostile")
+    if h:
+        mix = h["mix"]
+        parts = [f"{mix['slow']} slow-body connections (one byte a second)" if mix["slow"] else "",
+                 f"{mix['oversized']} clients sending requests over the limits" if mix["oversized"] else "",
+                 f"{mix['junk']} sending 10 MB bodies" if mix["junk"] else "",
+                 f"{mix['bad_negatives']} sending guided requests with a lone surrogate in the negative prompt"
+                 if mix["bad_negatives"] else "",
+                 f"{mix['flood']} sending valid requests back to back" if mix.get("flood") else ""]
+        lines += ["" if rows else f"`{doc.get('command', 'python -m benchmarks.serve_load')}`.", "" if rows else "",
+                  f"**Hostile mix** (one fresh service, `--max-batch {h['max_batch']}`, the same {doc['clients']} "
+                  f"good clients alone, then again while attackers run, {h['clean'].get('rounds', 1)} time(s) in "
+                  "turn; attackers in a process of their own at nice 19, each back to back: "
+                  f"{', '.join(x for x in parts if x)}):", "",
+                  "| phase | good requests | answered correctly | images/s | p50 ms | p99 ms |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for phase in ("clean", "hostile"):
+            r = h[phase]
+            lines.append(f"| {phase} | {r['requests']} | {r['answered_correctly']} | {r['images_per_s']:.1f} | "
+                         f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
+        lines += [f"| hostile / clean | | | {h['throughput_ratio']:.2f}x | {h['p50_ratio']:.2f}x | "
+                  f"{h['p99_ratio']:.2f}x |", ""]
+        if "load_avg_1min" in h["clean"]:
+            lines.append(f"Load average (1 min) at the end of each round: clean {h['clean']['load_avg_1min']}, "
+                         f"hostile {h['hostile']['load_avg_1min']}.")
+        answers = "; ".join(f"{kind}: " + ", ".join(f"{n} x {'cut off' if s == '0' else s}" for s, n in c.items())
+                            for kind, c in h["attackers"].items())
+        lines.append(f"Attackers' answers (status x count): {answers}.")
+        if "service_cores_under_attack_alone" in h:
+            lines += ["", f"The attack alone (no good clients, 10 s) costs the service's processes "
+                          f"{h['service_cores_under_attack_alone']:.2f} cores (idle: {h['service_cores_idle']:.2f})."]
+    o = doc.get("overload")
+    if o:
+        ms = o["latency_ms"]
+        lat = "; ".join(f"{s}: p50 {v[0]:.0f} ms, p99 {v[1]:.0f} ms" for s, v in ms.items())
+        counts = ", ".join(f"{n} x {'cut off' if s == '0' else s}" for s, n in o["statuses"].items())
+        lines += ["", f"**Overload** (a fresh service, `--max-batch {o['max_batch']} --refusal-rate 0`, {o['flood']} "
+                  f"clients sending valid requests back to back for {o['seconds']:.0f} s): "
+                  f"{o['images_per_s']:.1f} images/s served; answers {counts}; {lat}."]
     if doc.get("note"):
         lines += ["", f"Note: {doc['note']}"]
     return lines + [""]

@@ -34,7 +34,7 @@ GB = 1e9
 def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     from diffusers import UNet2DConditionModel
 
-    from runtime.testing import SD15_SPEC
+    from runtime.builders import SD15_SPEC
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(

@@ -90,7 +90,7 @@ def encode_rate(prompts: int) -> float:
     """Prompts per second of SD-1.5's text encoder (random weights), one prompt per call, fp32, this CPU."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from runtime.testing import SD15_SPEC
+    from runtime.builders import SD15_SPEC
 
     torch.manual_seed(0)
     cfg = CLIPTextConfig(vocab_size=SD15_SPEC.text_vocab, hidden_size=SD15_SPEC.text_hidden,

@@ -102,7 +102,7 @@ def sd15_vae_and_lpips_on_meta(net: str = "vgg") -> tuple[Any, Any]:
     import lpips
     from diffusers import AutoencoderKL
 
-    from runtime.testing import SD15_SPEC
+    from runtime.builders import SD15_SPEC
 
     k = len(SD15_SPEC.vae_channels)
     with torch.device("meta"), warnings.catch_warnings():

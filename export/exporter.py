@@ -78,9 +78,9 @@ class Exporter(abc.ABC):
                                "fp32_scopes": list(s.fp32_scopes(spec.name)), "dynamic_hw": s.dynamic_hw,
                                **self.versions()}
         if spec.name in ("vae_decoder", "onestep"):
-            key["decoder"] = source.decoder.get("fingerprint", source.decoder["class"])
+            key["decoder"] = source.decoder_key
         if spec.name != "vae_decoder" and source.loras:
-            key["loras"] = [[x["sha256"], x["scale"]] for x in source.loras]
+            key["loras"] = source.lora_keys
         return key
 
     def versions(self) -> dict[str, str]:

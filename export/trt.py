@@ -31,10 +31,15 @@ from runtime.manifest import ENGINES, EngineEntry, EngineIndex, ExportSettings, 
 from runtime.models import load_components
 from runtime.specs import ComponentSpec, ModelDims, specs_by_name
 
-from .compare import TOLERANCE, Velocity, max_rel_error, reference, uses_unet_velocity
+from .compare import TOLERANCE, Velocity, fp16_tolerance, max_rel_error, reference, uses_unet_velocity
 from .graphs import module_for
 from .onnx import export
 from .verify import export_checkpoint
+
+
+#: the oldest polygraphy that builds for TensorRT 10 and 11 (pyproject pins it): 0.49.0 sets the EXPLICIT_BATCH
+#: flag TensorRT 11 removed, and up to 0.49.26 it reads ``ILayer.precision_is_set``, also removed in 11.0
+POLYGRAPHY_MIN = "0.50.3"
 
 
 def _slug(text: str) -> str:
@@ -69,32 +74,57 @@ def build_engine(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str
                  workspace_gb: float = 8.0, refittable: bool = False) -> None:
     """Build ``onnx_path`` into a TensorRT engine through polygraphy (kept in step with every TensorRT release by
     NVIDIA): a strongly typed network parsed from the file (external data followed), one optimisation profile, the
-    timing cache loaded when present (``refittable``: weights can be replaced later, see :func:`refit_engine`);
-    engine and updated timing cache are written atomically here."""
-    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
-    from polygraphy.backend.trt.util import get_trt_logger
-    from polygraphy.exception import PolygraphyException
-    from polygraphy.logger import G_LOGGER
+    timing cache loaded when present (``refittable``: weights can be replaced later, see :func:`refit_engine`),
+    activation memory sized per input shape where TensorRT can (:func:`enable_activation_resize`); engine and
+    updated timing cache are written atomically here. Any failure inside polygraphy or TensorRT is one
+    line naming both and their versions (a polygraphy older than the TensorRT touches what it removed: an
+    AttributeError)."""
+    try:
+        import polygraphy
+        from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
+        from polygraphy.backend.trt.util import get_trt_logger
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise BackendUnavailableError(f"building engines needs polygraphy (pip install 'polygraphy>={POLYGRAPHY_MIN}'"
+                                      " or 'instaflow-rt[trt]'); the ONNX export is done") from None
 
     from runtime.backends.tensorrt_backend import set_logger
 
     G_LOGGER.colors = False  # plain log lines (and no warning about the optional 'colored' module)
-    set_logger(trt, get_trt_logger())  # polygraphy's builder logger serves the engines loaded after it too
-    shapes = Profile()
-    for name, (lo, best, hi) in profile.items():
-        shapes.add(name, min=lo, opt=best, max=hi)
-    cache = str(timing_cache) if timing_cache.exists() else None  # a missing cache starts empty
-    create_config = CreateConfig(profiles=[shapes], load_timing_cache=cache, refittable=refittable,
-                                 memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gb * 2**30)})
     try:
+        set_logger(trt, get_trt_logger())  # polygraphy's builder logger serves the engines loaded after it too
+        shapes = Profile()
+        for name, (lo, best, hi) in profile.items():
+            shapes.add(name, min=lo, opt=best, max=hi)
+        cache = str(timing_cache) if timing_cache.exists() else None  # a missing cache starts empty
+        create_config = CreateConfig(profiles=[shapes], load_timing_cache=cache, refittable=refittable,
+                                     memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gb * 2**30)})
         builder, network, parser = network_from_onnx_path(str(onnx_path), strongly_typed=strongly_typed(trt))
         config = create_config(builder, network)
+        enable_activation_resize(trt, config)
         serialized = engine_bytes_from_network((builder, network, parser), config=config)
-    except PolygraphyException as e:
-        raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name}: "
-                          f"{str(e).strip().splitlines()[-1][:300]} (see the log above)") from None
+        cache_bytes = bytes(config.get_timing_cache().serialize())
+    except Exception as e:  # noqa: BLE001 - polygraphy's and TensorRT's own errors, and AttributeErrors of skew
+        detail = (str(e).strip().splitlines() or [""])[-1][:300]
+        hint = (f"this polygraphy does not know this TensorRT: pip install 'polygraphy>={POLYGRAPHY_MIN}'"
+                if isinstance(e, AttributeError) else "see the log above")
+        raise ExportError(f"TensorRT {getattr(trt, '__version__', '?')} with polygraphy "
+                          f"{getattr(polygraphy, '__version__', '?')} failed to build an engine from "
+                          f"{onnx_path.name}: {type(e).__name__}: {detail} ({hint})") from None
     atomic_write_bytes(engine_path, bytes(serialized))
-    atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    atomic_write_bytes(timing_cache, cache_bytes)
+
+
+def enable_activation_resize(trt: Any, config: Any) -> bool:
+    """Let ``IExecutionContext.update_device_memory_size_for_shapes`` size activation memory for the shapes in use
+    rather than the profile's largest (``PreviewFeature.RUNTIME_ACTIVATION_RESIZE_10_10``, TensorRT 10.10+; by
+    feature, not version). Set on the builder config directly: polygraphy's ``preview_features`` would also turn
+    off every feature not listed. Returns whether it is on."""
+    feature = getattr(getattr(trt, "PreviewFeature", None), "RUNTIME_ACTIVATION_RESIZE_10_10", None)
+    if feature is None or not hasattr(config, "set_preview_feature"):
+        return False
+    config.set_preview_feature(feature, True)
+    return True
 
 
 def refit_engine(trt: Any, engine_path: Path, onnx_path: Path, new_path: Path) -> None:
@@ -105,10 +135,10 @@ def refit_engine(trt: Any, engine_path: Path, onnx_path: Path, new_path: Path) -
     engine = trt.Runtime(logger(trt)).deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
         raise ExportError(f"cannot load {engine_path.name} to refit it; rebuild with --force")
-    try:
-        refitter = trt.Refitter(engine, logger(trt))
-    except TypeError:  # pybind11's answer to the nullptr TensorRT gives for an engine built without REFIT
-        raise ExportError(f"{engine_path.name} was not built refittable; rebuild with --refittable") from None
+    if not engine.refittable:  # ICudaEngine.refittable (10.0-11.x): a Refitter of another engine is TensorRT's
+        # nullptr (an error in its log, pybind11's TypeError here), so it is never created
+        raise ExportError(f"{engine_path.name} was not built refittable; rebuild with --refittable")
+    refitter = trt.Refitter(engine, logger(trt))
     parser = trt.OnnxParserRefitter(refitter, logger(trt))
     if not parser.refit_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -147,23 +177,24 @@ def _refittable_predecessor(previous: EngineIndex | None, name: str, graph: Any,
 
 
 def compare_engine(engine_path: Path, module: Any, spec: ComponentSpec, batch: int, hw: tuple[int, int],
-                   seed: int = 0, velocity: Velocity | None = None) -> float:
-    """Max relative error of the engine vs the fp32 PyTorch ``module`` on the same fresh random inputs (rounded to
-    the engine's input types first), at ``batch`` and latent size ``hw``; ``velocity``: see
-    :func:`export.verify.reference` (the fp16 one-step engine)."""
+                   seed: int = 0, velocity: Velocity | None = None, precision: str = "float32"
+                   ) -> tuple[float, float]:
+    """(max relative error, tolerance) of the engine vs the fp32 PyTorch ``module`` on the same fresh random inputs
+    (rounded to the engine's input types first), at ``batch`` and latent size ``hw``; an fp16 engine's tolerance
+    comes from PyTorch's own fp16 error there (:func:`export.compare.fp16_tolerance`, on this GPU); ``velocity``:
+    see :func:`export.compare.reference` (the fp16 one-step engine)."""
     engine = _open_engine(engine_path)
     inputs = engine.cast(list(spec.sample_inputs(batch, *hw, seed=seed).values()))
-    return max_rel_error(_run_engine(engine, inputs).float().cpu().numpy(), reference(module, inputs, velocity))
+    ref = reference(module, inputs, velocity)
+    err = max_rel_error(_run_engine(engine, inputs).float().cpu().numpy(), ref)
+    tol = fp16_tolerance(module, inputs, ref, velocity)[0] if precision == "float16" else TOLERANCE[precision]
+    return err, tol
 
 
 def _open_engine(path: Path) -> Any:
-    import torch
-
     from runtime.backends.tensorrt_backend import Engine
 
-    engine = Engine(path, device=_engine_device())
-    engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8, device=engine.device)
-    return engine
+    return Engine(path, device=_engine_device())  # its activation memory grows to the shapes it runs
 
 
 def _run_engine(engine: Any, inputs: list[Any]) -> Any:
@@ -223,13 +254,13 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
         velocity = None
         if uses_unet_velocity(name, graph.dtype):
             velocity = engine_velocity(out / entries["unet"].file)
-        err = compare_engine(out / file, module_for(name, components), specs[name], opt_batch, hw, velocity=velocity)
-        tol = TOLERANCE[graph.dtype]
+        err, tol = compare_engine(out / file, module_for(name, components), specs[name], opt_batch, hw,
+                                  velocity=velocity, precision=graph.dtype)
         ok = bool(np.isfinite(err) and err <= tol)
-        print(f"[check] {name}: max rel err vs PyTorch fp32 {err:.2e} (tol {tol:.0e}: {'ok' if ok else 'FAIL'})",
+        print(f"[check] {name}: max rel err vs PyTorch fp32 {err:.2e} (tol {tol:.1e}: {'ok' if ok else 'FAIL'})",
               flush=True)
         if not ok:
-            raise ExportError(f"engine {file} disagrees with PyTorch (max rel err {err:.2e} > {tol:.0e})")
+            raise ExportError(f"engine {file} disagrees with PyTorch (max rel err {err:.2e} > {tol:.1e})")
         entries[name] = EngineEntry(file=file, sha256=sha256_file(out / file), stamp=stamp([out / file]),
                                     onnx_sha256=graph.sha256, precision=graph.dtype, fp32_scopes=graph.fp32_scopes,
                                     profile=profile, inputs=graph.inputs, outputs=graph.outputs, max_rel_err=err,

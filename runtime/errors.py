@@ -34,3 +34,7 @@ class BackendUnavailableError(InstaFlowError):
 
 class ExportError(InstaFlowError):
     """An export (ONNX graphs, TensorRT engines) cannot be made, reused, verified or used (one-line message)."""
+
+
+class Cancelled(InstaFlowError):
+    """A call was stopped by its ``cancel`` hook (its caller had gone away) before it finished: no images."""

@@ -118,6 +118,7 @@ def check_prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[st
     if negative_prompt is None:
         negatives = [""] * len(prompts)
     elif isinstance(negative_prompt, str):
+        _check_text("negative_prompt", [negative_prompt], indexed=False)  # checked even when guidance is off
         negatives = [negative_prompt] * len(prompts)
     elif isinstance(negative_prompt, (list, tuple)):
         if len(negative_prompt) != len(prompts):
@@ -132,14 +133,15 @@ def check_prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[st
     return list(prompts), negatives
 
 
-def _check_text(label: str, texts: Sequence[Any]) -> None:
+def _check_text(label: str, texts: Sequence[Any], indexed: bool = True) -> None:
     """Text the tokenizer can take: a lone surrogate (what Python makes of invalid UTF-8) cannot be encoded."""
     for i, t in enumerate(texts):
         try:
             if isinstance(t, str):
                 t.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise InvalidInputError(f"{label}[{i}] is not valid text: it holds a lone surrogate ({t[e.start]!r} at "
+            where = f"{label}[{i}]" if indexed else label
+            raise InvalidInputError(f"{where} is not valid text: it holds a lone surrogate ({t[e.start]!r} at "
                                     f"position {e.start}; invalid UTF-8 input?)") from None
 
 

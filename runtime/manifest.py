@@ -91,8 +91,14 @@ class Source:
                 "decoder": dict(self.decoder), "loras": [dict(x) for x in self.loras]}
 
     @property
-    def decoder_name(self) -> str:
-        return str(self.decoder.get("name", "?"))
+    def decoder_key(self) -> str:
+        """What identifies the decoder in a graph's reuse key: its fingerprint (the class for the checkpoint's own)."""
+        return str(self.decoder.get("fingerprint", self.decoder["class"]))
+
+    @property
+    def lora_keys(self) -> list[list[Any]]:
+        """What identifies the fused LoRAs in a graph's reuse key: (sha256, scale) of each, in order."""
+        return [[x["sha256"], x["scale"]] for x in self.loras]
 
     @property
     def tiny_decoder_path(self) -> str | None:

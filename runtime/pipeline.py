@@ -14,7 +14,7 @@ import threading
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 
@@ -22,7 +22,7 @@ from . import flow
 from .backends import Backend, check_name, choose, create
 from .checkpoints import Checkpoint, check_is_flow
 from .embeddings import EmbeddingCache
-from .errors import InvalidInputError, NonFiniteOutputError
+from .errors import Cancelled, InvalidInputError, NonFiniteOutputError
 from .inputs import (OUTPUT_TYPES, Limits, OutputType, Request, check_guidance, check_noise_source, check_output_type,
                      check_pixels, check_prompts, parse_device, parse_dtype, positive_int)
 from .lora import Fuser
@@ -155,6 +155,7 @@ class Pipeline:
         generator: Generator | None = None,
         latents: torch.Tensor | None = None,
         output_type: OutputType = "pil",
+        cancel: Callable[[], bool] | None = None,
     ) -> PipelineOutput:
         """Generate images.
 
@@ -175,6 +176,8 @@ class Pipeline:
             latents: explicit initial noise ``[num_images, C, h, w]`` (overrides seed/generator).
             output_type: ``"pil"`` (list of PIL images), ``"np"`` (float32 NHWC in [0, 1]), ``"pt"`` (float NCHW
                 in [0, 1]) or ``"latent"`` (final latents).
+            cancel: asked after encoding, between Euler steps and before decoding; when it returns True the call
+                stops there with :class:`~runtime.errors.Cancelled` (a server uses it to drop abandoned work).
         """
         # 1. check every input before any work
         req = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
@@ -186,16 +189,18 @@ class Pipeline:
         # 3. text embeddings -> the guidance context
         context = self.encode_prompt(req.prompts, req.negatives if req.cfg else None, req.num_images_per_prompt)
         clock.lap("encode")
+        check_cancel(cancel)
         # 4. + 5. denoise and decode: in one fused call where the backend has one, else step by step
         if self._fused(req):
             images = self.format_images(self.one_step(context, x), req.output_type)
             clock.lap("unet+decode")
         else:
-            x = self.denoise(x, context, req.num_inference_steps, req.guidance_scale)
+            x = self.denoise(x, context, req.num_inference_steps, req.guidance_scale, cancel=cancel)
             clock.lap("unet")
             if req.output_type == "latent":
                 images = self.check_finite(x, "latents")
             else:
+                check_cancel(cancel)
                 images = self.format_images(self.decode(x), req.output_type)
                 clock.lap("decode")
         return PipelineOutput(images=images, timings=clock.finish())
@@ -241,12 +246,16 @@ class Pipeline:
         with a warning."""
         tok = self.components.tokenizer
         n = self.components.max_length
-        enc = tok(list(texts), padding="max_length", max_length=n, truncation=False)
-        if any(len(ids) > n for ids in enc["input_ids"]):
-            too_long = [t for t, ids in zip(texts, enc["input_ids"]) if len(ids) > n]
+        # one pass: truncating at n + 1 tokens tells which prompts are longer than the window without tokenizing
+        # them twice; those are then cut as truncation at n cuts them (keeping a closing special token)
+        ids = tok(list(texts), max_length=n + 1, truncation=True)["input_ids"]
+        too_long = [t for t, x in zip(texts, ids) if len(x) > n]
+        if too_long:
             warnings.warn(f"{len(too_long)} prompt(s) longer than the {n}-token window were cut to their first {n} "
                           f"tokens: {too_long[0][:80]!r}", UserWarning, stacklevel=3)
-            enc = tok(list(texts), padding="max_length", max_length=n, truncation=True)
+            special = set(tok.all_special_ids)
+            ids = [(x[: n - 1] + x[-1:] if x[-1] in special else x[:n]) if len(x) > n else x for x in ids]
+        enc = tok.pad({"input_ids": ids}, padding="max_length", max_length=n, return_attention_mask=True)
         ids = torch.tensor(enc["input_ids"], dtype=torch.long)
         mask = torch.tensor(enc["attention_mask"], dtype=torch.long)
         return to_device(ids, self.device), to_device(mask, self.device)
@@ -330,11 +339,17 @@ class Pipeline:
         return flow.guided(*v.chunk(2), guidance_scale) if cfg else v
 
     def denoise(self, latents: torch.Tensor, context: torch.Tensor, num_inference_steps: int,
-                guidance_scale: float = 0.0, trajectory: flow.Trajectory | None = None) -> torch.Tensor:
+                guidance_scale: float = 0.0, trajectory: flow.Trajectory | None = None,
+                cancel: Callable[[], bool] | None = None) -> torch.Tensor:
         """Integrate the flow from noise to image latents with ``num_inference_steps`` Euler steps (the points
-        visited, with their flow times, appended to ``trajectory`` when given)."""
-        return flow.sample(lambda z, t: self.velocity(z, t, context, guidance_scale), latents, num_inference_steps,
-                           trajectory)
+        visited, with their flow times, appended to ``trajectory`` when given; ``cancel`` asked before each step,
+        see :meth:`__call__`)."""
+
+        def velocity(z: torch.Tensor, t: float) -> torch.Tensor:
+            check_cancel(cancel)
+            return self.velocity(z, t, context, guidance_scale)
+
+        return flow.sample(velocity, latents, num_inference_steps, trajectory)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Image latents -> images in [0, 1], float32 NCHW."""
@@ -391,6 +406,13 @@ class Pipeline:
         h, w = self.components.default_size
         return (f"Pipeline({self.name or 'in-memory'!r}, backend={self.backend.name}, device={self.device}, "
                 f"dtype={self.dtype}, default_size={h}x{w})")
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def check_cancel(cancel: Callable[[], bool] | None) -> None:
+    """Raise :class:`~runtime.errors.Cancelled` when the ``cancel`` hook of a call says stop."""
+    if cancel is not None and cancel():
+        raise Cancelled("the call was cancelled before it finished")
 
 
 # ------------------------------------------------------------------------------------------------- transfers

@@ -7,9 +7,21 @@ Three API surfaces, read from NVIDIA/TensorRT's python bindings, chosen with :fu
   on request, ``BuilderFlag.FP16`` for weakly typed networks;
 * ``10.16.0`` (10.12+): the same, ``BuilderFlag.FP16`` deprecated (a DeprecationWarning here);
 * ``11.1.0``: strong typing only (the STRONGLY_TYPED flag is kept but always on), no ``BuilderFlag.FP16``
-  (AttributeError, as in the real module).
+  (AttributeError, as in the real module), and without what 11.0 removed from the Python API that a build touches
+  (read from the bindings of 10.16 and 11.0/11.1, python/src/infer/pyCore.cpp and pyGraph.cpp):
+  ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH``, the ``QuantizationFlag`` enum, the cuBLAS/cuDNN
+  ``TacticSource`` values, ``PreviewFeature.PROFILE_SHARING_0806``, ``ILayer.precision``/``precision_is_set``,
+  ``ICudaEngine.device_memory_size``. Polygraphy releases that touch them unguarded fail here as on a real 11.x.
 
 On every surface, ``BuilderFlag.FP16`` on a strongly typed network fails the build (the real builder rejects it).
+
+Activation memory is modelled as the engine's largest need over its profile (``device_memory_size_v2``) and a need
+per set of input shapes: ``update_device_memory_size_for_shapes`` returns it when the engine was built with
+``PreviewFeature.RUNTIME_ACTIVATION_RESIZE_10_10`` (10.10+; without it, the profile's maximum, an assumption: the
+real size without the feature is not documented), and ``execute_async_v3`` fails (returns False, an error logged)
+when the context's memory is smaller than what its shapes need. cuda-python's runtime calls return
+``(err, ...)`` tuples as cuda-bindings does (``(err,)`` for calls without results, ``(err, None)`` for failed
+calls with one); :func:`insufficient_driver` gives the runtime of cuda-bindings 13 on a CUDA 12 driver.
 
 What polygraphy's build loaders call is here too (``ILogger``, ``init_libnvinfer_plugins``, the network's inputs
 read from the ONNX file with -1 for dynamic dimensions, the config getters its log summary reads, enumerable flag
@@ -43,10 +55,14 @@ float32, float16, int64, int32, bfloat16 = "float32", "float16", "int64", "int32
 _ONNX_TYPES = {"tensor(float)": float32, "tensor(float16)": float16, "tensor(int64)": int64,
                "tensor(int32)": int32}
 _NP = {float32: np.float32, float16: np.float16, int64: np.int64, int32: np.int32}
-ACTIVATION_BYTES = 4096
+ACTIVATION_BYTES_PER_ELEMENT = 16
 CAPTURING: dict[int, list] = {}  # stream handle -> operations recorded while capturing
 PENDING: dict[int, list] = {}  # stream handle -> operations enqueued, not yet run
 LOG: list[tuple[str, Any]] = []  # (event, detail): what ran, for assertions
+INVALIDATED: set[int] = set()  # streams whose capture an uncapturable enqueue invalidated
+#: ``UNCAPTURABLE(shapes) -> bool``: input shapes whose enqueue cannot be captured (as a plugin that allocates or
+#: synchronises inside enqueue: the call fails and invalidates the capture, NVIDIA/TensorRT#802)
+UNCAPTURABLE: Any = None
 SURFACES = ("10.8.0", "10.16.0", "11.1.0")
 
 
@@ -63,6 +79,16 @@ class Logger(ILogger):
     def __init__(self, severity: int = 2) -> None:
         super().__init__()
         self.severity = severity
+
+    def log(self, severity: int, msg: str) -> None:
+        pass  # _report records errors
+
+
+def _report(logger: Any, severity: int, msg: str) -> None:
+    """What TensorRT does with an error: the message goes to the logger the object was created with (recorded in
+    :data:`LOG` as ``trt_error`` too, whichever logger that is: polygraphy's prints it)."""
+    LOG.append(("trt_error", msg))
+    logger.log(severity, msg)
 
 
 def init_libnvinfer_plugins(logger: ILogger, namespace: str) -> bool:
@@ -85,20 +111,60 @@ class ProfilingVerbosity(enum.Enum):
     DETAILED = 2
 
 
-class TacticSource(enum.IntEnum):
+class _TacticSource10(enum.IntEnum):
     CUBLAS = 0
+    CUBLAS_LT = 1
+    CUDNN = 2
+    EDGE_MASK_CONVOLUTIONS = 3
+    JIT_CONVOLUTIONS = 4
 
 
-class PreviewFeature(enum.IntEnum):
+class _TacticSource11(enum.IntEnum):  # 11.0 removed the cuBLAS/cuDNN tactic sources
+    EDGE_MASK_CONVOLUTIONS = 3
+    JIT_CONVOLUTIONS = 4
+
+
+class _PreviewFeature108(enum.IntEnum):
     PROFILE_SHARING_0806 = 0
+    ALIASED_PLUGIN_IO_10_03 = 1
 
 
-class QuantizationFlag(enum.IntEnum):
+class _PreviewFeature1016(enum.IntEnum):
+    PROFILE_SHARING_0806 = 0
+    ALIASED_PLUGIN_IO_10_03 = 1
+    RUNTIME_ACTIVATION_RESIZE_10_10 = 2
+    MULTIDEVICE_RUNTIME_10_16 = 3
+
+
+class _PreviewFeature11(enum.IntEnum):
+    ALIASED_PLUGIN_IO_10_03 = 1
+    RUNTIME_ACTIVATION_RESIZE_10_10 = 2
+
+
+class QuantizationFlag(enum.IntEnum):  # absent on 11.x (removed with implicit quantization)
     CALIBRATE_BEFORE_FUSION = 0
 
 
-class NetworkDefinitionCreationFlag(enum.IntEnum):
-    STRONGLY_TYPED = 0
+class _NetworkFlag10(enum.IntEnum):
+    EXPLICIT_BATCH = 0  # deprecated and ignored in 10.x; gone in 11.0
+    STRONGLY_TYPED = 1
+
+
+class _NetworkFlag11(enum.IntEnum):
+    STRONGLY_TYPED = 0  # deprecated: always on
+
+
+class LayerType(enum.IntEnum):
+    CONVOLUTION = 0
+    SHAPE = 1
+    QUANTIZE = 2
+    DEQUANTIZE = 3
+
+
+TacticSource: Any = _TacticSource10
+PreviewFeature: Any = _PreviewFeature1016
+NetworkDefinitionCreationFlag: Any = _NetworkFlag10
+_QUANTIZATION_FLAG = QuantizationFlag
 
 
 class _FlagsWithFP16(type):
@@ -131,16 +197,27 @@ class _BuilderFlag11:
 
 BuilderFlag: Any = _BuilderFlag1012
 _ALWAYS_STRONG = False
+_MAJOR = 10
 
 
 def use(version: str) -> None:
     """Switch this module to one of :data:`SURFACES`."""
-    global __version__, BuilderFlag, _ALWAYS_STRONG
+    global __version__, BuilderFlag, _ALWAYS_STRONG, _MAJOR, TacticSource, PreviewFeature
+    global NetworkDefinitionCreationFlag
     assert version in SURFACES, version
     __version__ = version
     major, minor = (int(x) for x in version.split(".")[:2])
     BuilderFlag = _BuilderFlag11 if major >= 11 else (_BuilderFlag1012 if minor >= 12 else _BuilderFlag10)
     _ALWAYS_STRONG = major >= 11
+    _MAJOR = major
+    TacticSource = _TacticSource11 if major >= 11 else _TacticSource10
+    PreviewFeature = _PreviewFeature11 if major >= 11 else (_PreviewFeature1016 if minor >= 10
+                                                             else _PreviewFeature108)
+    NetworkDefinitionCreationFlag = _NetworkFlag11 if major >= 11 else _NetworkFlag10
+    if major >= 11:
+        globals().pop("QuantizationFlag", None)
+    else:
+        globals()["QuantizationFlag"] = _QUANTIZATION_FLAG
 
 
 class TensorIOMode:
@@ -159,11 +236,24 @@ class _Tensor:
         self.name, self.shape, self.dtype, self.is_shape_tensor = name, shape, dtype, False
 
 
+class _Layer:
+    """A layer as a build reads it (name, type); 10.x layers also have ``precision``/``precision_is_set``."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.type = name, LayerType.CONVOLUTION
+
+
+class _Layer10(_Layer):
+    precision = float32
+    precision_is_set = False
+
+
 class _Network:
     def __init__(self, strongly_typed: bool) -> None:
         self.onnx: str | None = None
         self.strongly_typed = strongly_typed
         self.inputs: list[_Tensor] = []
+        self.layers: list[_Layer] = []
 
     @property
     def num_inputs(self) -> int:
@@ -175,11 +265,18 @@ class _Network:
     def get_flag(self, flag: NetworkDefinitionCreationFlag) -> bool:
         return flag == NetworkDefinitionCreationFlag.STRONGLY_TYPED and self.strongly_typed
 
-    def __len__(self) -> int:  # layers: the stand-in keeps none
-        return 0
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def get_layer(self, i: int) -> _Layer:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
 
     def __iter__(self) -> Any:
-        return iter(())
+        return iter(self.layers)
 
 
 class OnnxParser:
@@ -200,6 +297,8 @@ class OnnxParser:
             t = i.type.tensor_type
             shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
             self.network.inputs.append(_Tensor(i.name, shape, types[t.elem_type]))
+        layer = _Layer10 if _MAJOR < 11 else _Layer
+        self.network.layers = [layer(n.name or f"node{k}") for k, n in enumerate(graph.node[:4])]
         self.network.onnx = path
         return True
 
@@ -236,6 +335,7 @@ class _Config:
         self.pools: dict[MemoryPoolType, int] = {}
         self.cache: _TimingCache | None = None
         self.profiling_verbosity = ProfilingVerbosity.LAYER_NAMES_ONLY
+        self.preview: set[str] = set()
 
     def set_memory_pool_limit(self, pool: MemoryPoolType, size: int) -> None:
         assert isinstance(pool, MemoryPoolType), pool
@@ -253,11 +353,19 @@ class _Config:
     def get_tactic_sources(self) -> int:
         return 1
 
-    def get_preview_feature(self, feature: PreviewFeature) -> bool:
-        return False
+    def set_preview_feature(self, feature: Any, enable: bool) -> None:
+        assert feature in PreviewFeature.__members__.values(), feature
+        (self.preview.add if enable else self.preview.discard)(feature.name)
 
-    def get_quantization_flag(self, flag: QuantizationFlag) -> bool:
-        return False
+    def get_preview_feature(self, feature: Any) -> bool:
+        return feature.name in self.preview
+
+    def __getattr__(self, name: str) -> Any:  # what 10.x has and 11.0 removed (implicit quantization)
+        if name == "get_quantization_flag" and _MAJOR < 11:
+            return lambda flag: False
+        if name == "int8_calibrator" and _MAJOR < 11:
+            return None
+        raise AttributeError(name)
 
     @property
     def num_optimization_profiles(self) -> int:
@@ -285,8 +393,11 @@ class Builder:
         self.logger = logger
 
     def create_network(self, flags: int = 0) -> _Network:
+        known = 0
+        for flag in NetworkDefinitionCreationFlag.__members__.values():
+            known |= 1 << int(flag)
+        assert isinstance(flags, int) and not flags & ~known, f"unknown network flags {flags:#x}"
         strong_bit = 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        assert isinstance(flags, int) and not flags & ~strong_bit, f"unknown network flags {flags:#x}"
         return _Network(strongly_typed=_ALWAYS_STRONG or bool(flags & strong_bit))
 
     def create_builder_config(self) -> _Config:
@@ -314,7 +425,8 @@ class Builder:
         precision = "onnx" if network.strongly_typed else ("fp16" if fp16_flag else "fp32")
         return json.dumps({"onnx": _snapshot(network.onnx), "profile": config.profiles[0].shapes,
                            "strongly_typed": network.strongly_typed, "precision": precision,
-                           "refittable": "refit" in config.flags}).encode()
+                           "refittable": "refit" in config.flags,
+                           "activation_resize": "RUNTIME_ACTIVATION_RESIZE_10_10" in config.preview}).encode()
 
 
 SNAPSHOTS: str | None = None  # where engines keep the graph (and weights) they were built from
@@ -353,12 +465,14 @@ def _initializers(onnx_path: str) -> dict[str, tuple]:
 
 
 class Refitter:
-    """Takes new weights for a refittable engine; raises TypeError for another (pybind11's nullptr, as the real
-    constructor does)."""
+    """Takes new weights for a refittable engine. For another, like the real binding (``py::init`` over
+    ``createInferRefitter``, which gives nullptr), it reports an error to the logger and raises pybind11's
+    TypeError for a factory that returned nullptr."""
 
     def __init__(self, engine: "_Engine", logger: ILogger) -> None:
         if not engine.doc.get("refittable"):
-            raise TypeError("Refitter(): incompatible constructor arguments (engine built without REFIT)")
+            _report(logger, Logger.ERROR, "IRefitter: the engine was not built refittable")
+            raise TypeError("pybind11::init(): factory function returned nullptr")
         self.engine, self.pending = engine, None
         self.weights = _initializers(engine.doc["onnx"])
         self.missing = set(self.weights)
@@ -427,10 +541,33 @@ class _Engine:
         self.io = {a.name: (TensorIOMode.INPUT, _ONNX_TYPES[a.type]) for a in self.session.get_inputs()}
         self.io.update({a.name: (TensorIOMode.OUTPUT, _ONNX_TYPES[a.type]) for a in self.session.get_outputs()})
         self.names = list(self.io)
-        self.device_memory_size_v2 = ACTIVATION_BYTES
 
     def serialize(self) -> bytes:
         return json.dumps(self.doc).encode()
+
+    def activation_bytes(self, shapes: dict[str, Any]) -> int:
+        """The activation memory these input shapes need (the stand-in's model: proportional to their size)."""
+        return ACTIVATION_BYTES_PER_ELEMENT * sum(int(np.prod(shapes[n])) for n, (mode, _) in self.io.items()
+                                                  if mode == TensorIOMode.INPUT)
+
+    @property
+    def device_memory_size_v2(self) -> int:
+        """The most any context needs: the maximum over the (one) profile, i.e. at its max shapes."""
+        return self.activation_bytes({n: hi for n, (_, _, hi) in self.doc["profile"].items()})
+
+    def get_device_memory_size_for_profile_v2(self, profile_index: int) -> int:
+        assert profile_index == 0
+        return self.device_memory_size_v2
+
+    @property
+    def device_memory_size(self) -> int:
+        if _MAJOR >= 11:  # removed in 11.0
+            raise AttributeError("'tensorrt.ICudaEngine' object has no attribute 'device_memory_size'")
+        return self.device_memory_size_v2
+
+    @property
+    def refittable(self) -> bool:
+        return bool(self.doc.get("refittable"))
 
     @property
     def num_io_tensors(self) -> int:
@@ -459,13 +596,15 @@ def _view(address: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
 class _Context:
     def __init__(self, engine: _Engine, strategy: str) -> None:
         self.engine, self.strategy = engine, strategy
-        self.memory: int | None = None if strategy == ExecutionContextAllocationStrategy.USER_MANAGED else -1
+        static = strategy != ExecutionContextAllocationStrategy.USER_MANAGED
+        self.memory: int | None = -1 if static else None
+        self.memory_size = engine.device_memory_size_v2 if static else 0
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
+        self.sized_for: dict[str, tuple[int, ...]] | None = None  # shapes update_device_memory_size_for_shapes saw
 
-    def set_device_memory(self, address: int, size: int) -> None:
-        assert size >= self.engine.device_memory_size_v2, "activation block smaller than the engine needs"
-        self.memory = address
+    def set_device_memory(self, address: int, size: int) -> None:  # 10.1+
+        self.memory, self.memory_size = address, int(size)
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         lo, _, hi = self.engine.doc["profile"][name]
@@ -473,6 +612,26 @@ class _Context:
             return False
         self.shapes[name] = tuple(int(s) for s in shape)
         return True
+
+    def _inputs(self) -> list[str]:
+        return [n for n, (mode, _) in self.engine.io.items() if mode == TensorIOMode.INPUT]
+
+    def update_device_memory_size_for_shapes(self) -> int:
+        """What the current input shapes need (0, the documented error value, while an input has no shape); an
+        engine built without RUNTIME_ACTIVATION_RESIZE_10_10 answers its profile's maximum."""
+        if any(n not in self.shapes for n in self._inputs()):
+            return 0
+        self.sized_for = dict(self.shapes)
+        if not self.engine.doc.get("activation_resize"):
+            return self.engine.device_memory_size_v2
+        return self.engine.activation_bytes(self.shapes)
+
+    def needed_memory(self) -> int:
+        """What a run with the current shapes needs: the per-shape size once it was computed for these shapes,
+        else the engine's maximum."""
+        if self.engine.doc.get("activation_resize") and self.sized_for == self.shapes:
+            return self.engine.activation_bytes(self.shapes)
+        return self.engine.device_memory_size_v2
 
     def set_tensor_address(self, name: str, address: int) -> bool:
         self.addresses[name] = int(address)
@@ -492,6 +651,13 @@ class _Context:
     def execute_async_v3(self, stream_handle: int) -> bool:
         assert self.memory is not None, "a USER_MANAGED context needs set_device_memory before it runs"
         assert stream_handle != 0, "use an explicit stream, not the legacy default stream"
+        if self.memory_size < self.needed_memory():
+            LOG.append(("error", f"activation memory of {self.memory_size} bytes, {self.needed_memory()} needed"))
+            return False
+        if stream_handle in CAPTURING and UNCAPTURABLE is not None and UNCAPTURABLE(self.shapes):
+            INVALIDATED.add(stream_handle)
+            LOG.append(("error", "enqueue failed during stream capture (cudaErrorStreamCaptureUnsupported)"))
+            return False
         outputs = [n for n, (mode, _) in self.engine.io.items() if mode == TensorIOMode.OUTPUT]
 
         def run() -> None:
@@ -512,8 +678,13 @@ class _Context:
 
 # ------------------------------------------------------------------------------------------------ cuda-python
 class _CudaError(enum.Enum):
+    """cuda-bindings' ``cudaError_t`` (the values of the CUDA runtime)."""
+
     cudaSuccess = 0
+    cudaErrorInsufficientDriver = 35
     cudaErrorIllegalState = 401
+    cudaErrorStreamCaptureUnsupported = 900
+    cudaErrorStreamCaptureInvalidated = 901
 
 
 class _CaptureMode(enum.Enum):
@@ -521,11 +692,16 @@ class _CaptureMode(enum.Enum):
     cudaStreamCaptureModeThreadLocal = 1
 
 
+DRIVER_VERSION = 12080  # what cudaDriverGetVersion answers: the CUDA version the driver supports
+RUNTIME_VERSION = 12080  # cudaRuntimeGetVersion: the CUDA runtime cuda-bindings is linked to
+
+
 def _ok(*values: Any) -> tuple:
     return (_CudaError.cudaSuccess, *values)
 
 
 def _begin(stream: int, mode: _CaptureMode) -> tuple:
+    LOG.append(("begin_capture", stream))
     if stream in CAPTURING or stream == 0:
         return (_CudaError.cudaErrorIllegalState,)
     CAPTURING[stream] = []
@@ -533,7 +709,13 @@ def _begin(stream: int, mode: _CaptureMode) -> tuple:
 
 
 def _end(stream: int) -> tuple:
-    return _ok(types.SimpleNamespace(ops=CAPTURING.pop(stream)))
+    if stream not in CAPTURING:
+        return (_CudaError.cudaErrorIllegalState, None)  # cuda-bindings: (err, None) when a call with a result fails
+    ops = CAPTURING.pop(stream)
+    if stream in INVALIDATED:
+        INVALIDATED.discard(stream)
+        return (_CudaError.cudaErrorStreamCaptureInvalidated, None)
+    return _ok(types.SimpleNamespace(ops=ops))
 
 
 def _launch(graph_exec: Any, stream: int) -> tuple:
@@ -550,13 +732,38 @@ def flush(handle: int | None = None) -> None:
             op()
 
 
-cudart = types.SimpleNamespace(
-    cudaError_t=_CudaError, cudaStreamCaptureMode=_CaptureMode,
-    cudaStreamBeginCapture=_begin, cudaStreamEndCapture=_end,
-    cudaGraphInstantiate=lambda graph, flags: _ok(types.SimpleNamespace(ops=list(graph.ops))),
-    cudaGraphLaunch=_launch, cudaGraphExecDestroy=lambda g: _ok(), cudaGraphDestroy=lambda g: _ok(),
-    cudaGetErrorString=lambda err: _ok(err.name.encode()),
-)
+def _runtime(**overrides: Any) -> types.SimpleNamespace:
+    calls = dict(
+        cudaError_t=_CudaError, cudaStreamCaptureMode=_CaptureMode,
+        cudaStreamBeginCapture=_begin, cudaStreamEndCapture=_end,
+        cudaGraphInstantiate=lambda graph, flags: _ok(types.SimpleNamespace(ops=list(graph.ops))),
+        cudaGraphLaunch=_launch, cudaGraphExecDestroy=lambda g: (_CudaError.cudaSuccess,),
+        cudaGraphDestroy=lambda g: (_CudaError.cudaSuccess,),
+        cudaGetErrorString=lambda err: _ok(err.name.encode()),  # a table look-up: works with any driver
+        cudaDriverGetVersion=lambda: _ok(DRIVER_VERSION),
+        cudaRuntimeGetVersion=lambda: _ok(RUNTIME_VERSION),
+    )
+    calls.update(overrides)
+    return types.SimpleNamespace(**calls)
+
+
+cudart = _runtime()
+
+
+def insufficient_driver(runtime_version: int = 13000, driver_version: int = 12080) -> types.SimpleNamespace:
+    """cuda-bindings 13.x (its runtime statically linked from CUDA 13) on a driver for CUDA 12: the version queries
+    answer, everything that needs the runtime initialised answers ``cudaErrorInsufficientDriver``, as tuples."""
+    bad = _CudaError.cudaErrorInsufficientDriver
+
+    def begin(stream: int, mode: _CaptureMode) -> tuple:
+        LOG.append(("begin_capture", stream))
+        return (bad,)
+
+    return _runtime(
+        cudaStreamBeginCapture=begin, cudaStreamEndCapture=lambda stream: (bad, None),
+        cudaGraphInstantiate=lambda graph, flags: (bad, None), cudaGraphLaunch=lambda graph_exec, stream: (bad,),
+        cudaGraphExecDestroy=lambda g: (bad,), cudaGraphDestroy=lambda g: (bad,),
+        cudaDriverGetVersion=lambda: _ok(driver_version), cudaRuntimeGetVersion=lambda: _ok(runtime_version))
 
 
 # ------------------------------------------------------------------------------------------------ torch.cuda

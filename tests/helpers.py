@@ -52,6 +52,7 @@ def install_fake_tensorrt(monkeypatch: Any, version: str = "11.1.0") -> Any:
     fake.LOG.clear()
     fake.PENDING.clear()
     fake.CAPTURING.clear()
+    fake.INVALIDATED.clear()
     return fake
 
 

@@ -232,3 +232,135 @@ def test_only_verified_exports_run_unless_the_caller_allows_it(tiny_ckpt, tmp_pa
     assert allowed("a cat", seed=0, output_type="pt").images.shape == (1, 3, 32, 32)
     verify_export(tmp_path)
     assert Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime", export_dir=tmp_path).backend.name == "onnxruntime"
+
+
+# ------------------------------------------------------------------------ onnxruntime-gpu: what a GPU machine adds
+def test_onnxruntime_gives_every_gpu_provider_torchs_stream():
+    """The TensorRT provider runs on a stream of its own unless given user_compute_stream (onnxruntime 1.18+, as the
+    CUDA provider): every GPU provider gets the device and torch's stream; the CPU provider nothing."""
+    from runtime.backends.onnxruntime_backend import provider_list
+
+    cuda = torch.device("cuda", 1)
+    gpu = {"device_id": 1, "user_compute_stream": "1234"}
+    assert provider_list("tensorrt", cuda, stream=1234) == [("TensorrtExecutionProvider", gpu),
+                                                            ("CUDAExecutionProvider", gpu), "CPUExecutionProvider"]
+    given = [("TensorrtExecutionProvider", {"trt_fp16_enable": "1"}), "CPUExecutionProvider"]
+    assert provider_list(given, cuda, stream=1234) == [("TensorrtExecutionProvider", {"trt_fp16_enable": "1", **gpu}),
+                                                       "CPUExecutionProvider"]
+    assert provider_list("tensorrt", torch.device("cpu"), stream=None)[0] == "TensorrtExecutionProvider"
+
+
+def test_onnxruntime_refuses_a_cuda_provider_that_did_not_load(tiny_ckpt, tiny_onnx, monkeypatch):
+    """onnxruntime-gpu lists its CUDA provider whether or not it loads; without cuDNN the provider only logs a
+    warning and the session runs on the CPU (microsoft/onnxruntime#13414). Here a CPU onnxruntime whose provider
+    list is made to name CUDA does exactly that: the export is refused in one line, before any graph is loaded,
+    and `auto` (were it to consider onnxruntime on a GPU) passes over it with one warning."""
+    import onnxruntime as ort
+
+    from runtime import resolve
+    from runtime.backends import AUTO_ORDER, onnxruntime_backend
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime_backend, "_PROBED", {})
+    cuda, ckpt = torch.device("cuda"), __import__("runtime").resolve(tiny_ckpt)
+    message = (r"^onnxruntime did not load CUDAExecutionProvider \(the session runs on CPUExecutionProvider\): its "
+               r"CUDA, cuDNN or TensorRT libraries are missing .*or pass providers='cpu'$")
+    with pytest.raises(ExportError, match=message):
+        OnnxRuntimeBackend.open_export(ckpt, tiny_onnx, cuda)
+    with pytest.raises(ExportError, match=message):
+        OnnxRuntimeBackend(resolve(tiny_ckpt), tiny_onnx, device=cuda, dtype=torch.float16)
+    monkeypatch.setitem(AUTO_ORDER, "cuda", ("onnxruntime",))
+    with pytest.warns(RuntimeWarning) as record:
+        assert choose("auto", cuda, ckpt, tiny_onnx, {})[0] == "torch"
+    ours = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+    assert len(ours) == 1 and ours[0].startswith("onnxruntime not used (onnxruntime did not load CUDAExecution")
+
+
+def test_onnxruntime_never_runs_a_session_that_lost_its_provider_options(tiny_onnx, monkeypatch):
+    """When a provider fails to start (CUDA_PATH set but CUDA not loadable, microsoft/onnxruntime#21424),
+    InferenceSession retries on its fallback providers without the options it was given (the real retry of
+    onnxruntime_inference_collection.py runs here; only the failure is staged). Sessions are opened with
+    enable_fallback=0, so the failure is one line; an onnxruntime that ignores that keyword (before 1.19) retries,
+    and the session it returns, without our options, is refused."""
+    import onnxruntime as ort
+
+    from runtime.backends.onnxruntime_backend import open_session
+
+    real = ort.InferenceSession
+
+    class ProviderFailsToStart(real):
+        def _create_inference_session(self, providers, provider_options, disabled_optimizers=None):
+            if any(isinstance(p, tuple) and p[1] for p in providers or []):
+                self._fallback_providers = ["CPUExecutionProvider"]
+                raise RuntimeError("CUDA_PATH is set but CUDA wasnt able to be loaded (staged)")
+            return super()._create_inference_session(providers, provider_options, disabled_optimizers)
+
+    monkeypatch.setattr(ort, "InferenceSession", ProviderFailsToStart)
+    asked = [("CPUExecutionProvider", {"staged_option": "1"})]
+    with pytest.raises(ExportError, match=r"^onnxruntime cannot load .*unet.onnx: CUDA_PATH is set but CUDA wasnt "
+                                          r"able to be loaded \(staged\)$"):
+        open_session(tiny_onnx / "unet.onnx", asked)
+
+    class IgnoresEnableFallback(ProviderFailsToStart):
+        def __init__(self, *args, enable_fallback=1, **kwargs):
+            super().__init__(*args, **kwargs)  # as onnxruntime 1.18: the keyword is not read, the retry happens
+
+    monkeypatch.setattr(ort, "InferenceSession", IgnoresEnableFallback)
+    with pytest.raises(BackendUnavailableError, match=r"^onnxruntime runs CPUExecutionProvider without the options "
+                                                      r"staged_option it was given"):
+        open_session(tiny_onnx / "unet.onnx", asked)
+
+
+class _PerThreadGraphs:
+    """onnxruntime's CUDA graphs as seen from Python: a gpu_graph_id is captured on the thread that first runs it
+    (the CUDA provider keeps graphs per thread) and running it from another thread is not supported (the CUDA
+    provider docs; onnxruntime#17355: other threads crashed): here that raises. Wraps a real (CPU) session."""
+
+    def __init__(self, session):
+        import threading
+
+        self.session, self.owner, self.threads, self._ident = session, {}, set(), threading.get_ident
+
+    def run_with_iobinding(self, binding, run_options=None):
+        me = self._ident()
+        self.threads.add(me)
+        graph = run_options.get_run_config_entry("gpu_graph_id") if run_options is not None else None
+        if graph is not None and self.owner.setdefault(graph, me) != me:
+            raise RuntimeError(f"CUDA graph {graph} was captured on another thread")
+        return self.session.run_with_iobinding(binding, run_options)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_onnxruntime_cuda_graph_runs_stay_on_one_thread(tiny_ckpt, tiny_onnx, tiny_pipe):
+    """With onnxruntime's CUDA graphs the backend is not thread-safe (the pipeline serialises) and every run of a
+    session happens on one thread of its own, whichever thread calls: a pipeline called from four threads gives
+    the sequential images, and each session saw one thread. (The CPU provider ignores gpu_graph_id; the bound
+    buffers and graph ids are the GPU path's.)"""
+    from helpers import assert_threads_match_sequential
+
+    from runtime import resolve
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, Session
+    from runtime.models import load_components
+    from runtime.specs import specs_by_name
+
+    ckpt, cpu = resolve(tiny_ckpt), torch.device("cpu")
+    backend = OnnxRuntimeBackend(ckpt, tiny_onnx, device=cpu, dtype=torch.float32, io_binding=True)
+    assert backend.thread_safe  # no graphs: sessions run concurrently
+    manifest = read_manifest(tiny_onnx)
+    specs = specs_by_name(manifest.dims)
+    for name, entry in manifest.components.items():  # what cuda_graph=True makes, on the CPU provider
+        session = Session(tiny_onnx / entry.file, specs[name], entry, ["CPUExecutionProvider"], cpu, max_graphs=4,
+                          io_binding=True)
+        session.session = _PerThreadGraphs(session.session)
+        backend.sessions[name] = session
+    assert not backend.thread_safe
+    pipe = Pipeline(load_components(ckpt, weights=False), device="cpu", backend=backend)
+    jobs = [dict(prompt=f"a cat {i % 3}", seed=i, output_type="pt") for i in range(8)]
+    assert_threads_match_sequential(pipe, jobs)
+    torch.testing.assert_close(pipe("a cat 1", seed=1, output_type="pt").images,
+                               tiny_pipe("a cat 1", seed=1, output_type="pt").images, atol=1e-4, rtol=1e-4)
+    threads = {name: len(s.session.threads) for name, s in backend.sessions.items()}
+    assert threads == {"text_encoder": 1, "onestep": 1, "unet": 0, "vae_decoder": 0}  # the one-step path

@@ -136,3 +136,36 @@ def test_text_encoder_that_cannot_be_captured_runs_eagerly(tiny_pipe, graphed_pi
         warnings.simplefilter("error", RuntimeWarning)
         c = graphed_pipe("a blue square", seed=5, output_type="pt").images
     torch.testing.assert_close(c, tiny_pipe("a blue square", seed=5, output_type="pt").images, atol=1e-5, rtol=1e-5)
+
+
+def test_graph_cache_falls_back_when_a_capture_fails():
+    """A CaptureError is not a failed call when the cache has a fallback: that shape (or, for a driver error, every
+    shape) runs through the fallback from then on, the owner is told once per failure, and no capture of it is
+    tried again; without a fallback the error is raised."""
+    from runtime.backends.graphs import CaptureError
+
+    log, failures = [], []
+    ok = stand_in_capture(lambda x: x * 3, log)
+
+    def capture(statics):
+        if statics[0].shape[0] == 2:
+            log.append("refused")
+            raise CaptureError("execute_async_v3 failed while capturing")
+        return ok(statics)
+
+    cache = GraphCache(capture, fallback=lambda x: x * 3, on_capture_error=lambda e, key: failures.append(key))
+    for batch in (1, 2, 2, 1, 2):
+        x = torch.randn(batch, 4)
+        torch.testing.assert_close(cache(x), x * 3)
+    assert log == [((1, 4),), "refused"] and len(failures) == 1 and len(cache) == 1
+    assert failures[0] == (((2, 4), torch.float32),) and not cache.disabled
+
+    def driver_error(statics):
+        raise CaptureError("cudaStreamBeginCapture failed: cudaErrorInsufficientDriver", everywhere=True)
+
+    everywhere = GraphCache(driver_error, fallback=lambda x: x + 1, on_capture_error=lambda e, key: failures.append(e))
+    for batch in (1, 2, 1):
+        torch.testing.assert_close(everywhere(torch.zeros(batch, 4)), torch.ones(batch, 4))
+    assert everywhere.disabled and len(failures) == 2
+    with pytest.raises(CaptureError, match="cudaErrorInsufficientDriver"):
+        GraphCache(driver_error)(torch.zeros(1, 4))

@@ -154,6 +154,33 @@ def test_long_prompt_truncated_with_warning(tiny_pipe):
     assert out.shape == (1, 3, 32, 32)
 
 
+def test_tokenize_cuts_long_prompts_as_truncation_does(tiny_pipe):
+    """One tokenizer pass: the ids and masks are those of the tokenizer's own truncation at the window, for prompts
+    shorter than, exactly at and over it."""
+    tok, n = tiny_pipe.components.tokenizer, tiny_pipe.components.max_length
+    texts = ["a cat", "", "x " * (n - 3), "x " * (n - 2), "x " * (n - 1), " ".join(["red circle"] * 40)]
+    with pytest.warns(UserWarning, match="2 prompt\\(s\\) longer than the 16-token window"):
+        ids, mask = tiny_pipe.tokenize(texts)
+    ref = tok(texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
+    assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
+
+
+def test_cancel_hook_stops_between_steps_and_before_decode(tiny_pipe, monkeypatch):
+    """``cancel`` is asked after encoding, before every Euler step and before decoding; True stops the call there."""
+    from runtime.errors import Cancelled
+
+    asked, decoded = [], []
+    monkeypatch.setattr(tiny_pipe, "decode", lambda x: decoded.append(1) or torch.zeros(x.shape[0], 3, 32, 32))
+    tiny_pipe("a cat", seed=0, num_inference_steps=3, cancel=lambda: asked.append(1) or False, output_type="pt")
+    assert len(asked) == 1 + 3 + 1 and decoded == [1]
+    for stop_at in (1, 3, 5):  # after encoding, before the 2nd step, before decoding
+        asked.clear()
+        decoded.clear()
+        with pytest.raises(Cancelled):
+            tiny_pipe("a cat", seed=0, num_inference_steps=3, cancel=lambda: asked.append(1) or len(asked) >= stop_at)
+        assert len(asked) == stop_at and decoded == []
+
+
 class _FakeClock:
     """A perf_counter that moves only when told: timings become exact, whatever the machine's load."""
 
@@ -380,6 +407,8 @@ def test_numpy_scalars_are_numbers(tiny_pipe):
     (dict(latents=torch.empty(1, 4, 8, 8, device="meta")), "meta device"),
     (dict(prompt="a \udcff cat"), r"prompt\[0\] is not valid text: it holds a lone surrogate"),
     (dict(negative_prompt=["ok", "\ud800"], prompt=["a", "b"], guidance_scale=2.0), r"negative_prompt\[1\]"),
+    (dict(negative_prompt="a \udcff", guidance_scale=2.0), r"negative_prompt is not valid text: .*lone surrogate"),
+    (dict(negative_prompt="a \udcff"), r"negative_prompt is not valid text"),  # checked even without guidance
 ])
 def test_hostile_input_is_one_line_before_any_work(tiny_pipe, monkeypatch, kwargs, match):
     """Unbounded or malformed requests are refused in one line before anything is allocated or any network runs."""

@@ -165,10 +165,13 @@ def test_fake_tensorrt_build_then_backend_matches_torch(fake_gpu, tiny_ckpt, tin
             pipe("a", num_images_per_prompt=3, seed=0)  # one prompt, three images
         with pytest.raises(InvalidInputError, match="outside what the text_encoder engine"):
             pipe.backend.encode(torch.zeros(5, 16, dtype=torch.long))  # the per-engine check stays
-    # with graphs: one capture per (engine, shape), then launches; batch 1 and 2 for encoder and one-step
+    # with graphs: captures per (engine, shape), then launches; when the shared activation block grows (the guided
+    # calls' UNet needs more than the one-step path) the graphs captured with the old block are dropped
     graphed = pipe.backend._graphs
-    assert {k: len(v) for k, v in graphed.items()} == {"text_encoder": 2, "onestep": 2}
+    assert set(graphed) == {"text_encoder", "onestep"}
     assert sum(1 for e in fake_gpu.LOG if e[0] == "launch") >= 6
+    for cache in graphed.values():
+        assert all(c.handle[0].memory == pipe.backend.memory.block.data_ptr() for c in cache.graphs.values())
 
 
 def test_fake_tensorrt_backend_refusals(fake_gpu_latest, tiny_ckpt, odd_ckpt, tmp_path, monkeypatch):
@@ -226,7 +229,6 @@ def test_fake_tensorrt_engine_checks_set_input_shape(fake_gpu_latest, tiny_ckpt,
 
     doc = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=1)
     engine = Engine(tmp_path / doc.components["vae_decoder"].file, torch.device("cpu"))
-    engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8)
     context = engine.new_context()
     ok = engine.bind(context, engine.cast([torch.randn(1, 4, 8, 8)]))
     assert ok.shape == (1, 3, 32, 32)
@@ -262,7 +264,7 @@ def test_stream_graph_keeps_the_error_that_broke_the_capture(fake_gpu_latest, mo
 
     def end_invalidated(stream):
         fake_gpu_latest.CAPTURING.pop(stream, None)
-        return (fake_gpu_latest.cudart.cudaError_t.cudaErrorIllegalState,)
+        return (fake_gpu_latest.cudart.cudaError_t.cudaErrorStreamCaptureInvalidated, None)
 
     monkeypatch.setattr(fake_gpu_latest.cudart, "cudaStreamEndCapture", end_invalidated)
 
@@ -282,7 +284,6 @@ def test_fake_streams_are_asynchronous(fake_gpu_latest, tiny_ckpt, tmp_path):
 
     doc = build(str(tiny_ckpt), tmp_path, min_batch=1, max_batch=1)
     engine = Engine(tmp_path / doc.components["vae_decoder"].file, torch.device("cpu"))
-    engine.memory = torch.empty(engine.device_memory_size, dtype=torch.uint8)
     stream = torch.cuda.Stream()
     out = engine.run(engine.cast([torch.randn(1, 4, 8, 8)]), stream.cuda_stream)
     out.fill_(7.0)
@@ -309,7 +310,8 @@ def test_fake_tensorrt_builds_through_polygraphy(fake_gpu_latest, tiny_ckpt, tmp
     cache = (next(tmp_path.glob("timing.*.cache"))).read_bytes()
     assert [d for e, d in fake_gpu_latest.LOG if e == "timing_cache"] == [cache] * 4  # loaded by every build
     monkeypatch.setattr(fake_gpu_latest.Builder, "build_serialized_network", lambda self, network, config: None)
-    with pytest.raises(ExportError, match=r"^TensorRT failed to build an engine from text_encoder.onnx: ") as info:
+    with pytest.raises(ExportError, match=r"^TensorRT 11.1.0 with polygraphy [0-9.]+ failed to build an engine from "
+                                          r"text_encoder.onnx: PolygraphyException: .*\(see the log above\)$") as info:
         build(str(tiny_ckpt), tmp_path, static=True, force=True)
     assert "\n" not in str(info.value)
 
@@ -327,3 +329,241 @@ def test_fake_tensorrt_on_the_bundled_model(fake_gpu_latest, tmp_path):
         engines = _fake_backend("tiny", tmp_path)  # fresh: nothing cached
         b = engines(prompts, seed=7, output_type="pt", **kwargs).images
         assert_fp16_close(b, reference(prompts, seed=7, output_type="pt", **kwargs).images)
+
+
+# ------------------------------------------------------------------------------- skew between the NVIDIA packages
+def small_onnx(path: Path) -> Path:
+    """A one-convolution fp16 graph with a dynamic batch: enough for the build path (no export needed)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float16), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["b", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["b", 2, 4, 4])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_polygraphy_that_predates_tensorrt_11_is_one_line(fake_gpu_latest, tmp_path, monkeypatch):
+    """polygraphy 0.49.0 sets NetworkDefinitionCreationFlag.EXPLICIT_BATCH unconditionally; TensorRT 11 removed it,
+    so its build ends in an AttributeError inside polygraphy. The build says so in one line naming both versions
+    (its CreateNetwork, as released in 0.49.0, stands in for the old package)."""
+    import polygraphy
+    from polygraphy.backend.trt import loader, util as trt_util
+
+    from export.trt import build_engine
+
+    trt = fake_gpu_latest
+
+    def create_network_0_49_0(self):  # polygraphy 0.49.0, backend/trt/loader.py CreateNetwork.call_impl
+        builder = trt.Builder(trt_util.get_trt_logger())
+        network_flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        if self.strongly_typed:
+            network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        return builder, builder.create_network(flags=network_flags)
+
+    monkeypatch.setattr(loader.CreateNetwork, "call_impl", create_network_0_49_0)
+    onnx_path = small_onnx(tmp_path / "m.onnx")
+    profile = {"x": ((1, 3, 4, 4), (1, 3, 4, 4), (2, 3, 4, 4))}
+    with pytest.raises(ExportError) as info:
+        build_engine(trt, onnx_path, tmp_path / "m.plan", profile, tmp_path / "timing.cache")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"TensorRT 11.1.0 with polygraphy {polygraphy.__version__} failed to build an engine "
+                              "from m.onnx: AttributeError: EXPLICIT_BATCH")
+    assert "pip install 'polygraphy>=0.50.3'" in message
+    assert not (tmp_path / "m.plan").exists()
+    fake_gpu_latest.use("10.16.0")  # TensorRT 10 still has the (ignored) flag: the same old code builds
+    build_engine(trt, onnx_path, tmp_path / "m.plan", profile, tmp_path / "timing.cache")
+    assert (tmp_path / "m.plan").exists()
+
+
+def test_pins_name_nvidia_packages_that_work_together():
+    """pyproject's extras: a polygraphy that builds for TensorRT 10 and 11 (0.50.3: 0.49.0 sets EXPLICIT_BATCH,
+    0.49.9-0.49.26 read ILayer.precision_is_set, both removed in TensorRT 11.0), and cuda-python below 13 (13.x is
+    linked to the CUDA 13 runtime and fails on CUDA 12 drivers; 12.x runs on CUDA 12 and 13 drivers)."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from export.trt import POLYGRAPHY_MIN
+
+    doc = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extras = doc["project"]["optional-dependencies"]
+    reqs = {(extra, Requirement(r).name): Requirement(r) for extra, rs in extras.items() for r in rs
+            if not r.startswith("instaflow-rt")}
+    for extra in ("trt", "dev"):
+        spec = reqs[(extra, "polygraphy")].specifier
+        assert not spec.contains("0.49.26") and spec.contains(POLYGRAPHY_MIN) and spec.contains("0.53.6"), extra
+    assert Version(POLYGRAPHY_MIN) == Version("0.50.3")
+    cuda = reqs[("gpu", "cuda-python")].specifier
+    assert cuda.contains("12.9.4") and not cuda.contains("13.0.3"), cuda
+    assert re.search(r"cuda-python 13\.x .*CUDA 13 driver", (Path(__file__).parents[1] / "pyproject.toml").read_text())
+
+
+def test_refit_asks_the_engine_whether_it_is_refittable(fake_gpu_latest, tmp_path):
+    """An engine built without REFIT is refused from ICudaEngine.refittable, before a Refitter exists: TensorRT
+    would answer the Refitter with nullptr and an error in its log (pybind11 raises TypeError)."""
+    from export.trt import build_engine, refit_engine
+
+    onnx_path = small_onnx(tmp_path / "m.onnx")
+    profile = {"x": ((1, 3, 4, 4), (1, 3, 4, 4), (2, 3, 4, 4))}
+    build_engine(fake_gpu_latest, onnx_path, tmp_path / "fixed.plan", profile, tmp_path / "timing.cache")
+    fake_gpu_latest.LOG.clear()
+    with pytest.raises(ExportError, match=r"^fixed.plan was not built refittable; rebuild with --refittable$"):
+        refit_engine(fake_gpu_latest, tmp_path / "fixed.plan", onnx_path, tmp_path / "new.plan")
+    assert [e for e in fake_gpu_latest.LOG if e[0] == "trt_error"] == []  # TensorRT was never asked
+    with pytest.raises(TypeError, match="nullptr"):  # the stand-in refuses as the binding does
+        fake_gpu_latest.Refitter(fake_gpu_latest.Runtime(fake_gpu_latest.Logger()).deserialize_cuda_engine(
+            (tmp_path / "fixed.plan").read_bytes()), fake_gpu_latest.Logger())
+    build_engine(fake_gpu_latest, onnx_path, tmp_path / "refit.plan", profile, tmp_path / "timing.cache",
+                 refittable=True)
+    refit_engine(fake_gpu_latest, tmp_path / "refit.plan", onnx_path, tmp_path / "new.plan")
+    assert (tmp_path / "new.plan").exists()
+
+
+# ------------------------------------------------------------- graphs optional, activation memory for the shapes used
+@pytest.fixture(scope="module")
+def built_engines(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint's engines, built once on the 11.x surface (static size, 1-2 images), for tests that only
+    run them."""
+    import fake_tensorrt as fake
+
+    from export.trt import build
+
+    out = tmp_path_factory.mktemp("engines")
+    with pytest.MonkeyPatch.context() as mp:
+        install_fake_tensorrt(mp, "11.1.0")
+        build(str(tiny_ckpt), out, min_batch=1, max_batch=2, static=True)
+    fake.use("10.16.0")
+    return out
+
+
+def _ours(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+
+
+def test_cuda_python_13_on_a_cuda_12_driver_runs_without_graphs(fake_gpu_latest, tiny_ckpt, built_engines, tiny_pipe,
+                                                                 monkeypatch):
+    """cuda-bindings 13.x is linked to the CUDA 13 runtime: on a CUDA 12 driver every runtime call answers
+    (cudaErrorInsufficientDriver,). Graphs switch on whenever cuda-python imports, so the backend must find out
+    and run without them, with one warning, not fail every call."""
+    import warnings
+
+    fake = fake_gpu_latest
+    prompts, kwargs = ["a red circle", "a blue square"], dict(seed=3, output_type="pt")
+    ref = tiny_pipe(prompts, **kwargs).images
+    monkeypatch.setattr(fake, "cudart", fake.insufficient_driver())  # runtime 13.0, driver 12.8
+    with pytest.warns(RuntimeWarning) as record:
+        pipe = _fake_backend(tiny_ckpt, built_engines)  # cuda_graph=None: graphs when cuda-python imports
+    assert len(_ours(record)) == 1
+    assert _ours(record)[0].startswith("CUDA graphs are off for the tensorrt backend: cuda-python's CUDA runtime is "
+                                       "13.0 but the driver supports CUDA 12.8 (cudaErrorInsufficientDriver); "
+                                       "install 'cuda-python<13' or a newer driver")
+    assert not pipe.backend.cuda_graph and not pipe.backend._graphs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert_fp16_close(pipe(prompts, **kwargs).images, ref)
+    assert not any(e[0] in ("begin_capture", "launch") for e in fake.LOG)
+
+    # a driver whose version queries pass but which refuses the capture itself: off at the first capture, once
+    monkeypatch.setattr(fake, "cudart", fake.insufficient_driver(runtime_version=12080))
+    pipe = _fake_backend(tiny_ckpt, built_engines, cuda_graph=True)
+    assert pipe.backend.cuda_graph
+    fake.LOG.clear()
+    with pytest.warns(RuntimeWarning) as record:
+        assert_fp16_close(pipe(prompts, **kwargs).images, ref)
+    assert len(_ours(record)) == 1
+    assert _ours(record)[0].startswith("CUDA graphs are off for the tensorrt backend (cudaStreamBeginCapture failed: "
+                                       "cudaErrorInsufficientDriver")
+    assert not pipe.backend.cuda_graph
+    assert sum(e[0] == "begin_capture" for e in fake.LOG) == 1  # the one-step engine never tried
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert_fp16_close(pipe(prompts, **kwargs).images, ref)
+        assert_fp16_close(pipe(["a cat"], **kwargs).images, tiny_pipe(["a cat"], **kwargs).images)
+    assert sum(e[0] == "begin_capture" for e in fake.LOG) == 1
+
+
+def test_a_shape_that_cannot_be_captured_runs_without_a_graph(fake_gpu_latest, tiny_ckpt, built_engines, tiny_pipe,
+                                                              monkeypatch):
+    """An enqueue that cannot be captured (here: every engine at batch 2; on a GPU, a plugin that allocates in
+    enqueue) fails the capture; that shape then runs without a graph from the first call on, with one warning for
+    the backend, and other shapes keep their graphs."""
+    import warnings
+
+    fake = fake_gpu_latest
+    monkeypatch.setattr(fake, "UNCAPTURABLE", lambda shapes: any(s[0] == 2 for s in shapes.values()))
+    pipe = _fake_backend(tiny_ckpt, built_engines, cuda_graph=True)
+    kwargs = dict(seed=3, output_type="pt")
+    with pytest.warns(RuntimeWarning) as record:
+        b = pipe(["a red circle", "a blue square"], **kwargs).images
+    assert_fp16_close(b, tiny_pipe(["a red circle", "a blue square"], **kwargs).images)
+    assert len(_ours(record)) == 1  # the one-step engine failed too: still one warning
+    assert _ours(record)[0].startswith("the text_encoder engine cannot be captured as a CUDA graph for inputs 2x16 "
+                                       "(execute_async_v3 of text_encoder.")
+    assert _ours(record)[0].endswith("; those shapes run without a graph")
+    graphs = pipe.backend._graphs
+    assert all(len(g.uncapturable) == 1 and len(g) == 0 and not g.disabled for g in graphs.values())
+    fake.LOG.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for prompts in (["a cat"], ["a dog", "a fish"], ["a bird"]):
+            assert_fp16_close(pipe(prompts, **kwargs).images, tiny_pipe(prompts, **kwargs).images)
+    assert sum(e[0] == "begin_capture" for e in fake.LOG) == 2  # batch 1, once per engine; batch 2 never again
+    assert sum(e[0] == "launch" for e in fake.LOG) == 4
+    assert {k: len(g) for k, g in graphs.items()} == {"text_encoder": 1, "onestep": 1}
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_activation_memory_is_sized_for_the_shapes_used(fake_gpu_latest, tiny_ckpt, built_engines, tiny_pipe,
+                                                        cuda_graph):
+    """Nothing is allocated up front; the shared block grows to what the shapes run so far need, as
+    update_device_memory_size_for_shapes reports it (engines built with RUNTIME_ACTIVATION_RESIZE_10_10), far
+    below device_memory_size_v2 (the maximum over the profile, what was allocated at start-up before). A larger
+    block moves it, so graphs captured with the old one are recaptured."""
+    pipe = _fake_backend(tiny_ckpt, built_engines, cuda_graph=cuda_graph)
+    backend = pipe.backend
+    assert backend.memory.size == 0
+    worst = max(e.device_memory_size for e in backend.engines.values())
+
+    def need(batch: int) -> int:  # what the stand-in's engines of the one-step path need at this batch
+        return max(backend.engines[n].engine.activation_bytes({i: (batch, *lo[1:]) for i, (lo, _, _) in
+                                                               backend.profiles[n].items()})
+                   for n in ("text_encoder", "onestep"))
+
+    kwargs = dict(seed=3, output_type="pt")
+    for prompts, size in ((["a cat"], need(1)), (["a red circle", "a blue square"], need(2)), (["a dog"], need(2))):
+        assert_fp16_close(pipe(prompts, **kwargs).images, tiny_pipe(prompts, **kwargs).images)
+        assert backend.memory.size == size
+        for cache in backend._graphs.values():  # every graph kept runs in the current block, none in a freed one
+            assert all(c.handle[0].memory == backend.memory.block.data_ptr() for c in cache.graphs.values())
+    assert need(1) < need(2) < worst
+    plan = json.loads((built_engines / backend.index.components["unet"].file).read_bytes())
+    assert plan["activation_resize"]  # the build asked TensorRT for per-shape sizes (10.10+)
+    if cuda_graph:
+        assert sum(len(g) for g in backend._graphs.values()) >= 2
+
+
+def test_engine_memory_is_computed_from_the_shapes():
+    """benchmarks.engine_memory (the README's cost of an engine set): a layer's activation inputs and outputs count
+    (weights not), and attention counts as one fused operation (q, k, v, output), never as its full matrix."""
+    from benchmarks.engine_memory import measure
+
+    with torch.device("meta"):
+        conv = torch.nn.Conv2d(8, 16, 3, padding=1).half()
+    x = torch.empty(2, 8, 32, 32, dtype=torch.float16, device="meta")
+    layer_io, peak = measure(conv, [x])
+    assert layer_io == 2 * (8 + 16) * 32 * 32 * 2 and peak == layer_io
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = (torch.empty(1, 8, 4096, 40, dtype=torch.float16, device="meta") for _ in range(3))
+    layer_io, _ = measure(Attention(), [q, k, v])
+    assert layer_io == 4 * q.numel() * 2  # q, k, v and the output, not 8 x 4096 x 4096 scores

@@ -193,7 +193,6 @@ def evaluate(ckpt: str, captions: str | Path, images: str | Path, out: str | Pat
              device: str | None = None, save_images: bool = True, force: bool = False) -> dict[str, Any]:
     """Generate, extract features batch by batch (resumable), and write ``OUT/metrics.json``; returns it."""
     from runtime import Pipeline
-    from runtime.manifest import fingerprint
 
     if batch_size < 1:
         raise TrainError(f"--batch-size must be >= 1, got {batch_size}")
@@ -218,7 +217,7 @@ def evaluate(ckpt: str, captions: str | Path, images: str | Path, out: str | Pat
         call["guidance_scale"] = float(guidance if guidance is not None else info["default_guidance"])
     h, w = pipe.components.default_size
     out = Path(out)
-    settings = {"checkpoint": fingerprint(checkpoint),
+    settings = {"checkpoint": checkpoint.fingerprint(),
                 "captions": hashlib.sha256(json.dumps([[str(p.name), c] for p, c in rows]).encode()).hexdigest(),
                 "num": len(rows), "seed": seed, "batch_size": batch_size, "size": [h, w], **{
                     k: v for k, v in call.items() if k != "output_type"}, "extractors": extractors.name}

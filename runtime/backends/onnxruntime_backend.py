@@ -4,11 +4,16 @@ CPU execution provider with tuned session options here; on a GPU the CUDA provid
 buffers, so nothing round-trips through the host), optionally with onnxruntime's own CUDA graphs
 (``cuda_graph=True``), or the TensorRT provider. The fused ``onestep`` graph, when exported, runs the whole
 one-step hot path in one call.
+
+onnxruntime lists the providers built into the wheel, not those that load (a CUDA provider without its cuDNN logs a
+warning and the session runs on the CPU), and retries a session without the provider options it was given when a
+provider fails to start: every session is checked to run on the provider asked for, with the options asked for.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +30,10 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"],
              "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
 
+#: providers that run on a CUDA device and take ``device_id`` and ``user_compute_stream`` (CUDA: onnxruntime
+#: 1.17+, TensorRT: 1.18+, both reported back by ``get_provider_options``; TensorRT RTX: its provider options)
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider")
+
 
 def _import_ort() -> Any:
     try:
@@ -35,11 +44,12 @@ def _import_ort() -> Any:
     return ort
 
 
-def open_session(path: Path, providers: Sequence[Any] = ("CPUExecutionProvider",), threads: int | None = None,
-                 hint: str = "") -> Any:
-    """An ``onnxruntime.InferenceSession`` of the graph at ``path`` with the project's session options (all graph
-    optimisations, sequential execution, no spin-waiting between calls, ``threads`` intra-op threads: by default
-    one per physical core); a graph onnxruntime cannot load is one line (ending in ``hint``)."""
+def open_session(path: Path | bytes, providers: Sequence[Any] = ("CPUExecutionProvider",),
+                 threads: int | None = None, hint: str = "") -> Any:
+    """An ``onnxruntime.InferenceSession`` of the graph at ``path`` (or serialized model bytes) with the project's
+    session options (all graph optimisations, sequential execution, no spin-waiting between calls, ``threads``
+    intra-op threads: by default one per physical core), checked to run as asked (:func:`check_session`); a graph
+    onnxruntime cannot load is one line (ending in ``hint``)."""
     ort = _import_ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -48,10 +58,69 @@ def open_session(path: Path, providers: Sequence[Any] = ("CPUExecutionProvider",
     # no spin-waiting between calls: several sessions run one after another and would steal each other's cores
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
+    name = path if isinstance(path, Path) else "a model"
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+        # enable_fallback=0: a provider that fails to start is an error, not a silent retry on the fallback
+        # providers without our options (onnxruntime 1.19+; older ones ignore the keyword and the check below
+        # refuses what their retry gives)
+        session = ort.InferenceSession(str(path) if isinstance(path, Path) else path, sess_options=opts,
+                                       providers=list(providers), enable_fallback=0)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
-        raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}{hint}") from None
+        raise ExportError(f"onnxruntime cannot load {name}: {str(e).strip().splitlines()[0][:200]}{hint}") from None
+    check_session(session, providers)
+    if hasattr(session, "disable_fallback"):
+        session.disable_fallback()  # run() must not retry on the CPU either
+    return session
+
+
+def check_session(session: Any, providers: Sequence[Any]) -> None:
+    """One line when ``session`` does not run on the first provider asked for, or lost the options it was given
+    for it: onnxruntime's provider list names the providers built into the wheel, not those that load (a CUDA
+    provider whose CUDA or cuDNN libraries are missing only logs a warning, and the session runs on the next
+    provider), and its session creation retries without provider options after some errors."""
+    wanted, options = (providers[0], {}) if isinstance(providers[0], str) else (providers[0][0], providers[0][1])
+    got = list(session.get_providers())
+    if not got or got[0] != wanted:
+        raise BackendUnavailableError(
+            f"onnxruntime did not load {wanted} (the session runs on {', '.join(got) or 'nothing'}): its CUDA, "
+            f"cuDNN or TensorRT libraries are missing or of another version (onnxruntime's log says which); "
+            f"install the ones onnxruntime {_import_ort().__version__} needs, or pass providers='cpu'")
+    given = session.get_provider_options().get(wanted, {})  # onnxruntime reports every option as a string
+    dropped = sorted(k for k, v in options.items()
+                     if k not in given or (k in _OWN_OPTIONS and str(given[k]) != str(v)))
+    if dropped:
+        raise BackendUnavailableError(f"onnxruntime runs {wanted} without the options {', '.join(dropped)} it was "
+                                      "given (this onnxruntime does not take them?); upgrade onnxruntime-gpu")
+
+
+#: the provider options the backend sets itself, whose values are checked too (a caller's may be normalised, e.g.
+#: True reported as "1": those only have to be there)
+_OWN_OPTIONS = ("device_id", "user_compute_stream", "enable_cuda_graph")
+
+_PROBED: dict[tuple[Any, ...], BackendUnavailableError | None] = {}
+
+
+def probe_providers(providers: Sequence[Any]) -> None:
+    """Whether onnxruntime loads ``providers`` (names and options, checked as :func:`check_session` does) here, on
+    a one-node model: the answer a session of the export would give, without loading the export. Once per
+    process and provider list."""
+    key = tuple(p if isinstance(p, str) else (p[0], tuple(sorted(p[1].items()))) for p in providers)
+    if key not in _PROBED:
+        import onnx
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = min(model.ir_version, 9)
+        try:
+            open_session(model.SerializeToString(), providers, threads=1)
+            _PROBED[key] = None
+        except (BackendUnavailableError, ExportError) as e:
+            _PROBED[key] = BackendUnavailableError(str(e))
+    if _PROBED[key] is not None:
+        raise _PROBED[key]
 
 
 class Session:
@@ -61,6 +130,10 @@ class Session:
     On the CPU, inputs and outputs go through numpy (``io_binding=False``, the default there); on a GPU, torch's
     buffers are bound in place (IO binding), and with ``max_graphs`` onnxruntime's CUDA graphs are replayed, one per
     input shape. The bound path runs on the CPU too (``io_binding=True``), which is how it is tested here.
+
+    onnxruntime keeps captured CUDA graphs per thread and does not support ``Run()`` of one session from several
+    threads with CUDA graphs (CUDA provider docs, "Using CUDA Graphs"): with ``max_graphs`` every run of the session
+    happens on one thread of its own (:attr:`graph_thread`), whichever thread calls.
     """
 
     def __init__(self, path: Path, spec: ComponentSpec, entry: GraphEntry, providers: Sequence[Any],
@@ -77,6 +150,8 @@ class Session:
         # onnxruntime's CUDA graphs: one per input shape, told apart by the run option gpu_graph_id (1, 2, ...);
         # onnxruntime never frees a captured graph, so shapes beyond max_graphs are refused, not evicted
         self.graphs = GraphCache(self._capture, max_graphs, evict=False) if max_graphs else None
+        self.graph_thread = (ThreadPoolExecutor(1, thread_name_prefix=f"onnxruntime-{spec.name}-graphs")
+                             if max_graphs else None)
         self._graph_ids = 0
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
@@ -92,7 +167,10 @@ class Session:
 
     def _run_ordered(self, run: Any) -> None:
         """On a GPU onnxruntime runs on :attr:`stream` (its ``user_compute_stream``): order that stream after the
-        caller's writes to the inputs, and the caller's stream after the outputs, without blocking the host."""
+        caller's writes to the inputs, and the caller's stream after the outputs, without blocking the host. With
+        graphs, the run itself happens on :attr:`graph_thread`."""
+        if self.graph_thread is not None:
+            run = self._on_graph_thread(run)
         if self.stream is None:
             run()
             return
@@ -100,6 +178,9 @@ class Session:
         self.stream.wait_stream(current)
         run()
         current.wait_stream(self.stream)
+
+    def _on_graph_thread(self, run: Any) -> Any:
+        return lambda: self.graph_thread.submit(run).result()
 
     def _bind(self, inputs: Sequence[torch.Tensor]) -> tuple[Any, torch.Tensor]:
         """GPU: bind torch's device buffers for the inputs and a freshly allocated output (so calls never alias
@@ -131,9 +212,11 @@ class Session:
 def provider_list(providers: str | Sequence[Any] | None, device: torch.device, cuda_graph: bool = False,
                   stream: int | None = None) -> list[Any]:
     """onnxruntime's provider list for a backend: ``providers`` as given (a name of :data:`PROVIDERS` or
-    onnxruntime's own list), default CUDA on a CUDA device and CPU elsewhere. On a CUDA device the CUDA provider
-    gets the device id, torch's stream as its ``user_compute_stream`` (``stream``, a ``cudaStream_t``) and, with
-    ``cuda_graph``, ``enable_cuda_graph`` (which needs the CUDA provider first and alone: every node on it)."""
+    onnxruntime's own list), default CUDA on a CUDA device and CPU elsewhere. On a CUDA device every GPU provider
+    (:data:`GPU_PROVIDERS`) gets the device id and torch's stream as its ``user_compute_stream`` (``stream``, a
+    ``cudaStream_t``: without it the TensorRT provider runs on a stream of its own and could read IO-bound inputs
+    before torch wrote them); with ``cuda_graph`` the CUDA provider gets ``enable_cuda_graph`` (which needs it
+    first and alone: every node on it)."""
     if cuda_graph and device.type != "cuda":
         raise BackendUnavailableError("cuda_graph=True needs a CUDA device")
     if isinstance(providers, str):
@@ -146,11 +229,11 @@ def provider_list(providers: str | Sequence[Any] | None, device: torch.device, c
     out: list[Any] = []
     for p in providers:
         name, options = (p, {}) if isinstance(p, str) else (p[0], dict(p[1]))
-        if name == "CUDAExecutionProvider" and device.type == "cuda":
+        if name in GPU_PROVIDERS and device.type == "cuda":
             options.setdefault("device_id", device.index or 0)
             if stream is not None:
                 options.setdefault("user_compute_stream", str(stream))
-            if cuda_graph:
+            if cuda_graph and name == "CUDAExecutionProvider":
                 options["enable_cuda_graph"] = "1"
         out.append((name, options) if options else name)
     first = out[0] if isinstance(out[0], str) else out[0][0]
@@ -180,10 +263,18 @@ class OnnxRuntimeBackend(ExportedBackend):
     kind = "onnx"
     command = "python -m export.onnx"
 
+    #: False while CUDA graphs are on (see :attr:`thread_safe`)
+    @property
+    def thread_safe(self) -> bool:  # type: ignore[override]
+        """onnxruntime's CUDA graphs are per thread and one session's graphed runs must not come from several
+        threads: with graphs the pipeline runs one call at a time (and each session runs on its own thread)."""
+        return not any(s.graphs is not None for s in getattr(self, "sessions", {}).values())
+
     @classmethod
     def open_export(cls, checkpoint: Checkpoint, folder: Path, device: torch.device, allow_unverified: bool = False,
-                    **options: Any) -> Manifest:
-        _import_ort()
+                    providers: str | Sequence[Any] | None = None, cuda_graph: bool = False, **options: Any
+                    ) -> Manifest:
+        ort = _import_ort()
         manifest = read_manifest(folder) if folder.is_dir() else None
         if manifest is None or manifest.kind != "onnx":
             raise BackendUnavailableError(
@@ -193,6 +284,17 @@ class OnnxRuntimeBackend(ExportedBackend):
         problem = manifest.unusable_reason(folder, ("text_encoder", "unet", "vae_decoder"), allow_unverified)
         if problem:
             raise ExportError(problem)
+        wanted = provider_list(providers, device, cuda_graph)  # the sessions' providers, but torch's stream
+        first = wanted[0] if isinstance(wanted[0], str) else wanted[0][0]
+        available = set(ort.get_available_providers())
+        if first not in available:
+            raise BackendUnavailableError(f"onnxruntime here has no {first} (available: "
+                                          f"{', '.join(sorted(available))}); pip install onnxruntime-gpu for CUDA")
+        if first != "CPUExecutionProvider":
+            try:
+                probe_providers(wanted)  # listed is not loaded: a CUDA provider without cuDNN is listed too
+            except BackendUnavailableError as e:
+                raise ExportError(str(e)) from None  # an export that cannot run here: auto warns and moves on
         return manifest
 
     def __init__(self, checkpoint: Checkpoint, export_dir: str | os.PathLike[str] | None, device: torch.device,
@@ -200,18 +302,14 @@ class OnnxRuntimeBackend(ExportedBackend):
                  cuda_graph: bool = False, max_graphs: int = 16, io_binding: bool | None = None,
                  allow_unverified: bool = False) -> None:
         folder = self.folder(checkpoint, export_dir)
-        manifest = self.open_export(checkpoint, folder, device, allow_unverified=allow_unverified)
+        manifest = self.open_export(checkpoint, folder, device, allow_unverified=allow_unverified,
+                                    providers=providers, cuda_graph=cuda_graph)
         self.export_dir, self.device = folder, device
         self.dtype = DTYPES[manifest.components["unet"].dtype]
         self.dims = manifest.dims
         self.dynamic_hw = manifest.settings.dynamic_hw
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         providers = provider_list(providers, device, cuda_graph, self.stream.cuda_stream if self.stream else None)
-        available = set(_import_ort().get_available_providers())
-        wanted = [p if isinstance(p, str) else p[0] for p in providers]
-        if wanted[0] not in available:
-            raise BackendUnavailableError(f"onnxruntime here has no {wanted[0]} (available: "
-                                          f"{', '.join(sorted(available))}); pip install onnxruntime-gpu for CUDA")
         specs = specs_by_name(self.dims)
         sessions = {}
         for name, entry in manifest.components.items():

@@ -1,17 +1,20 @@
 """TensorRT backend: runs the engines ``python -m export.trt`` builds (TensorRT 10 API: named tensors,
 ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``).
 
-One explicit CUDA stream, one activation-memory block shared by all engines (they run one after another), fresh
-output tensors per call (engine buffers are never handed out), and a refusal, in one line, of engines built for
-another GPU or TensorRT version or of shapes outside the engines' optimisation profiles.
+One explicit CUDA stream, one activation-memory block shared by all engines (they run one after another) and sized
+for the shapes in use (:class:`ActivationMemory`), fresh output tensors per call (engine buffers are never handed
+out), and a refusal, in one line, of engines built for another GPU or TensorRT version or of shapes outside the
+engines' optimisation profiles. CUDA graphs are an optimisation: a driver that cannot capture, or a shape whose
+work cannot be captured, runs without them after one warning.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -20,7 +23,7 @@ from ..errors import BackendUnavailableError, ExportError, InvalidInputError
 from ..manifest import ENGINES, EngineIndex, read_engines
 from ..specs import DTYPES
 from .base import ProfiledBackend
-from .graphs import Captured, GraphCache, StreamGraph, cudart
+from .graphs import DRIVER_ERRORS, CaptureError, Captured, CudaError, GraphCache, StreamGraph, cudart, graph_support
 
 _LOGGERS: dict[int, Any] = {}
 
@@ -49,9 +52,43 @@ def set_logger(trt: Any, trt_logger: Any) -> None:
     _LOGGERS[id(trt)] = trt_logger
 
 
+class ActivationMemory:
+    """The activation block of one or more engines' execution contexts, grown on demand to the largest need of the
+    shapes run so far (never allocated for the profiles' maximum up front: ``device_memory_size_v2`` is the
+    maximum over every profile and shape, for the VAE decoder at twice the size times the largest batch).
+
+    ``stream``: allocate on it (the stream the engines run on, so a replaced block is reused only by work ordered
+    after them). ``on_grow()`` runs after the block was replaced: contexts captured into CUDA graphs hold its old
+    address."""
+
+    def __init__(self, device: torch.device, stream: Any = None) -> None:
+        self.device, self.stream = device, stream
+        self.block: torch.Tensor | None = None
+        self.on_grow: Callable[[], None] | None = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.block is None else self.block.numel()
+
+    def ensure(self, size: int) -> torch.Tensor:
+        """The block, at least ``size`` bytes (replaced by a larger one when needed)."""
+        if self.block is None or self.block.numel() < size:
+            if self.block is not None and self.stream is not None:
+                self.stream.synchronize()  # work enqueued with the old block finishes before it is freed
+            self.block = None  # freed before the larger one is allocated: never both at once
+            if self.stream is not None and self.device.type == "cuda":
+                with torch.cuda.stream(self.stream):
+                    self.block = torch.empty(size, dtype=torch.uint8, device=self.device)
+            else:
+                self.block = torch.empty(size, dtype=torch.uint8, device=self.device)
+            if self.on_grow is not None:
+                self.on_grow()
+        return self.block
+
+
 class Engine:
-    """A deserialized engine; its execution contexts run in one activation-memory block (:attr:`memory`) that the
-    backend shares between all engines."""
+    """A deserialized engine; its execution contexts run in :attr:`memory` (an :class:`ActivationMemory`, which the
+    backend shares between all engines)."""
 
     def __init__(self, path: Path, device: torch.device) -> None:
         trt = _trt()
@@ -64,24 +101,36 @@ class Engine:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
-        self.memory: torch.Tensor | None = None
+        self.memory = ActivationMemory(device)
         self._context: Any = None
 
     @property
     def device_memory_size(self) -> int:
+        """The most activation memory any shape of the engine's profile needs (10.1+: ``device_memory_size_v2``;
+        10.0 has only ``device_memory_size``, which 11.0 removed)."""
         e = self.engine
         return int(e.device_memory_size_v2 if hasattr(e, "device_memory_size_v2") else e.device_memory_size)
 
+    def needed_memory(self, context: Any) -> int:
+        """What ``context`` needs for the input shapes set on it: ``update_device_memory_size_for_shapes`` (10.0+;
+        smaller than the maximum for engines built with ``RUNTIME_ACTIVATION_RESIZE_10_10``), or the maximum where
+        it answers 0 (its error value)."""
+        update = getattr(context, "update_device_memory_size_for_shapes", None)
+        size = int(update()) if update is not None else 0
+        return size if size > 0 else self.device_memory_size
+
     def new_context(self) -> Any:
-        """An execution context whose activations live in :attr:`memory` (set by the backend before use)."""
+        """An execution context whose activation memory is given per run (:meth:`use_memory`)."""
         trt = _trt()
-        assert self.memory is not None, "the backend assigns the shared activation memory first"
-        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        return self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+
+    def use_memory(self, context: Any) -> None:
+        """Give ``context`` the activation block, grown to what its current input shapes need."""
+        block = self.memory.ensure(self.needed_memory(context))
         if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
-            context.set_device_memory(self.memory.data_ptr(), self.memory.numel())
+            context.set_device_memory(block.data_ptr(), block.numel())
         else:
-            context.device_memory = self.memory.data_ptr()
-        return context
+            context.device_memory = block.data_ptr()
 
     def cast(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Inputs in the engine's dtypes, contiguous, on its device."""
@@ -112,6 +161,7 @@ class Engine:
         if self._context is None:
             self._context = self.new_context()
         out = self.bind(self._context, inputs)
+        self.use_memory(self._context)
         self.execute(self._context, stream)
         self._keep = inputs  # inputs stay alive until the next call on this (serialised) engine
         return out
@@ -131,7 +181,9 @@ class TensorRTBackend(ProfiledBackend):
 
     ``cuda_graph``: replay the text-encoder and fused one-step engines from CUDA graphs captured per input shape
     with cuda-python (one execution context per captured shape, all in the shared activation block). ``None`` (the
-    default) uses graphs when cuda-python is installed; ``True`` requires it.
+    default) uses graphs when cuda-python is installed; ``True`` requires it. Graphs are never required to run: a
+    cuda-python whose CUDA runtime is newer than the driver, or any capture the driver refuses, turns them off; a
+    shape whose work cannot be captured runs without a graph; each with one warning per backend.
     """
 
     name = "tensorrt"
@@ -179,37 +231,81 @@ class TensorRTBackend(ProfiledBackend):
         self.index = index
         self.dims = index.dims
         self.profiles = {name: entry.profile for name, entry in index.components.items()}
+        self.stream = torch.cuda.Stream(device)
+        # one block for every engine (they run in sequence), grown to the shapes used; a larger block moves it, so
+        # the graphs captured with the old one are dropped (recaptured at their next call)
+        self.memory = ActivationMemory(device, self.stream)
+        self.memory.on_grow = self._drop_graphs
         self.engines: dict[str, Engine] = {}
         for name, entry in index.components.items():
             entry.check(folder)
             self.engines[name] = Engine(folder / entry.file, device)
-        size = max(e.device_memory_size for e in self.engines.values())
-        self._memory = torch.empty(size, dtype=torch.uint8, device=device)  # shared: engines run in sequence
-        for e in self.engines.values():
-            e.memory = self._memory
-        self.stream = torch.cuda.Stream(device)
-        self._lock = threading.Lock()
+            self.engines[name].memory = self.memory
+        self._lock = threading.RLock()  # the graph fallback runs the plain path from inside a graph cache
+        self._graph_warning_given = False
+        if cuda_graph:
+            problem = graph_support()
+            if problem:
+                self._graph_warning(f"CUDA graphs are off for the tensorrt backend: {problem}")
+                cuda_graph = False
         self.cuda_graph = bool(cuda_graph)
-        self._graphs = {name: GraphCache(self._capture_fn(self.engines[name]), max_graphs)
+        self._graphs = {name: GraphCache(self._capture_fn(self.engines[name]), max_graphs,
+                                         fallback=self._plain_fn(self.engines[name]),
+                                         on_capture_error=self._capture_failed(name))
                         for name in ("text_encoder", "onestep") if self.cuda_graph and name in self.engines}
 
     def _run(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
         engine = self.engines[name]
         self.check_inputs(name, engine.inputs, tensors)
-        if name in self._graphs:
-            return self._graphs[name](*engine.cast(tensors))
+        inputs = engine.cast(tensors)
+        with self._lock:
+            if name in self._graphs:
+                return self._graphs[name](*inputs)
+            return self._run_plain(engine, inputs)
+
+    def _run_plain(self, engine: Engine, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One inference without a graph, on :attr:`stream`, ordered after the caller's stream and before it."""
         current = torch.cuda.current_stream(self.device)
         with self._lock:
             self.stream.wait_stream(current)  # inputs written on the caller's stream are ready
             with torch.cuda.stream(self.stream):
-                out = engine.run(engine.cast(tensors), self.stream.cuda_stream)
+                out = engine.run(inputs, self.stream.cuda_stream)
             current.wait_stream(self.stream)
             out.record_stream(current)
         return out
 
+    def _plain_fn(self, engine: Engine) -> Callable[..., torch.Tensor]:
+        return lambda *inputs: self._run_plain(engine, inputs)
+
+    def _drop_graphs(self) -> None:
+        for cache in getattr(self, "_graphs", {}).values():
+            cache.clear()
+
+    def _graph_warning(self, message: str) -> None:
+        """One warning per backend about graphs: the first failure is the one worth reading."""
+        if not self._graph_warning_given:
+            self._graph_warning_given = True
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _capture_failed(self, name: str) -> Callable[[CaptureError, tuple[Any, ...]], None]:
+        def failed(error: CaptureError, key: tuple[Any, ...]) -> None:
+            if error.everywhere:  # the driver cannot capture at all: no graph for any engine
+                for cache in self._graphs.values():
+                    cache.disabled = True
+                self.cuda_graph = False
+                self._graph_warning(f"CUDA graphs are off for the tensorrt backend ({error}); it runs without them")
+            else:
+                shapes = ", ".join("x".join(map(str, shape)) for shape, _ in key)
+                self._graph_warning(f"the {name} engine cannot be captured as a CUDA graph for inputs {shapes} "
+                                    f"({error}); those shapes run without a graph")
+        return failed
+
     def _capture_fn(self, engine: Engine):
-        """Capture for :class:`GraphCache`: a context of its own bound to the static buffers, one warm-up
-        ``execute_async_v3`` (TensorRT finishes shape-dependent set-up there), then stream capture of a second one."""
+        """Capture for :class:`GraphCache`: a context of its own bound to the static buffers and given the activation
+        block its shapes need, one warm-up ``execute_async_v3`` (TensorRT finishes shape-dependent set-up there),
+        then stream capture of a second one. A capture the CUDA runtime or TensorRT refuses is a
+        :class:`CaptureError` (the cache then runs that shape, or with a driver error every shape, without a
+        graph)."""
 
         def launch_after(current: torch.cuda.Stream, fn) -> None:
             self.stream.wait_stream(current)  # static inputs were written on the caller's stream
@@ -219,9 +315,15 @@ class TensorRTBackend(ProfiledBackend):
         def capture(statics: Sequence[torch.Tensor]) -> Captured:
             context = engine.new_context()
             out = engine.bind(context, statics)
+            engine.use_memory(context)  # before capture: a larger block replaces the old one (and drops graphs)
             stream = self.stream.cuda_stream
             launch_after(torch.cuda.current_stream(self.device), lambda: engine.execute(context, stream))
-            graph = StreamGraph(lambda s: engine.execute(context, s), stream)
+            try:
+                graph = StreamGraph(lambda s: engine.execute(context, s), stream)
+            except CudaError as e:
+                raise CaptureError(str(e), everywhere=e.code in DRIVER_ERRORS) from None
+            except ExportError:  # execute_async_v3 failed while capturing: this work cannot be captured
+                raise CaptureError(f"execute_async_v3 of {engine.path.name} failed while capturing") from None
             return Captured(statics, out, lambda: launch_after(torch.cuda.current_stream(self.device), graph.launch),
                             handle=(context, graph))
 
