@@ -117,6 +117,42 @@ def test_recipe_smoke(tmp_path):
     with pytest.raises(TrainError, match="student_teacher was trained with other settings") as e:
         run(out, smoke=True, b=budget(True, ["control_steps=5"]))
     assert "\n" not in str(e.value)
+    # every stage's wall time: trained stages from their DONE, the others from timings.json
+    times = doc["times"]
+    assert set(times) == set(want) | {"teacher", "vae", "pairs_teacher", "pairs_rf2", "classifier", "report"}
+    assert not any(t.get("pending") for t in times.values()) and "| pending |" not in text
+    assert times["student_teacher"]["total"] == 3 and times["pairs_rf2"] == pytest.approx(
+        {**times["pairs_rf2"], "total": b.pairs, "done": b.pairs, "unit": "pair"})
+    assert times["report"]["done"] == 9 * 2 and times["teacher"]["estimate_s"] > 0
+    assert "### Wall time of each stage" in text
+
+    # --report-only while stages are still training: their rows and the claims that need them are pending, the rest
+    # is scored (the 2-RF and the second seed "still training": their DONE markers removed)
+    for stage in ("rf2", "student-s1", "student_teacher-s1"):
+        (out / stage / "DONE").unlink()
+    doc = json.loads((run(out, smoke=True, b=b, report_only=True) / "results.json").read_text())
+    assert doc["pending"] == ["rf2", "student_teacher-s1", "student-s1"]
+    assert {r["key"] for r in doc["rows"] if r["pending"]} == {"rf2-multi", "rf2-1", "student_teacher-s1", "student-s1"}
+    assert set(doc["fid"]) == set(keys) - {"rf2-multi", "rf2-1", "student_teacher-s1", "student-s1"}
+    assert set(doc["straightness"]) == {"teacher/sampling", "teacher/conditional"}
+    c = {x["id"]: x for x in doc["claims"]}
+    assert (c["1"]["verdict"], c["1"]["reason"]) == ("pending", "waits for rf2")
+    assert c["3"]["verdict"] == "pending" and c["3"]["so_far"] in ("met", "not met", "not resolvable at this scale")
+    assert "1 of 2 seeds finished (seed 1 pending)" in c["3"]["reason"] and len(c["3"]["cis"]) == 1
+    assert c["3b"]["verdict"] == "pending" and "so_far" not in c["3b"]  # needs the 2-RF's row
+    assert c["5"]["verdict"] in ("met", "not met")
+    assert doc["spread"]["diff"]["values"][1] is None and doc["spread"]["diff"]["values"][0] is not None
+    assert doc["times"]["rf2"] == {"pending": True} and doc["ship"]["key"] is None
+    text = (report / "SHAPES.md").read_text()
+    assert "**A partial report: rf2, student_teacher-s1, student-s1 still training.**" in text
+    assert "--budget control_steps=3 --report-only`" in text and "| 2-RF, 1-step | 2 | pending | pending |" in text
+    assert "| pending (so far: " in text
+    with pytest.raises(TrainError, match="--ship needs every stage"):
+        run(out, smoke=True, ship=True, b=b, report_only=True)
+    with pytest.raises(TrainError, match="pairs_rf2 holds pairs of other settings"):  # made at guidance 1.5
+        run(out, smoke=True, b=budget(True, ["guidance=1.0"]), report_only=True)
+    with pytest.raises(TrainError, match="nothing to report in"):
+        run(tmp_path / "empty", smoke=True, b=b, report_only=True)
 
 
 def test_frechet_distance_matches_the_matrix_square_root():
@@ -198,6 +234,18 @@ def test_claims_are_judged_on_every_seed():
     assert "seed 0, seed 1: the interval clears" in c3["reason"]
     q = seeded_quantities(doc, boot)["diff"]
     assert q["values"] == pytest.approx([-2.0, -2.0, 0.0]) and q["sd"] == pytest.approx(np.std([-2, -2, 0], ddof=1))
+    # seed 2 still training (its rows not there yet): the claims that need it are pending, judged so far on 0 and 1
+    for k in ("student-s2", "student_teacher-s2"):
+        del doc["fid"][k]
+    got = {c["id"]: c for c in claims(doc, boot, "student")}
+    assert got["3"]["verdict"] == "pending" and got["3"]["so_far"] == "met" and len(got["3"]["cis"]) == 2
+    assert got["3"]["reason"].startswith("2 of 3 seeds finished (seed 2 pending); so far met")
+    assert got["1"]["verdict"] == got["2"]["verdict"] == "met"
+    q = seeded_quantities(doc, boot)["diff"]
+    assert q["values"][2] is None and q["mean"] == pytest.approx(-2.0) and q["sd"] == pytest.approx(0.0)
+    for k in ("student", "student-s1"):  # no student at all: waits for the students
+        del doc["fid"][k]
+    assert claims(doc, boot, "before")[2]["reason"] == "waits for student, student_teacher"
     assert verdict([[1, 2], [3, 4]], below=True) == ("not met", "every seed's 95% interval lies on the other side "
                                                                "(2 seeds)")
     assert verdict([[-1, 2]], below=True)[0] == "not resolvable at this scale"

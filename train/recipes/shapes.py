@@ -13,7 +13,11 @@ The text encoder is a frozen, randomly initialised tiny CLIP with one token per 
 
 ``--smoke`` runs every stage with tiny step counts (CI); ``--ship`` copies the best one-step student into
 ``runtime/assets/tiny`` (the ``tiny`` alias) when it beats the bundled model; ``--publish`` copies the report to
-``train/recipes/``.
+``train/recipes/``; ``--report-only`` trains nothing and reports the stages that have finished (the others, and the
+claims that need them, say pending), e.g. while a long run is still training in the same folder.
+
+Wall time: a trained stage's ``DONE`` records the time and rate of the segment that finished it (a resumed stage's
+last segment); the other stages add each segment of work to ``timings.json``; the report tabulates both.
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ from runtime.files import atomic_write_bytes, atomic_write_json
 from ..common import TrainError, progress
 from ..data import ATTRIBUTES, Label, all_labels, longest_caption_tokens, make_dataset
 from ..loop import Trainer, TrainConfig, epsilon_loss, l2_loss, reflow_loss
-from ..pairs import generate, write_pairs
+from ..checkpoint import states
+from ..pairs import generate, shard_ok, write_pairs
 from ..pairset import read_manifest
-from .shapes_eval import (CLASSIFIER, DISCUSSION, control_steps, load_classifier, seed_keys, stage_classifier,
-                          stage_report, to_tensor)
+from .shapes_eval import (CLASSIFIER, DISCUSSION, control_steps, load_classifier, record_time, seed_keys,
+                          stage_classifier, stage_report, to_tensor)
 
 __all__ = ["CLASSIFIER", "SPEC", "Budget", "load_classifier", "run"]
 
@@ -122,6 +127,7 @@ def stage_vae_and_init(out: Path, b: Budget, images: np.ndarray) -> Path:
     folder = out / "init"
     if _done(folder):
         return folder
+    t0 = time.perf_counter()
     torch.manual_seed(0)
     comps = build_tiny_components(SPEC, seed=0, tokenizer_dir=str(out / ".tokenizer"))
     if (n := longest_caption_tokens(comps.tokenizer)) > SPEC.max_length:
@@ -147,6 +153,7 @@ def stage_vae_and_init(out: Path, b: Budget, images: np.ndarray) -> Path:
         z = torch.cat([vae.encode(x[i:i + 512]).latent_dist.mean for i in range(0, min(len(x), 4096), 512)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     save_checkpoint(comps, folder)
+    record_time(out, "vae", time.perf_counter() - t0, b.vae_steps, b.vae_steps, "step")
     _mark(folder, {"vae_recon_mse": float(loss.detach()), "scaling_factor": float(1.0 / z.std())})
     return folder
 
@@ -209,6 +216,8 @@ def train_stage(out: Path, name: str, pairs: Path, init: Path, steps: int, b: Bu
                       text_embeddings="encode",  # each prompt in its own text-encoder call (a cache gives the same)
                       seed=seed,
                       extra={"default_steps": 1 if loss == "l2" else b.ode_steps, "recipe": "shapes"})
+    saved = states(run / "state")
+    resumed_from = int(saved[-1].name.split("-")[-1]) if saved else 0
     t0 = time.perf_counter()
     if loss == "epsilon":
         trainer = Trainer(cfg, epsilon_loss(SD_SCHEDULER_CONFIG), name, diffusion_scheduler=SD_SCHEDULER_CONFIG)
@@ -217,7 +226,7 @@ def train_stage(out: Path, name: str, pairs: Path, init: Path, steps: int, b: Bu
     model = trainer.run()
     _mark(run, {"final_loss": statistics.mean(trainer.losses[-20:]) if trainer.losses else None,
                 "steps_per_s": trainer.steps_per_s, "steps": steps, "seed": seed, "pairs": pairs_identity(pairs),
-                "wall_s": time.perf_counter() - t0})
+                "wall_s": time.perf_counter() - t0, "resumed_from": resumed_from})
     return model
 
 
@@ -225,8 +234,13 @@ def stage_pairs(out: Path, name: str, teacher: Path, guidance: float, b: Budget)
     """Pairs through ``train.pairs``, the path that serves SD 1.5 (DPM-Solver for a diffusion teacher, Euler for a
     flow)."""
     folder = out / name
+    shards = -(-b.pairs // 1000)
+    have = sum(min(1000, b.pairs - k * 1000) for k in range(shards) if shard_ok(folder, k))
+    t0 = time.perf_counter()
     generate(str(teacher), str(out / "prompts.txt"), folder, num_pairs=b.pairs, batch_size=b.batch, seed=3,
              steps=b.ode_steps, guidance=guidance, shard_size=1000, dtype="fp32")
+    if have < b.pairs:
+        record_time(out, name, time.perf_counter() - t0, b.pairs - have, b.pairs, "pair")
     return folder
 
 
@@ -239,6 +253,40 @@ def stage_baseline(out: Path) -> Path:
         shutil.copytree(BUNDLED["tiny"], tmp)
         tmp.rename(folder)
     return folder
+
+
+def finished_models(out: Path, b: Budget) -> dict[str, Path]:
+    """The models of ``out`` whose stages have finished with this budget's settings (what ``--report-only``
+    reports); a finished stage of another budget, or pairs made with another guidance or count, is one line."""
+    def pairs_of(name: str, guidance: float | None) -> Path | None:
+        pairs = out / name
+        if not (pairs / "manifest.json").is_file():
+            return None
+        got = pairs_identity(pairs)
+        want = {"num_pairs": b.pairs, "guidance": guidance} if guidance is not None else {}
+        if any(got.get(k) != v for k, v in want.items()):
+            raise TrainError(f"{pairs} holds pairs of other settings ({got['num_pairs']} pairs, guidance "
+                             f"{got['guidance']}; this budget: {b.pairs}, {guidance}); use the -o folder of that "
+                             "budget")
+        return pairs
+
+    def done(name: str, pairs: Path | None, steps: int, seed: int) -> bool:
+        return pairs is not None and _done(out / name, {"steps": steps, "seed": seed, "pairs": pairs_identity(pairs)})
+
+    models: dict[str, Path] = {}
+    if (out / "bundled_before" / "model_index.json").is_file():
+        models["before"] = out / "bundled_before"
+    data, teacher_pairs = pairs_of("data_pairs", None), pairs_of("pairs_teacher", b.teacher_guidance)
+    rf2_pairs = pairs_of("pairs_rf2", b.guidance)
+    for name, pairs, steps in (("teacher", data, b.teacher_steps), ("rf2", teacher_pairs, b.rf2_steps)):
+        if done(name, pairs, steps, b.seed):
+            models[name] = out / name / "model"
+    for k, (name, control) in enumerate(zip(seed_keys(b, "student"), seed_keys(b, "student_teacher"))):
+        if done(name, rf2_pairs, b.distill_steps, b.seed + k):
+            models[name] = out / name / "model"
+        if done(control, teacher_pairs, control_steps(b), b.seed + k):
+            models[control] = out / control / "model"
+    return models
 
 
 def budget(smoke: bool = False, overrides: Sequence[str] = ()) -> Budget:
@@ -273,18 +321,27 @@ def strict_fp32() -> Iterator[None]:
 
 
 def run(out: str | Path, smoke: bool = False, ship: bool = False, publish: bool = False,
-        b: Budget | None = None) -> Path:
+        b: Budget | None = None, report_only: bool = False) -> Path:
     """The whole recipe into ``out`` (each stage resumes); returns the report folder. On a GPU the trained stages
-    and the report's sampling run there, in strict fp32."""
+    and the report's sampling run there, in strict fp32. ``report_only``: train nothing, report what has
+    finished."""
     with strict_fp32():
-        return _run(out, smoke, ship, publish, b)
+        return _run(out, smoke, ship, publish, b, report_only)
 
 
-def _run(out: str | Path, smoke: bool, ship: bool, publish: bool, b: Budget | None) -> Path:
+def _run(out: str | Path, smoke: bool, ship: bool, publish: bool, b: Budget | None, report_only: bool = False
+         ) -> Path:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     b = b or budget(smoke)
     t0 = time.perf_counter()
+    if report_only:
+        if ship:
+            raise TrainError("--ship needs every stage: run without --report-only")
+        models = finished_models(out, b) if out.is_dir() else {}
+        if "teacher" not in models:
+            raise TrainError(f"nothing to report in {out}: its diffusion teacher has not finished training")
+        return _report(out, b, models, smoke, ship, publish, t0)
+    out.mkdir(parents=True, exist_ok=True)
     baseline = stage_baseline(out)
     images, labels = stage_data(out, b)
     init = stage_vae_and_init(out, b, images)
@@ -298,6 +355,11 @@ def _run(out: str | Path, smoke: bool, ship: bool, publish: bool, b: Budget | No
         models[name] = train_stage(out, name, pairs_rf2, rf2, b.distill_steps, b, "l2", dropout=0.0, seed=b.seed + k)
         models[control] = train_stage(out, control, pairs_teacher, teacher, control_steps(b), b, "l2", dropout=0.0,
                                       seed=b.seed + k)
+    return _report(out, b, models, smoke, ship, publish, t0)
+
+
+def _report(out: Path, b: Budget, models: dict[str, Path], smoke: bool, ship: bool, publish: bool, t0: float
+            ) -> Path:
     clf = stage_classifier(out, b)
     report, doc = stage_report(out, b, models, clf, smoke)
     if publish:
@@ -331,10 +393,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ship", action="store_true",
                    help="copy the best one-step student into runtime/assets/tiny if it beats the bundled model")
     p.add_argument("--publish", action="store_true", help="copy the report into train/recipes/")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the stages that have finished (the others say pending)")
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
                    help="change one setting of the budget, e.g. pairs=6000 (repeatable; use a new -o folder)")
     a = p.parse_args(argv)
-    return run_cli(lambda: run(a.output, a.smoke, a.ship, a.publish, budget(a.smoke, a.budget)))
+    return run_cli(lambda: run(a.output, a.smoke, a.ship, a.publish, budget(a.smoke, a.budget), a.report_only))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .shapes import Budget
 
 HERE = Path(__file__).resolve().parent
+#: the run folder's record of each untrained stage's work, segment by segment (trained stages: their DONE)
+TIMINGS = "timings.json"
 #: the classifier shipped beside the recipe, used by the tests to check that the bundled model follows prompts
 CLASSIFIER = HERE / "shapes_classifier.safetensors"
 #: the hand-written discussion below this line in ``SHAPES.md`` survives a regenerated report
@@ -67,6 +69,50 @@ class Classifier(torch.nn.Module):
         return f, {k: h(f) for k, h in self.heads.items()}
 
 
+def record_time(out: Path, stage: str, wall_s: float, done: int, total: int, unit: str) -> None:
+    """Add one segment of a stage's work to ``out/timings.json`` (a resumed stage has several): ``done`` of its
+    ``total`` units (steps, pairs, rows) took ``wall_s`` seconds."""
+    import json
+
+    path = out / TIMINGS
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    entry = doc.setdefault(stage, {"segments": []})
+    entry.update(total=total, unit=unit)
+    entry["segments"].append({"wall_s": round(wall_s, 1), "done": done, "date": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    atomic_write_json(path, doc)
+
+
+def stage_times(out: Path, trained: Sequence[str], others: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Each stage's wall time: for ``trained`` stages the segment that finished them (their DONE: wall time and
+    rate; a resumed stage's earlier segments are not timed), for the ``others`` every segment in ``timings.json``;
+    ``estimate_s``: the whole stage at the timed rate. A stage with no record yet: ``{"pending": True}``."""
+    import json
+
+    log = json.loads((out / TIMINGS).read_text()) if (out / TIMINGS).is_file() else {}
+    got: dict[str, dict[str, Any]] = {}
+    for name in trained:
+        f = out / name / "DONE"
+        info = json.loads(f.read_text()) if f.is_file() else {}
+        if not info.get("wall_s") or not info.get("steps_per_s"):
+            got[name] = {"pending": True}
+            continue
+        done = int(round(info["steps_per_s"] * info["wall_s"]))
+        got[name] = {"unit": "step", "total": info["steps"], "done": done, "wall_s": info["wall_s"],
+                     "resumed_from": info.get("resumed_from", info["steps"] - done),
+                     "rate": info["steps_per_s"], "estimate_s": info["steps"] / info["steps_per_s"]}
+    for name in others:
+        if name not in log:
+            got[name] = {"pending": True}
+            continue
+        e = log[name]
+        wall, done = sum(g["wall_s"] for g in e["segments"]), sum(g["done"] for g in e["segments"])
+        rate = done / wall if wall > 0 else float("nan")
+        got[name] = {"unit": e["unit"], "total": e["total"], "done": done, "wall_s": wall,
+                     "segments": len(e["segments"]), "rate": rate,
+                     "estimate_s": e["total"] / rate if rate > 0 else float("nan")}
+    return got
+
+
 def load_classifier(path: Path = CLASSIFIER) -> Classifier:
     from safetensors.torch import load_file
 
@@ -81,6 +127,7 @@ def stage_classifier(out: Path, b: Budget) -> Classifier:
         return load_classifier(path)
     from safetensors.torch import save
 
+    t0 = time.perf_counter()
     clf = Classifier()
     images, labels = make_dataset(max(b.images // 2, 64), seed=10)
     x = to_tensor(images)
@@ -95,6 +142,7 @@ def stage_classifier(out: Path, b: Budget) -> Classifier:
         loss.backward()
         opt.step()
     atomic_write_bytes(path, save(clf.state_dict()))
+    record_time(out, "classifier", time.perf_counter() - t0, b.classifier_steps, b.classifier_steps, "step")
     return clf.eval()
 
 
@@ -503,64 +551,86 @@ def combination(point: dict[str, float], reps: dict[str, np.ndarray], weights: d
 
 
 def seed_rows(doc: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """The rows of each training seed: (InstaFlow students, controls), seed by seed."""
+    """The rows of each training seed: (InstaFlow students, controls), seed by seed (finished or not)."""
     seeds = doc.get("seeds", {})
     return seeds.get("student", ["student"]), seeds.get("student_teacher", ["student_teacher"])
 
 
 def seeded_quantities(doc: dict[str, Any], boot: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every quantity a seeded claim or the seed-spread table needs, per seed: value and 95% interval."""
+    """Every quantity a seeded claim or the seed-spread table needs, per seed: value and 95% interval, None for a
+    seed whose rows are not all there yet (pending); mean, SD and interval width over the seeds that are."""
     students, controls = seed_rows(doc)
     part, pboot = doc.get("partial"), boot.get("partial")
+    fid, fid_b = doc["fid"], boot["fid"]
     out: dict[str, dict[str, Any]] = {}
 
-    def add(name: str, label: str, pairs: list[tuple[float, list[float]]]) -> None:
-        out[name] = {"label": label, "values": [v for v, _ in pairs], "cis": [ci for _, ci in pairs]}
+    def add(name: str, label: str, need: list[list[str]], value: Any, have: dict[str, Any] = fid) -> None:
+        """``need[k]``: the rows seed k's value reads (from ``have``); ``value(k)``: (value, ci)."""
+        pairs = [value(k) if all(r in have for r in rows) else None for k, rows in enumerate(need)]
+        out[name] = {"label": label, "values": [p and p[0] for p in pairs], "cis": [p and p[1] for p in pairs]}
 
-    fid, fid_b = doc["fid"], boot["fid"]
-    add("fid_control", "FID, full captions: control", [(fid[c], doc["fid_ci"][c]) for c in controls])
-    add("fid_student", "FID, full captions: InstaFlow student", [(fid[s], doc["fid_ci"][s]) for s in students])
-    add("diff", "FID(student) - FID(control), full captions (claim 3)",
-        [combination(fid, fid_b, {s: 1.0, c: -1.0}) for s, c in zip(students, controls)])
+    add("fid_control", "FID, full captions: control", [[c] for c in controls],
+        lambda k: (fid[controls[k]], doc["fid_ci"][controls[k]]))
+    add("fid_student", "FID, full captions: InstaFlow student", [[s] for s in students],
+        lambda k: (fid[students[k]], doc["fid_ci"][students[k]]))
+    add("diff", "FID(student) - FID(control), full captions (claim 3)", [[s, c] for s, c in zip(students, controls)],
+        lambda k: combination(fid, fid_b, {students[k]: 1.0, controls[k]: -1.0}))
     add("margin", "1.5 FID(teacher) - FID(student), full captions (claim 4)",
-        [combination(fid, fid_b, {"teacher-multi": 1.5, s: -1.0}) for s in students])
-    add("shape_control", "shape accuracy, full captions: control",
-        [(doc["acc"][c]["shape"], doc["acc_ci"][c]["shape"]) for c in controls])
-    add("shape_student", "shape accuracy, full captions: InstaFlow student",
-        [(doc["acc"][s]["shape"], doc["acc_ci"][s]["shape"]) for s in students])
+        [["teacher-multi", s] for s in students],
+        lambda k: combination(fid, fid_b, {"teacher-multi": 1.5, students[k]: -1.0}))
+    add("shape_control", "shape accuracy, full captions: control", [[c] for c in controls],
+        lambda k: (doc["acc"][controls[k]]["shape"], doc["acc_ci"][controls[k]]["shape"]))
+    add("shape_student", "shape accuracy, full captions: InstaFlow student", [[s] for s in students],
+        lambda k: (doc["acc"][students[k]]["shape"], doc["acc_ci"][students[k]]["shape"]))
     if part is not None and pboot is not None:
         pf, pfb = part["fid"], pboot["fid"]
-        add("p_fid_control", "FID, partial captions: control", [(pf[c], part["fid_ci"][c]) for c in controls])
-        add("p_fid_student", "FID, partial captions: InstaFlow student",
-            [(pf[s], part["fid_ci"][s]) for s in students])
+        add("p_fid_control", "FID, partial captions: control", [[c] for c in controls],
+            lambda k: (pf[controls[k]], part["fid_ci"][controls[k]]), pf)
+        add("p_fid_student", "FID, partial captions: InstaFlow student", [[s] for s in students],
+            lambda k: (pf[students[k]], part["fid_ci"][students[k]]), pf)
         add("p_diff", "FID(student) - FID(control), partial captions (claim 3a)",
-            [combination(pf, pfb, {s: 1.0, c: -1.0}) for s, c in zip(students, controls)])
+            [[s, c] for s, c in zip(students, controls)],
+            lambda k: combination(pf, pfb, {students[k]: 1.0, controls[k]: -1.0}), pf)
         add("p_contrast", "[FID(student) - FID(2-RF)] - [FID(control) - FID(teacher)], partial captions (claim 3b)",
-            [combination(pf, pfb, {s: 1.0, "rf2-multi": -1.0, c: -1.0, "teacher-multi": 1.0})
-             for s, c in zip(students, controls)])
+            [[s, "rf2-multi", c, "teacher-multi"] for s, c in zip(students, controls)],
+            lambda k: combination(pf, pfb, {students[k]: 1.0, "rf2-multi": -1.0, controls[k]: -1.0,
+                                            "teacher-multi": 1.0}), pf)
         tv = {k: v["mean"] for k, v in part["tv_teacher"].items()}
         add("p_tv", "TV to the teacher's labels: student - control, partial captions (claim 3c)",
-            [combination(tv, pboot["tv_teacher"], {s: 1.0, c: -1.0}) for s, c in zip(students, controls)])
+            [[s, c] for s, c in zip(students, controls)],
+            lambda k: combination(tv, pboot["tv_teacher"], {students[k]: 1.0, controls[k]: -1.0}), tv)
         add("p_unclean", "no-clean-shape share: student - control, partial captions (claim 3d)",
-            [combination(part["unclean"], pboot["unclean"], {s: 1.0, c: -1.0}, centred=False)
-             for s, c in zip(students, controls)])
+            [[s, c] for s, c in zip(students, controls)],
+            lambda k: combination(part["unclean"], pboot["unclean"], {students[k]: 1.0, controls[k]: -1.0},
+                                  centred=False), part["unclean"])
     for q in out.values():
-        v = np.array(q["values"], dtype=np.float64)
-        q["mean"] = float(v.mean())
+        v = np.array([x for x in q["values"] if x is not None], dtype=np.float64)
+        q["mean"] = float(v.mean()) if len(v) else float("nan")
         q["sd"] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
-        q["ci_width"] = float(np.mean([hi - lo for lo, hi in q["cis"]]))
+        q["ci_width"] = float(np.mean([hi - lo for lo, hi in filter(None, q["cis"])])) if len(v) else float("nan")
     return out
+
+
+#: a claim that needs a row or a seed that has not finished training: judged on the seeds that have, if any
+PENDING = "pending"
 
 
 def claims(doc: dict[str, Any], boot: dict[str, Any], bundled: str) -> list[dict[str, Any]]:
     """The paper's claims, each with its measured value(s), 95% interval(s) (one per training seed of the
     students) and verdict (:func:`verdict`). Claims 3a-3d test claim 3 on the partial captions, where one noise has
-    several right images: the paper's argument (a curved teacher's coupling, distilled directly, averages modes)."""
+    several right images: the paper's argument (a curved teacher's coupling, distilled directly, averages modes).
+    A claim whose rows have not all finished training is pending: with no seed yet it says what it waits for, with
+    some it is judged on those (``so_far``) and says which seeds are missing."""
     fid, fid_b, s_b = doc["fid"], boot["fid"], boot["s"]
     s = {k: v["value"] for k, v in doc["straightness"].items()}
     students, _ = seed_rows(doc)
     q = seeded_quantities(doc, boot)
-    names = [f"seed {doc['budget'].get('seed', 0) + k}" for k in range(len(students))]
+    first = doc["budget"].get("seed", 0)
+    names = [f"seed {first + k}" for k in range(len(students))]
+
+    def waiting(cid: str, text: str, rows: Sequence[str]) -> dict[str, Any]:
+        return {"id": cid, "claim": text, "value": "", "cis": [], "verdict": PENDING, "met": False,
+                "reason": "waits for " + ", ".join(dict.fromkeys(rows))}
 
     def claim(cid: str, text: str, value: str, cis: list[list[float]], below: bool, bar: float = 0.0
               ) -> dict[str, Any]:
@@ -568,41 +638,66 @@ def claims(doc: dict[str, Any], boot: dict[str, Any], bundled: str) -> list[dict
         return {"id": cid, "claim": text, "value": value, "cis": cis, "verdict": word, "reason": reason,
                 "met": word == "met"}
 
-    def per_seed(name: str, fmt: str = "{:+.1f}") -> str:
-        return " / ".join(fmt.format(v) for v in q[name]["values"])
+    def seeded(cid: str, text: str, name: str, label: str, below: bool, fmt: str = "{:+.1f}", extra: str = "",
+               rows: Sequence[str] = ()) -> dict[str, Any]:
+        values, cis = q[name]["values"], q[name]["cis"]
+        done = [k for k, v in enumerate(values) if v is not None]
+        if not done:
+            return waiting(cid, text, rows)
+        value = f"{label} " + " / ".join(fmt.format(values[k]) for k in done) + extra
+        word, reason = verdict([cis[k] for k in done], below, 0.0, [names[k] for k in done] if len(done) > 1 else None)
+        out = {"id": cid, "claim": text, "value": value, "cis": [cis[k] for k in done], "verdict": word,
+               "reason": reason, "met": word == "met", "seeds": [first + k for k in done]}
+        if len(done) < len(values):
+            missing = [names[k] for k in range(len(values)) if k not in done]
+            out.update(verdict=PENDING, so_far=word, met=False,
+                       reason=f"{len(done)} of {len(values)} seeds finished ({', '.join(missing)} pending); so far "
+                              f"{word}: {reason}")
+        return out
 
     out = []
-    ratio = s["rf2/sampling"] / s["teacher/sampling"]
-    out.append(claim("1", "S(2-RF) far below S(teacher): S ratio < 0.5", f"S ratio {ratio:.3f}",
-                     [interval(s_b["rf2/sampling"] / s_b["teacher/sampling"])], True, 0.5))
-    c, ci = combination(fid, fid_b, {"teacher-1": 0.5, "rf2-1": -1.0})
-    out.append(claim("2", "2-RF at one step far better than the teacher at one step: FID(2-RF) < 0.5 FID(teacher), "
-                          "margin 0.5 FID(teacher) - FID(2-RF) > 0",
-                     f"margin {c:+.1f} (FID ratio {fid['rf2-1'] / fid['teacher-1']:.3f})", [ci], False))
-    out.append(claim("3", "2-RF + distill better than teacher + distill (full captions): FID difference < 0",
-                     f"FID difference {per_seed('diff')}", q["diff"]["cis"], True))
+    text1 = "S(2-RF) far below S(teacher): S ratio < 0.5"
+    if {"rf2/sampling", "teacher/sampling"} <= set(s):
+        ratio = s["rf2/sampling"] / s["teacher/sampling"]
+        out.append(claim("1", text1, f"S ratio {ratio:.3f}",
+                         [interval(s_b["rf2/sampling"] / s_b["teacher/sampling"])], True, 0.5))
+    else:
+        out.append(waiting("1", text1, ["rf2"]))
+    text2 = ("2-RF at one step far better than the teacher at one step: FID(2-RF) < 0.5 FID(teacher), margin 0.5 "
+             "FID(teacher) - FID(2-RF) > 0")
+    if {"teacher-1", "rf2-1"} <= set(fid):
+        c, ci = combination(fid, fid_b, {"teacher-1": 0.5, "rf2-1": -1.0})
+        out.append(claim("2", text2, f"margin {c:+.1f} (FID ratio {fid['rf2-1'] / fid['teacher-1']:.3f})", [ci],
+                         False))
+    else:
+        out.append(waiting("2", text2, ["rf2"]))
+    pair = ["student", "student_teacher"]
+    out.append(seeded("3", "2-RF + distill better than teacher + distill (full captions): FID difference < 0",
+                      "diff", "FID difference", True, rows=pair))
     if "p_diff" in q:
-        out.append(claim("3a", "the same on partial captions (FID against caption-matched real images): "
-                               "FID difference < 0", f"FID difference {per_seed('p_diff')}", q["p_diff"]["cis"], True))
-        out.append(claim("3b", "on partial captions, distilling the 2-RF loses less than distilling the teacher: "
-                               "[FID(student) - FID(2-RF)] - [FID(control) - FID(teacher)] < 0",
-                         f"contrast {per_seed('p_contrast')}", q["p_contrast"]["cis"], True))
-        out.append(claim("3c", "on partial captions, the student covers the free attributes more like the teacher "
-                               "than the control does: TV(student) - TV(control) < 0",
-                         f"TV difference {per_seed('p_tv', '{:+.3f}')}", q["p_tv"]["cis"], True))
-        out.append(claim("3d", "on partial captions, the student averages modes less: its share of samples that "
-                               "are no clean shape minus the control's < 0",
-                         f"difference {per_seed('p_unclean', '{:+.1%}')}", q["p_unclean"]["cis"], True))
-    out.append(claim("4", "the student within 1.5x of its teacher's multi-step FID (the diffusion teacher, "
-                          f"{doc['budget'].get('ode_steps', 25)} steps): margin 1.5 FID(teacher) - FID(student) >= 0",
-                     f"margin {per_seed('margin')} (FID ratio "
-                     + " / ".join(f"{fid[k] / fid['teacher-multi']:.3f}" for k in students) + ")",
-                     q["margin"]["cis"], False))
+        out.append(seeded("3a", "the same on partial captions (FID against caption-matched real images): FID "
+                                "difference < 0", "p_diff", "FID difference", True, rows=pair))
+        out.append(seeded("3b", "on partial captions, distilling the 2-RF loses less than distilling the teacher: "
+                                "[FID(student) - FID(2-RF)] - [FID(control) - FID(teacher)] < 0",
+                          "p_contrast", "contrast", True, rows=["rf2"] + pair))
+        out.append(seeded("3c", "on partial captions, the student covers the free attributes more like the teacher "
+                                "than the control does: TV(student) - TV(control) < 0",
+                          "p_tv", "TV difference", True, "{:+.3f}", rows=pair))
+        out.append(seeded("3d", "on partial captions, the student averages modes less: its share of samples that "
+                                "are no clean shape minus the control's < 0",
+                          "p_unclean", "difference", True, "{:+.1%}", rows=pair))
+    ratios = " / ".join(f"{fid[k] / fid['teacher-multi']:.3f}" for k in students if k in fid)
+    out.append(seeded("4", "the student within 1.5x of its teacher's multi-step FID (the diffusion teacher, "
+                           f"{doc['budget'].get('ode_steps', 25)} steps): margin 1.5 FID(teacher) - FID(student) >= 0",
+                      "margin", "margin", False, extra=f" (FID ratio {ratios})", rows=["student"]))
     need = {"color": 0.95, "position": 0.95, "shape": 0.85, "size": 0.85}
+    text5 = "the bundled one-step model follows colour and position >= 95%, shape and size >= 85% (whole interval)"
+    if bundled not in doc["acc"]:
+        out.append(waiting("5", text5, [bundled]))
+        return out
     lows = {a: interval(boot["acc"][bundled][a])[0] for a in need}
     ok = all(lows[a] >= need[a] for a in need)
-    out.append({"id": "5", "claim": "the bundled one-step model follows colour and position >= 95%, shape and size "
-                                    ">= 85% (whole interval)",
+    out.append({"id": "5", "claim": text5,
                 "value": ", ".join(f"{a} {doc['acc'][bundled][a]:.1%}" for a in need),
                 "cis": [], "met": ok, "verdict": "met" if ok else "not met",
                 "reason": "every lower bound clears its bar" if ok else
@@ -612,10 +707,14 @@ def claims(doc: dict[str, Any], boot: dict[str, Any], bundled: str) -> list[dict
 
 
 def ship_decision(doc: dict[str, Any], boot: dict[str, Any]) -> dict[str, Any]:
-    """The best one-step student by FID (every seed of both kinds), shipped when its FID is below the bundled
-    model's (paired 95% interval of the difference entirely below 0)."""
+    """The best one-step student by FID (every finished seed of both kinds), shipped when its FID is below the
+    bundled model's (paired 95% interval of the difference entirely below 0)."""
     students, controls = seed_rows(doc)
-    best = min(students + controls, key=lambda k: doc["fid"][k])
+    done = [k for k in students + controls if k in doc["fid"]]
+    if not done or "before" not in doc["fid"]:
+        return {"key": None, "row": None, "reason": "pending: " + ("no student has finished training" if not done
+                                                                 else "no bundled model in this run folder")}
+    best = min(done, key=lambda k: doc["fid"][k])
     ci = centred_interval(doc["fid"][best] - doc["fid"]["before"], boot["fid"][best] - boot["fid"]["before"])
     better = ci[1] < 0
     reason = (f"{best}: FID {doc['fid'][best]:.2f} vs the bundled model's {doc['fid']['before']:.2f}, "
@@ -633,8 +732,21 @@ def budget_overrides(b: Budget, smoke: bool = False) -> dict[str, Any]:
     return {k: v for k, v in b.__dict__.items() if default.get(k) != v}
 
 
+def trained_stages(b: Budget) -> list[str]:
+    """The recipe's trained stages (run folders), upstream first."""
+    return ["teacher", "rf2"] + [k for pair in zip(seed_keys(b, "student"), seed_keys(b, "student_teacher"))
+                                 for k in pair]
+
+
+#: the stages whose work ``timings.json`` records (the trained ones record theirs in DONE)
+UNTRAINED = ("vae", "pairs_teacher", "pairs_rf2", "classifier", "report")
+
+
 def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier, smoke: bool
                  ) -> tuple[Path, dict[str, Any]]:
+    """The report on every row whose model is in ``models`` (the teacher at least); the others are pending, and so
+    is every claim that needs one of them."""
+    t0 = time.perf_counter()
     report = out / "report"
     (report / "rows").mkdir(parents=True, exist_ok=True)
     full, part = full_set(b.eval_n), partial_set(b.eval_n)
@@ -646,7 +758,8 @@ def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier,
     p_real = score(clf, matching_real(part, seed=30))
     p_refs = {"real-2": score(clf, matching_real(part, seed=31)),
               "real-vae": score(clf, vae_round_trip(models["teacher"], matching_real(part, seed=30)))}
-    specs = rows_for(b)
+    every = rows_for(b)
+    specs = [r for r in every if r.model in models]
     guidance = {"teacher": b.teacher_guidance, "rf2": b.guidance}
     n = min(b.straightness_n, b.eval_n)
     z0 = full.noise()
@@ -656,12 +769,14 @@ def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier,
 
     images: dict[str, dict[str, np.ndarray]] = {"full": {}, "partial": {}}
     latency = {}
+    sampled = 0
     for s in (full, part):  # every row on the full captions first: the published table's numbers come first
         for row in specs:
             print(f"report: {row.title} ({s.name} captions)", flush=True)
             # the multi-step rows sample exactly the "sampling" straightness paths: recorded on the way
             own = (s.name == "full" and row.model in guidance and row.steps == b.ode_steps
                    and row.guidance == guidance[row.model] and not s_cache(row.model, "sampling").is_file())
+            sampled += not (report / "rows" / f"{row.key}.{s.name}.npz").is_file()
             got = sample_row(row, models[row.model], s, report, smoke,
                              (s_cache(row.model, "sampling"), n) if own else None)
             images[s.name][row.key] = got["images"]
@@ -671,6 +786,8 @@ def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier,
     p_rows = {k: score(clf, v) for k, v in images["partial"].items()}
     st = {}
     for name, model, kind in STRAIGHTNESS:
+        if model not in models:
+            continue
         cache = s_cache(name, kind)
         if not cache.is_file():  # the conditional paths (and a sampling path whose row was cached without it)
             values = path_s(models[model], b.ode_steps, guidance[name] if kind == "sampling" else 1.0,
@@ -684,13 +801,18 @@ def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier,
     fid = {k: frechet(real, v.feats) for k, v in rows.items()}
     p_fid = {k: frechet(p_real.feats, v.feats) for k, v in everything.items()}
     pb = boot["partial"]
+    if sampled:  # the rows sampled in this call (2 per row: full and partial captions), scored, bootstrapped
+        record_time(out, "report", time.perf_counter() - t0, sampled, 2 * len(every), "row")
+    pending = [r.model for r in every if r.model not in models]
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "smoke": smoke, "budget": b.__dict__,
         "overrides": budget_overrides(b, smoke),
+        "pending": list(dict.fromkeys(pending)),
         "fid_floor": floor,
         "real_accuracy": {a: float(v.mean()) for a, v in real_correct.items()},
-        "rows": [{"key": r.key, "row": r.title, "nfe": r.nfe, "latency_ms": latency[r.key],
-                  "grid": f"grid-{r.key}.png", "grid_partial": f"grid-{r.key}-partial.png"} for r in specs],
+        "rows": [{"key": r.key, "row": r.title, "nfe": r.nfe, "latency_ms": latency.get(r.key),
+                  "pending": r.model not in models,
+                  "grid": f"grid-{r.key}.png", "grid_partial": f"grid-{r.key}-partial.png"} for r in every],
         "seeds": {"student": seed_keys(b, "student"), "student_teacher": seed_keys(b, "student_teacher")},
         "control_steps": control_steps(b),
         "fid": fid,
@@ -718,6 +840,7 @@ def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier,
         "straightness": {k: {"value": float(v.mean()), "ci": interval(boot["s"][k]),
                              "guidance": guidance[k.split("/")[0]] if k.endswith("sampling") else 1.0}
                          for k, v in st.items()},
+        "times": stage_times(out, trained_stages(b), UNTRAINED),
     }
     doc["ship"] = ship_decision(doc, boot)
     doc["claims"] = claims(doc, boot, doc["ship"]["key"] or "before")
@@ -748,10 +871,12 @@ def render_report(doc: dict[str, Any], discussion: str = "") -> str:
             + (" (the 2-RF's and the student's together: the paper's matched budget)"
                if steps == b["rf2_steps"] + b["distill_steps"] else ""))
     seeds = b.get("student_seeds", 1)
+    pending = doc.get("pending", [])
+    command = ("python -m train.recipes.shapes" + (" --smoke" if doc["smoke"] else "")
+               + "".join(f" --budget {k}={v}" for k, v in overrides.items()))
     lines = [
         "# InstaFlow at small scale: shapes", "",
-        "Regenerated by `python -m train.recipes.shapes" + (" --smoke" if doc["smoke"] else "")
-        + "".join(f" --budget {k}={v}" for k, v in overrides.items())
+        "Regenerated by `" + command + (" --report-only" if pending else "")
         + f"` on {doc['date']}" + (" (SMOKE run: numbers meaningless)" if doc["smoke"] else "") + ". "
         "The teacher is a text-conditioned diffusion UNet in Stable Diffusion's role (epsilon prediction, SD's "
         f"scaled-linear schedule), sampled with DPM-Solver, {b['ode_steps']} steps, guidance {b['teacher_guidance']}; "
@@ -772,12 +897,19 @@ def render_report(doc: dict[str, Any], discussion: str = "") -> str:
         "every row, so differences between rows are paired): percentile intervals for accuracies, shares and S; for "
         "FIDs, TV distances and their contrasts the replicates' 2.5-97.5 percentile spread around the estimate, since "
         "their replicates sit above it (sampling noise adds to both, and drawing with repeats adds more). "
-        "Latency: sampler + decode, batch 1, this CPU (2 cores), median.", "",
-        "| model | NFE | latency ms | FID | colour | shape | position | size | no clean shape | samples |",
-        "| --- | ---: | ---: | --- | --- | --- | --- | --- | --- | --- |"]
+        "Latency: sampler + decode, batch 1, median, where the report ran (see the wall-time table).", ""]
+    if pending:
+        lines += [f"**A partial report: {', '.join(pending)} still training.** Their rows, and the claims that need "
+                  f"them, say pending; `{command}` finishes them (every stage resumes), and this report is then "
+                  "regenerated whole.", ""]
+    lines += ["| model | NFE | latency ms | FID | colour | shape | position | size | no clean shape | samples |",
+              "| --- | ---: | ---: | --- | --- | --- | --- | --- | --- | --- |"]
     unclean, unclean_ci = doc.get("unclean", {}), doc.get("unclean_ci", {})
     for r in doc["rows"]:
         k = r["key"]
+        if k not in doc["fid"]:
+            lines.append(f"| {r['row']} | {r['nfe']} | pending | pending | | | | | | |")
+            continue
         accs = " | ".join(_pct(doc["acc"][k][a], doc["acc_ci"][k][a]) for a in ("color", "shape", "position", "size"))
         u = _pct(unclean[k], unclean_ci[k]) if k in unclean else ""
         lines.append(f"| {r['row']} | {r['nfe']} | {r['latency_ms']:.1f} | {_fid(doc['fid'][k], doc['fid_ci'][k])} | "
@@ -804,6 +936,7 @@ def render_report(doc: dict[str, Any], discussion: str = "") -> str:
         grids = {r["key"]: r.get("grid_partial") for r in doc["rows"]}
         for k in titles:
             if k not in part["fid"]:
+                lines.append(f"| {titles[k]} | pending | | | | | |")
                 continue
             tvt = ("0 (the reference)" if k == "teacher-multi" else
                    _tv(part["tv_teacher"][k]["mean"], part["tv_teacher_ci"][k]))
@@ -818,9 +951,11 @@ def render_report(doc: dict[str, Any], discussion: str = "") -> str:
               "the flow's Euler path:", "",
               "| model | guidance | S |", "| --- | ---: | --- |"]
     names = {"teacher": "Diffusion teacher (DPM-Solver PF-ODE)", "rf2": "2-RF (Euler)"}
-    for k, v in doc["straightness"].items():
-        lines.append(f"| {names[k.split('/')[0]]} | {v['guidance']:g} | {v['value']:.4f} "
-                     f"[{v['ci'][0]:.4f}, {v['ci'][1]:.4f}] |")
+    for name, _, kind in STRAIGHTNESS:
+        v = doc["straightness"].get(f"{name}/{kind}")
+        w = (b["teacher_guidance"] if name == "teacher" else b["guidance"]) if kind == "sampling" else 1.0
+        lines.append(f"| {names[name]} | {w:g} | pending |" if v is None else
+                     f"| {names[name]} | {v['guidance']:g} | {v['value']:.4f} [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}] |")
     spread = doc.get("spread", {})
     if seeds > 1 and spread:
         first = b["seed"]
@@ -835,21 +970,46 @@ def render_report(doc: dict[str, Any], discussion: str = "") -> str:
             pct = "share" in q["label"] or "accuracy" in q["label"]
             tv = "TV" in q["label"]
             fmt = (lambda v: f"{v:.1%}") if pct else (lambda v: f"{v:.3f}") if tv else (lambda v: f"{v:.1f}")
-            cells = " | ".join(f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]" for v, ci in zip(q["values"], q["cis"]))
-            sd = "n/a" if q["sd"] != q["sd"] else fmt(q["sd"])
-            lines.append(f"| {q['label']} | {cells} | {fmt(q['mean'])} | {sd} | {fmt(q['ci_width'])} |")
+            cells = " | ".join("pending" if v is None else f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]"
+                               for v, ci in zip(q["values"], q["cis"]))
+            sd, mean, width = ("n/a" if x != x else fmt(x) for x in (q["sd"], q["mean"], q["ci_width"]))
+            n = sum(v is not None for v in q["values"])
+            if 0 < n < seeds:
+                mean, sd = f"{mean} ({n} seeds)", f"{sd} ({n} seeds)"
+            lines.append(f"| {q['label']} | {cells} | {mean} | {sd} | {width} |")
     lines += ["", "## The paper's claims", "",
               "Verdicts: **met** when the 95% interval (of every student seed) clears the bar, **not met** when it "
-              "lies wholly on the other side (every seed), **not resolvable at this scale** otherwise.", "",
+              "lies wholly on the other side (every seed), **not resolvable at this scale** otherwise; **pending** "
+              "while a row or seed it needs is still training (judged so far on the seeds that have finished).", "",
               "| | claim | measured | 95% interval | verdict | why |", "| --- | --- | --- | --- | --- | --- |"]
     for c in doc["claims"]:
         fmt = "{:+.3f}" if c["id"] == "3c" else "{:+.1%}" if c["id"] == "3d" else "{:.3g}"
         ci = " / ".join(f"[{fmt.format(lo)}, {fmt.format(hi)}]" for lo, hi in c.get("cis", []))
-        lines.append(f"| {c.get('id', '')} | {c['claim']} | {c['value']} | {ci} | {c.get('verdict', c['met'])} | "
-                     f"{c.get('reason', '')} |")
+        word = c.get("verdict", c["met"])
+        if "so_far" in c:
+            word = f"{word} (so far: {c['so_far']})"
+        lines.append(f"| {c.get('id', '')} | {c['claim']} | {c['value']} | {ci} | {word} | {c.get('reason', '')} |")
     ship = doc["ship"]
     lines += ["", "Shipped as `tiny`: " + (f"the {ship['key']} row" if ship["key"] else "nothing (the bundled model "
               "stays)") + f" ({ship['reason']}).", ""]
+    times = doc.get("times")
+    if times:
+        lines += ["### Wall time of each stage", "",
+                  "As measured where the stage ran (see the discussion for the machine and its load). A trained "
+                  "stage is timed over the segment that finished it: a stage resumed from a saved state counts only "
+                  "the steps after it, and \"whole stage\" is the whole step count at that segment's rate. Pairs, "
+                  "the classifier and the report add every segment they ran (the report: rows sampled and scored in "
+                  "that call).", "",
+                  "| stage | work | timed | wall time | rate | whole stage |", "| --- | --- | --- | ---: | ---: | ---: |"]
+        for name, t in times.items():
+            if t.get("pending"):
+                lines.append(f"| {name} | | | pending | | |")
+                continue
+            timed = f"{t['done']:,} {t['unit']}s" + (f" (resumed at step {t['resumed_from']:,})"
+                                                    if t.get("resumed_from") else "")
+            lines.append(f"| {name} | {t['total']:,} {t['unit']}s | {timed} | {t['wall_s'] / 60:.1f} min | "
+                         f"{t['rate']:.2f} {t['unit']}/s | {t['estimate_s'] / 60:.1f} min |")
+        lines.append("")
     if discussion:
         lines += [DISCUSSION, discussion.strip(), ""]
     return "\n".join(lines)
