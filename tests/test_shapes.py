@@ -124,6 +124,7 @@ def test_recipe_smoke(tmp_path):
     assert times["student_teacher"]["total"] == 3 and times["pairs_rf2"] == pytest.approx(
         {**times["pairs_rf2"], "total": b.pairs, "done": b.pairs, "unit": "pair"})
     assert times["report"]["done"] == 9 * 2 and times["teacher"]["estimate_s"] > 0
+    assert (times["student"]["done"], times["student"]["resumed_from"]) == (b.distill_steps, 0)
     assert "### Wall time of each stage" in text
 
     # --report-only while stages are still training: their rows and the claims that need them are pending, the rest

@@ -96,9 +96,11 @@ def stage_times(out: Path, trained: Sequence[str], others: Sequence[str]) -> dic
         if not info.get("wall_s") or not info.get("steps_per_s"):
             got[name] = {"pending": True}
             continue
-        done = int(round(info["steps_per_s"] * info["wall_s"]))
-        got[name] = {"unit": "step", "total": info["steps"], "done": done, "wall_s": info["wall_s"],
-                     "resumed_from": info.get("resumed_from", info["steps"] - done),
+        # the wall time counts loading and saving too, the rate only the steps: a DONE without the step it resumed
+        # from (written before it was recorded) is taken to have run min(steps, rate x wall time)
+        start = info.get("resumed_from", max(info["steps"] - int(info["steps_per_s"] * info["wall_s"]), 0))
+        got[name] = {"unit": "step", "total": info["steps"], "done": info["steps"] - start, "wall_s": info["wall_s"],
+                     "resumed_from": start,
                      "rate": info["steps_per_s"], "estimate_s": info["steps"] / info["steps_per_s"]}
     for name in others:
         if name not in log:
