@@ -497,3 +497,25 @@ def test_path_straightness_returns_host_float64():
     assert s.dtype == torch.float64 and s.device.type == "cpu"
     assert torch.allclose(s, torch.zeros(2, dtype=torch.float64))
     assert torch.allclose(path_straightness(bent), torch.ones(2, dtype=torch.float64))
+
+
+def test_publishing_keeps_the_hand_written_discussion(tmp_path):
+    """--publish replaces the generated part of SHAPES.md and its grids, keeps everything from the discussion marker
+    on, and leaves the report's cached rows behind."""
+    from train.recipes.shapes import publish_report
+    from train.recipes.shapes_eval import DISCUSSION
+
+    report = tmp_path / "run" / "report"
+    (report / "rows").mkdir(parents=True)
+    (report / "rows" / "teacher-multi.full.npz").write_bytes(b"x")
+    (report / "grid-student.png").write_bytes(b"png")
+    (report / "results.json").write_text("{}")
+    (report / "SHAPES.md").write_text("# new report\n\n| student | [grid](grid-student.png) |\n")
+    into = tmp_path / "recipes"
+    (into / "shapes_report").mkdir(parents=True)
+    (into / "shapes_report" / "grid-old.png").write_bytes(b"old")
+    (into / "SHAPES.md").write_text(f"# old report\n\nold numbers\n\n{DISCUSSION}\n## Discussion\n\nby hand\n")
+    text = publish_report(report, into).read_text()
+    assert text == (f"# new report\n\n| student | [grid](shapes_report/grid-student.png) |\n\n{DISCUSSION}\n"
+                    "## Discussion\n\nby hand\n")
+    assert sorted(p.name for p in (into / "shapes_report").iterdir()) == ["grid-student.png", "results.json"]

@@ -320,6 +320,22 @@ def strict_fp32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
+def publish_report(report: Path, into: Path = HERE) -> Path:
+    """Copy a report folder's SHAPES.md, results.json and grids into ``into`` (``SHAPES.md`` beside
+    ``shapes_report/``), keeping the hand-written discussion of the SHAPES.md already there."""
+    dest = into / "shapes_report"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(report, dest, ignore=shutil.ignore_patterns("rows"))
+    text = (dest / "SHAPES.md").read_text().replace("(grid-", "(shapes_report/grid-")
+    published = into / "SHAPES.md"
+    old = published.read_text() if published.is_file() else ""
+    if DISCUSSION in old:  # the hand-written discussion stays
+        text = text.rstrip() + "\n\n" + old[old.index(DISCUSSION):]
+    published.write_text(text)
+    (dest / "SHAPES.md").unlink()
+    return published
+
+
 def run(out: str | Path, smoke: bool = False, ship: bool = False, publish: bool = False,
         b: Budget | None = None, report_only: bool = False) -> Path:
     """The whole recipe into ``out`` (each stage resumes); returns the report folder. On a GPU the trained stages
@@ -363,16 +379,7 @@ def _report(out: Path, b: Budget, models: dict[str, Path], smoke: bool, ship: bo
     clf = stage_classifier(out, b)
     report, doc = stage_report(out, b, models, clf, smoke)
     if publish:
-        dest = HERE / "shapes_report"
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(report, dest, ignore=shutil.ignore_patterns("rows"))
-        text = (dest / "SHAPES.md").read_text().replace("(grid-", "(shapes_report/grid-")
-        published = HERE / "SHAPES.md"
-        old = published.read_text() if published.is_file() else ""
-        if DISCUSSION in old:  # the hand-written discussion stays
-            text = text.rstrip() + "\n\n" + old[old.index(DISCUSSION):]
-        published.write_text(text)
-        (dest / "SHAPES.md").unlink()
+        publish_report(report)
     ship_key = doc["ship"]["key"]
     if ship and ship_key:
         shutil.copyfile(out / "classifier.safetensors", CLASSIFIER)
