@@ -58,6 +58,19 @@ def all_captions() -> list[str]:
     return sorted({lb.partial_caption(k) for lb in all_labels() for k in keeps} | {lb.caption for lb in all_labels()})
 
 
+#: the ways a training caption leaves attributes out (``Label.partial_caption``'s ``keep``), every one but the full
+#: caption: 15 patterns, from "a shape" (nothing fixed) to one attribute left free
+PARTIAL_KEEPS = tuple(dict(zip(ATTRIBUTES, k)) for k in itertools.product((False, True), repeat=len(ATTRIBUTES))
+                      if not all(k))
+
+
+def matching_label(fixed: dict[str, str], rng: np.random.Generator) -> Label:
+    """A label with the ``fixed`` attribute values and the others drawn uniformly: a real image that a partial
+    caption fixing ``fixed`` describes."""
+    return Label(**{k: fixed[k] if k in fixed else values[int(rng.integers(len(values)))]
+                    for k, values in ATTRIBUTES.items()})
+
+
 def longest_caption_tokens(tokenizer: object) -> int:
     """Tokens (with BOS/EOS) of the longest caption in :func:`all_captions` under ``tokenizer``."""
     return max(len(ids) for ids in tokenizer(all_captions())["input_ids"])  # type: ignore[operator]
