@@ -212,7 +212,7 @@ def serve_forever(config: ServeConfig, gate: GateConfig, host: str, port: int, r
         signal.signal(sig, stop)
     state = Path(tempfile.mkdtemp(prefix="instaflow-serve-"))
     gate.state_dir = str(state)
-    gate.capacity = replicas * (config.max_queue + config.max_batch) + config.max_queue  # Ray Serve's limits
+    gate.capacity = config.capacity(replicas)  # Ray Serve's limits
     # the HTTP proxy is one of Ray's processes: it inherits these, and Ray Serve installs the gate from them
     os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK
     os.environ[GATE_ENV] = gate.to_json()
@@ -235,7 +235,7 @@ def serve_forever(config: ServeConfig, gate: GateConfig, host: str, port: int, r
         serve.start(http_options=http)
         started = True
         app = ImageService.options(num_replicas=replicas, ray_actor_options=actor_options(config, replicas),
-                                   **deployment_options(config)).bind(config.to_dict(), gate_dict(gate))
+                                   **deployment_options(config, replicas)).bind(config.to_dict(), gate_dict(gate))
         try:
             serve.run(app, name="instaflow", route_prefix="/", blocking=False)
         except RuntimeError as e:  # the replica could not start: its error, not Ray's page of traceback

@@ -142,7 +142,7 @@ class Payload:
         self.cfg, self.on_menu = cfg, on_menu
 
 
-@serve.deployment(max_ongoing_requests=72, max_queued_requests=64, graceful_shutdown_timeout_s=65)
+@serve.deployment(max_ongoing_requests=72, max_queued_requests=136, graceful_shutdown_timeout_s=65)
 @serve.ingress(api)
 class ImageService:
     """One replica: the pipeline, loaded and warmed up once, behind the batcher."""
@@ -420,15 +420,16 @@ class ImageService:
         return pngs
 
 
-def deployment_options(config: ServeConfig) -> dict[str, Any]:
+def deployment_options(config: ServeConfig, replicas: int = 1) -> dict[str, Any]:
     """Ray Serve's own limits, from the service's: a replica holds ``max_queue`` requests queued in its batcher and
-    the ``max_batch`` of a running call; ``max_queue`` more may wait in the proxy (every request passes through that
-    queue on its way to a replica: a burst needs room there); the rest get 503 in the proxy (cheap: no hop to a
-    replica, no body read). A stopping replica has as long as the longest admitted request to finish. (The queue is
-    the replica's, not the proxy's: Ray's router hands waiting requests to a replica only as its retry backoff
-    allows, which left a replica holding 2 requests idle between calls: 5.4 against 15.8 images/s at --max-batch 1;
-    and a small proxy queue refused bursts that a replica had room for.)"""
-    return {"max_ongoing_requests": config.max_queue + config.max_batch, "max_queued_requests": config.max_queue,
+    the ``max_batch`` of a running call; the proxy queue (every request passes through it on its way to a replica)
+    has room for all the service holds, :meth:`ServeConfig.capacity`, so a burst is never refused there while the
+    replicas have room: the gate bounds the total (503 in the proxy, before the body is read, no hop to a replica).
+    A stopping replica has as long as the longest admitted request to finish. (The queue is the replica's, not the
+    proxy's: Ray's router hands waiting requests to a replica only as its retry backoff allows, which left a replica
+    holding 2 requests idle between calls: 5.4 against 15.8 images/s at --max-batch 1.)"""
+    return {"max_ongoing_requests": config.max_queue + config.max_batch,
+            "max_queued_requests": config.capacity(replicas),
             "graceful_shutdown_timeout_s": config.graceful_shutdown_s}
 
 
