@@ -394,6 +394,19 @@ def test_sizes_and_settings_are_one_line_mistakes():
         ServeConfig.from_dict({"max_bacth": 4})
 
 
+def test_ray_limits_follow_the_service_capacity():
+    """Ray Serve's proxy queue has room for all the service holds (the gate, not Ray, refuses a burst), and a
+    replica takes its queue and a running call."""
+    from runtime.serve.app import deployment_options
+
+    config = ServeConfig(max_batch=8, max_queue=8)
+    assert config.capacity() == 24 and config.capacity(3) == 56
+    for replicas in (1, 3):
+        options = deployment_options(config, replicas)
+        assert options["max_queued_requests"] == config.capacity(replicas)
+        assert options["max_ongoing_requests"] == 16
+
+
 def test_request_body_types_are_strict_and_deep_json_is_400():
     from fastapi.responses import JSONResponse
 
