@@ -103,6 +103,7 @@ def test_recipe_smoke(tmp_path):
     assert all((report / r["grid"]).is_file() and (report / r["grid_partial"]).is_file() for r in doc["rows"])
     text = (report / "SHAPES.md").read_text()
     assert "## The paper's claims" in text and "### Partial captions" in text and "### Training noise" in text
+    assert set(part["unclean_by_free"]) == set(part["fid"]) and "No clean shape by how many attributes" in text
     assert "--smoke --budget student_seeds=2 --budget control_steps=3" in text  # how to regenerate it
     assert Pipeline.from_pretrained(out / "student" / "model")("a red circle", seed=0).images
     # a killed report continues row by row: the cached rows are read back, not sampled again
@@ -290,6 +291,13 @@ def test_partial_captions_scoring():
     tv = coverage_tv(collapsed, s.targets, None)
     assert tv["color"] == pytest.approx(0.75) and tv["size"] == pytest.approx(0.5)  # 1 - 1/K: all on one value
     assert coverage_tv(collapsed, s.targets, teacher)["shape"] > 0.6
+    # the no-clean-shape share by the number of attributes left free (4 / 6 / 4 / 1 of the 15 patterns)
+    from train.recipes.shapes_eval import unclean_by_free
+
+    free = sum((t < 0).astype(int) for t in s.targets.values())
+    averaging = Scored(np.zeros((300, 2)), truth, free <= 1)  # clean only where one attribute is free
+    assert unclean_by_free(averaging, s.targets) == {"1": {"share": 0.0, "n": 80}, "2": {"share": 1.0, "n": 120},
+                                                     "3": {"share": 1.0, "n": 80}, "4": {"share": 1.0, "n": 20}}
 
 
 def test_partial_bootstrap_is_paired_and_scores_each_row():
