@@ -68,17 +68,21 @@ def test_ours_1step_taesd(measure, subject):
     measure(subject, "ours_1step_taesd", lambda: pipe(PROMPT, seed=0), ROUNDS[subject.name][0])
 
 
-@pytest.mark.parametrize("decoder", ["sd_vae", "taesd"])
+@pytest.mark.parametrize("decoder", ["sd_vae", "taesd", "sd_vae_split_gn"])
 def test_decode(measure, subject, decoder):
     """The decoder alone at the subject's latent size: SD 1.5's real VAE decoder architecture vs TAESD's (random
-    weights), since a subject's own VAE may be scaled down (small-sd's is). Where the VAE upsamples 8x only."""
+    weights), since a subject's own VAE may be scaled down (small-sd's is). Where the VAE upsamples 8x only.
+    ``sd_vae_split_gn``: the VAE with ``fast_group_norm``'s GroupNorm (GPU only)."""
     from diffusers import AutoencoderKL
 
+    from runtime.backends.group_norm import use_split_group_norm
     from runtime.builders import SD15_SPEC, build_tiny_decoder
 
     c = subject.components
     if c.vae_scale_factor != 8:
         pytest.skip("SD's decoders upsample 8x")
+    if decoder == "sd_vae_split_gn" and subject.pipe.device.type != "cuda":
+        pytest.skip("fast_group_norm is a GPU option")
     if decoder == "taesd":
         module = build_tiny_decoder(c.latent_channels, 8, channels=None)
     else:
@@ -87,6 +91,8 @@ def test_decode(measure, subject, decoder):
         module = AutoencoderKL(latent_channels=c.latent_channels, block_out_channels=SD15_SPEC.vae_channels,
                                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                                layers_per_block=SD15_SPEC.vae_layers, norm_num_groups=SD15_SPEC.vae_groups).eval()
+        if decoder == "sd_vae_split_gn":
+            use_split_group_norm(module)
     module = module.to(subject.pipe.device, subject.pipe.dtype)
     h, w = c.default_size
     z = torch.randn(1, c.latent_channels, h // 8, w // 8, device=subject.pipe.device, dtype=subject.pipe.dtype)
@@ -109,6 +115,19 @@ def test_ours_1step_eager(measure, subject):
     b = subject.pipe(PROMPT, seed=0, output_type="pt").images
     assert (a - b).abs().max() < 1e-2  # the graphed path draws the same image
     measure(subject, "ours_1step_eager", lambda: eager(PROMPT, seed=0), ROUNDS[subject.name][0])
+
+
+def test_ours_1step_fast_group_norm(measure, subject):
+    """GPU: the subject's pipeline (the default options) plus ``fast_group_norm``, on a copy of the weights as
+    loaded; the ratio to ``ours_1step`` says whether the option should join the defaults."""
+    if subject.pipe.device.type != "cuda":
+        pytest.skip("fast_group_norm is a GPU option")
+    p = subject.pipe
+    fast = Pipeline(copy.deepcopy(subject.baseline_components), device=p.device, dtype=p.dtype, name=subject.name,
+                    **{**subject.options, "fast_group_norm": True})
+    a = fast(PROMPT, seed=0, output_type="pt").images
+    assert (a - p(PROMPT, seed=0, output_type="pt").images).abs().max() < 1e-2
+    measure(subject, "ours_1step_fast_group_norm", lambda: fast(PROMPT, seed=0), ROUNDS[subject.name][0])
 
 
 def test_ours_1step_channels_last(measure, subject):

@@ -144,6 +144,39 @@ def test_threads_share_a_cuda_graph_pipeline(tiny_ckpt):
     assert_threads_match_sequential(pipe, [dict(prompt=f"a cat {i}", seed=i, output_type="pt") for i in range(16)])
 
 
+def test_fast_group_norm_on_a_gpu(tiny_ckpt):
+    """fast_group_norm in fp16 on CUDA: a decoder-sized channels-last activation normalised as closely as PyTorch's
+    kernel does, replayed inside a CUDA graph with new inputs; the graphed pipeline's images unchanged."""
+    import torch.nn.functional as F
+
+    from runtime.backends.group_norm import group_norm, uses_split_group_norm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(1, 128, 256, 256, device="cuda", generator=g) * 2 + 3).half()
+    x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(128, device="cuda").half(), torch.randn(128, device="cuda").half()
+    exact = F.group_norm(x.double(), 32, w.double(), b.double(), 1e-6)
+    native = (F.group_norm(x, 32, w, b, 1e-6).double() - exact).abs().max()
+    static = x.clone()
+    out = group_norm(static, 32, w, b, 1e-6)  # warm-up, then capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = group_norm(static, 32, w, b, 1e-6)
+    static.copy_(x)
+    graph.replay()
+    assert (out.double() - exact).abs().max() <= 1.5 * native + 1e-3
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    plain = Pipeline.from_pretrained(tiny_ckpt, device="cuda", dtype=torch.float16, cuda_graph=True,
+                                     channels_last=True)
+    fast = Pipeline.from_pretrained(tiny_ckpt, device="cuda", dtype=torch.float16, cuda_graph=True,
+                                    channels_last=True, fast_group_norm=True)
+    assert uses_split_group_norm(fast.components.vae) and not uses_split_group_norm(plain.components.vae)
+    prompts = ["a red circle", "a cat", "a dog"]
+    image, same = (p(prompts, seed=2, output_type="pt").images for p in (plain, fast))
+    assert (image - same).abs().max() < 1e-2
+
+
 def _ort_cuda() -> bool:
     try:
         import onnxruntime as ort

@@ -12,6 +12,7 @@ from ..errors import BackendUnavailableError
 from ..models import Components
 from .base import Backend
 from .graphs import GraphCache, capture_torch
+from .group_norm import use_split_group_norm
 
 
 class TorchBackend(Backend):
@@ -23,6 +24,10 @@ class TorchBackend(Backend):
     * ``fuse_qkv``: one matrix multiply for the query/key/value projections of every attention layer (diffusers'
       ``fuse_qkv_projections``; same results up to rounding), in the modules that have them (a tiny decoder has
       no attention). LoRAs loaded later are written into the fused projections too.
+    * ``fast_group_norm``: GroupNorm as split reductions and one fused multiply-add
+      (:mod:`runtime.backends.group_norm`) instead of PyTorch's kernel, which runs one thread block per (image,
+      group) and copies channels-last input around itself; the same function up to rounding. Meant for eager and
+      CUDA-graph runs on a GPU at small batch (Inductor fuses the native one well by itself).
     * ``compile``: ``torch.compile`` the UNet and VAE decoder (minutes of compilation on first use per shape, once
       per machine: Inductor's caches are kept in the project's cache folder, per torch version and device, see
       :func:`runtime.cache.use_compile_cache`; a later process compiles in seconds).
@@ -37,7 +42,7 @@ class TorchBackend(Backend):
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
                  channels_last: bool = False, compile: bool = False, cuda_graph: bool = False,
-                 fuse_qkv: bool = False, max_graphs: int = 16) -> None:
+                 fuse_qkv: bool = False, fast_group_norm: bool = False, max_graphs: int = 16) -> None:
         if cuda_graph and device.type != "cuda":
             raise BackendUnavailableError("cuda_graph=True needs a CUDA device")
         self.components = components
@@ -55,6 +60,9 @@ class TorchBackend(Backend):
             for module in (components.unet, components.vae):
                 if hasattr(module, "fuse_qkv_projections") and not is_fused(module):
                     module.fuse_qkv_projections()
+        if fast_group_norm:  # in place too
+            for module in (components.unet, components.vae):
+                use_split_group_norm(module)
         if compile:  # what compiles once per shape is kept on disk: a later process loads it (runtime.cache)
             self.compile_cache = use_compile_cache(device)
             self.unet = torch.compile(components.unet, fullgraph=False)
