@@ -70,6 +70,33 @@ def test_backend_matches_torch_at_every_batch_and_size(micro, reference):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=str(kwargs))
 
 
+def test_packages_run_single_threaded(micro, reference, monkeypatch):
+    """Packages are loaded with run_single_threaded: the thread-aware run records a CUDA event per call and queries
+    it at the next, which fails once a call was captured in a CUDA graph (the GPU run of tests/test_gpu.py); a
+    torch whose loader lacks the option is one line."""
+    import torch._inductor as inductor
+
+    ckpt, folder, _ = micro
+    real, seen = inductor.aoti_load_package, []
+
+    def recording(path, **kwargs):
+        seen.append(kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(inductor, "aoti_load_package", recording)
+    pipe = Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=folder)
+    assert len(seen) == 4 and all(k.get("run_single_threaded") is True for k in seen), seen
+    torch.testing.assert_close(pipe("a cat", seed=1, output_type="pt").images,
+                               reference("a cat", seed=1, output_type="pt").images, atol=1e-4, rtol=1e-4)
+
+    def old_torch(path, device_index=-1):  # the loader before run_single_threaded
+        return real(path)
+
+    monkeypatch.setattr(inductor, "aoti_load_package", old_torch)
+    with pytest.raises(ExportError, match="needs a torch whose aoti_load_package takes run_single_threaded"):
+        Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=folder)
+
+
 def test_what_the_packages_cannot_take_is_one_line(micro):
     ckpt, folder, _ = micro
     pipe = Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=folder)

@@ -30,14 +30,24 @@ REQUIRED = ("text_encoder", "unet", "vae_decoder")
 
 
 def load_package(path: Path, device: torch.device) -> Any:
-    """A compiled package, loaded for ``device`` (one line when it cannot be)."""
+    """A compiled package, loaded for ``device`` (one line when it cannot be), to be run one call at a time.
+
+    ``run_single_threaded``: the model container's thread-aware ``run`` records a CUDA event after every call and
+    queries it at the next one to find a free model instance; once a call has been captured in a CUDA graph that
+    event was last recorded in a capturing stream, and the query fails (``cudaErrorCapturedEvent``), failing the
+    next capture or call and the CUDA work after it. The single-threaded run skips that bookkeeping (torch's
+    docs: "useful to avoid conflicts with CUDAGraphs"); :class:`AOTIBackend` runs one call at a time anyway."""
     from torch._inductor import aoti_load_package
 
+    kwargs: dict[str, Any] = {"run_single_threaded": True}
+    if device.type == "cuda":
+        kwargs["device_index"] = device.index or 0
     try:
-        if device.type == "cuda":
-            return aoti_load_package(str(path), device_index=device.index or 0)
-        return aoti_load_package(str(path))
+        return aoti_load_package(str(path), **kwargs)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/zipfile errors from C++ and Python
+        if isinstance(e, TypeError) and "unexpected keyword" in str(e):
+            raise ExportError(f"the aoti backend needs a torch whose aoti_load_package takes run_single_threaded and "
+                              f"device_index (2.7 or later); this is torch {torch.__version__}") from None
         text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ExportError(f"cannot load the AOTInductor package {path} ({text}); re-export it with "
                           "`python -m export.aoti --force`") from None
