@@ -53,6 +53,7 @@ RATIOS = {
     "taesd/ours": ("ours_1step_taesd", "ours_1step"),  # the pipeline with TAESD's decoder vs the subject's VAE
     "taesd/sd_vae (decode)": ("decode_taesd", "decode_sd_vae"),  # the decoders alone, SD's real architectures
     "fast_group_norm/ours": ("ours_1step_fast_group_norm", "ours_1step"),  # whether it joins the defaults
+    "fast_group_norm/ours (batch 8)": ("ours_batch8_fast_group_norm", "ours_batch8"),
     "split/native group norm (decode)": ("decode_sd_vae_split_gn", "decode_sd_vae"),
 }
 
