@@ -44,6 +44,16 @@ def test_three_dimensional_input_and_a_large_offset():
     assert (group_norm(x, 4, w, b, 1e-5).double() - ref).abs().max() < 1e-3
 
 
+def test_float64_and_autograd_are_handled():
+    """float64 keeps its precision; with autograd recording (a GroupNorm's parameters require grad by default) the
+    native function runs, so gradients flow."""
+    x = _input((2, 8, 5, 5), offset=3.0).double()
+    assert (group_norm(x, 4) - F.group_norm(x, 4)).abs().max() < 1e-12
+    layer = torch.nn.GroupNorm(4, 8)
+    group_norm(x.float(), 4, layer.weight, layer.bias).square().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
 def test_bfloat16_is_as_close_as_the_native_kernel():
     """In 16 bits the error is the output's rounding, as for PyTorch's own kernel."""
     x = _input((2, 32, 12, 12), offset=5.0).to(torch.bfloat16).to(memory_format=torch.channels_last)
@@ -54,7 +64,8 @@ def test_bfloat16_is_as_close_as_the_native_kernel():
     assert ours <= 1.5 * native + 1e-3, (ours, native)
 
 
-def test_layers_switch_once_and_compute_the_same(tiny_ckpt):
+def test_layers_switch_once_and_compute_the_same(tiny_ckpt, monkeypatch):
+    from runtime.backends import group_norm as module
     from runtime.models import load_vae
 
     vae = load_vae(tiny_ckpt / "vae").eval()
@@ -65,8 +76,12 @@ def test_layers_switch_once_and_compute_the_same(tiny_ckpt):
     assert not uses_split_group_norm(vae)
     assert layers > 0 and use_split_group_norm(vae) == layers
     assert use_split_group_norm(vae) == 0 and uses_split_group_norm(vae)  # once
+    calls = []
+    monkeypatch.setattr(module, "group_norm", lambda *a, **k: calls.append(1) or group_norm(*a, **k))
     with torch.inference_mode():
         after = vae.decode(z, return_dict=False)[0]
+    decoding = sum(isinstance(m, torch.nn.GroupNorm) for m in vae.decoder.modules())
+    assert len(calls) == decoding > 0  # every layer decode runs takes the split version
     assert (after - before).abs().max() < 1e-4
 
 

@@ -337,13 +337,15 @@ def test_sigterm_drains_requests_in_flight_then_stops(service):
     threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
-    held, deadline = 0.0, time.time() + 60  # signal only once all 12 reached the replica (a loaded machine is slow)
-    while held + len(results) < 12 and time.time() < deadline:
+    held, done, deadline = 0.0, 0, time.time() + 60  # signal once all 12 reached the replica (a busy machine is slow)
+    while held + done < 12 and time.time() < deadline:
+        done = len(results)  # before the metrics: a request answered in between is not counted twice
         metrics = _get(url, "/metrics")[1]
         held = sum(float(line.split()[-1]) for line in metrics.splitlines()
                    if line.startswith("instaflow_queue_depth "))
         time.sleep(0.02)
-    assert held + len(results) >= 12, "the 12 requests never reached the replica"
+    assert held + done >= 12, "the 12 requests never reached the replica"
+    assert done < 12, "every request was answered before the signal: nothing left to drain"
     proc.send_signal(signal.SIGTERM)
     late: Any = None
     deadline = time.time() + 60
@@ -401,7 +403,12 @@ def test_cluster_config_loads_and_builds_the_application(tmp_path):
     assert isinstance(app, serve.Application)
     (deployment,) = app_doc.deployments
     assert deployment.name == "ImageService" and deployment.ray_actor_options.num_gpus == 1
-    assert deployment.max_ongoing_requests == 72 and deployment.max_queued_requests == 136
+    from runtime.serve.app import deployment_options
+    from runtime.serve.config import ServeConfig
+
+    expected = deployment_options(ServeConfig.from_dict({k: v for k, v in app_doc.args.items() if k != "gate"}))
+    assert deployment.max_ongoing_requests == expected["max_ongoing_requests"] == 72
+    assert deployment.max_queued_requests == expected["max_queued_requests"] == 136
     assert deployment.graceful_shutdown_timeout_s == 65
 
 

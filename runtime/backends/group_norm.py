@@ -10,7 +10,8 @@ and those copies took about 19 of the eager VAE decode's 25 ms, and about 2 of t
 many blocks in either memory format: per-channel mean and mean square (accumulated in float32 from the 16-bit
 input, without an upcast copy), combined per group, then one fused multiply-add ``x * scale + shift`` (float32
 math, written in the input's dtype and memory format). No custom kernel: it runs wherever PyTorch does, inside CUDA
-graphs, and under ``torch.compile``, though Inductor fuses the native GroupNorm well by itself.
+graphs included. For inference: with autograd recording (a parameter or input that requires grad) it hands over
+to ``F.group_norm``; and ``compile=True`` gains nothing from it (Inductor fuses the native GroupNorm well by itself).
 
 Numerics: the variance comes from E[x^2] - E[x]^2 in float32, which loses digits only when a group's mean exceeds
 its standard deviation by hundreds (relative error about 1e-7 (mean / std)^2); outputs match ``F.group_norm`` to
@@ -33,14 +34,16 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """``F.group_norm(x, num_groups, weight, bias, eps)`` by split reductions (see the module docstring); inputs
     it does not cover (fewer than 3 dimensions, channels not divisible by the groups) go to ``F.group_norm``."""
-    if x.dim() < 3 or x.shape[1] % num_groups or x.numel() == 0:
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if grad or x.dim() < 3 or x.shape[1] % num_groups or x.numel() == 0:  # out= below cannot record autograd
         return F.group_norm(x, num_groups, weight, bias, eps)
     n, c = x.shape[:2]
     spatial = tuple(range(2, x.dim()))
     per_channel = x[0, 0].numel()
+    acc = torch.promote_types(x.dtype, torch.float32)  # float32 for 16-bit input, float64 stays
     # per (image, channel): mean and mean square, float32 accumulation straight from 16-bit input on CUDA
-    mean = x.mean(spatial, dtype=torch.float32)
-    square = torch.linalg.vector_norm(x, 2, dim=spatial, dtype=torch.float32).square_().div_(per_channel)
+    mean = x.mean(spatial, dtype=acc)
+    square = torch.linalg.vector_norm(x, 2, dim=spatial, dtype=acc).square_().div_(per_channel)
     # per (image, group): channels of a group hold equally many values, so the group's moments are the means
     mean = mean.view(n, num_groups, -1).mean(-1)
     var = square.view(n, num_groups, -1).mean(-1).sub_(mean.square()).clamp_(min=0)
@@ -48,10 +51,10 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     per_group = c // num_groups
     scale = rstd.repeat_interleave(per_group, dim=1)
     if weight is not None:
-        scale = scale * weight.float()
+        scale = scale * weight.to(acc)
     shift = -mean.repeat_interleave(per_group, dim=1) * scale
     if bias is not None:
-        shift = shift + bias.float()
+        shift = shift + bias.to(acc)
     trailing = (1,) * len(spatial)
     out = torch.empty_like(x)  # the input's dtype and memory format
     return torch.addcmul(shift.view(n, c, *trailing), x, scale.view(n, c, *trailing), out=out)

@@ -423,8 +423,9 @@ class ImageService:
 def deployment_options(config: ServeConfig, replicas: int = 1) -> dict[str, Any]:
     """Ray Serve's own limits, from the service's: a replica holds ``max_queue`` requests queued in its batcher and
     the ``max_batch`` of a running call; the proxy queue (every request passes through it on its way to a replica)
-    has room for all the service holds, :meth:`ServeConfig.capacity`, so a burst is never refused there while the
-    replicas have room: the gate bounds the total (503 in the proxy, before the body is read, no hop to a replica).
+    has room for all the service holds, :meth:`ServeConfig.capacity` (why: there), so a burst is not refused there
+    while the replicas have room; the gate, given that capacity, bounds the total (503 in the proxy, before the body
+    is read, no hop to a replica).
     A stopping replica has as long as the longest admitted request to finish. (The queue is the replica's, not the
     proxy's: Ray's router hands waiting requests to a replica only as its retry backoff allows, which left a replica
     holding 2 requests idle between calls: 5.4 against 15.8 images/s at --max-batch 1.)"""

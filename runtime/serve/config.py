@@ -92,8 +92,8 @@ class ServeConfig:
         """Requests the service holds at once: each replica's queue and running call, and ``max_queue`` more on
         their way to a replica. The gate refuses beyond it (503 before the body is read), and it is also the room
         in Ray Serve's proxy queue: a burst the replicas have room for waits there while Ray's router hands it out
-        one by one (an 8-slot proxy queue refused 3 of a burst of 12 on two busy cores, with the replica nearly
-        empty)."""
+        one by one (a proxy queue of ``max_queue`` = 8 refused 3 of a burst of 12 on two busy cores, while the
+        replica had room for all 12)."""
         return replicas * (self.max_queue + self.max_batch) + self.max_queue
 
 
