@@ -107,7 +107,7 @@ def measure(benchmark, request):
         benchmark.group = subject.name
         benchmark.extra_info.update(subject=subject.name, case=case)
         benchmark.pedantic(call, rounds=r, warmup_rounds=min(warmup, 1) if quick else warmup, iterations=1)
-        from .subjects import gpu_busy_s, peak_memory
+        from .subjects import gpu_activity, peak_memory
 
         stats = benchmark.stats.stats
         CALLS.setdefault(subject.name, {})[case] = (call, r)
@@ -115,8 +115,8 @@ def measure(benchmark, request):
         peak, extra = peak_memory(call, device)
         entry["cases"][case] = {"median_s": stats.median, "min_s": stats.min, "rounds": r,
                                 "peak_mem_bytes": peak, "extra_mem_bytes": extra}
-        if device.type == "cuda":  # how much of the wall time the GPU is busy: the rest is host work
-            entry["cases"][case]["gpu_busy_s"] = gpu_busy_s(fn)
+        if device.type == "cuda":  # how much of the wall time the GPU is busy, and idle between its first and last kernel
+            entry["cases"][case].update(gpu_activity(fn) or {})
         save_results(request.config)  # as it goes: a run killed by its time limit keeps what it measured
         return stats.median
 

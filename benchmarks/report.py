@@ -72,15 +72,16 @@ def render_markdown(docs: list[dict], chart: str | None) -> str:
         for name, sub in doc["subjects"].items():
             cases = sub["cases"]
             gpu = "gpu" in m
-            mem = "peak MB (process) | call's own MB | GPU busy ms" if gpu else "RSS growth MB"
+            mem = "peak MB (process) | call's own MB | GPU busy ms | GPU span ms" if gpu else "RSS growth MB"
             lines += [f"### `{name}`: {sub['description']}", "", f"| case | median ms | min ms | rounds | {mem} |",
-                      "| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if gpu else "")]
+                      "| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if gpu else "")]
             for case in [c for c in CASE_ORDER if c in cases] + [c for c in cases if c not in CASE_ORDER]:
                 r = cases[case]
                 extra = f"{r['extra_mem_bytes'] / 2**20:,.1f}" if "gpu" in m and "extra_mem_bytes" in r else ""
                 busy = _ms(r["gpu_busy_s"]) if r.get("gpu_busy_s") is not None else ""
+                span = _ms(r["gpu_span_s"]) if r.get("gpu_span_s") is not None else ""
                 lines.append(f"| {case} | {_ms(r['median_s'])} | {_ms(r['min_s'])} | {r['rounds']} | "
-                             f"{r['peak_mem_bytes'] / 2**20:,.1f} |" + (f" {extra} | {busy} |" if gpu else ""))
+                             f"{r['peak_mem_bytes'] / 2**20:,.1f} |" + (f" {extra} | {busy} | {span} |" if gpu else ""))
             for case, who in BATCH8.items():
                 if case in cases:
                     rate = 8 / cases[case]["median_s"]

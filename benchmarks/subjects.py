@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -112,9 +112,22 @@ def diffusers_compiled(components: Components, device: torch.device) -> Any:
     return sd
 
 
-def gpu_busy_s(fn: Callable[[], Any]) -> float | None:
-    """Seconds the GPU is busy (kernels and copies, overlaps counted once) during one call of ``fn``, from the
-    profiler's device activity (replayed CUDA graphs included); None on the CPU or when nothing was recorded."""
+def busy_and_span(spans: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(busy, span) of device activity intervals: busy is their union (overlaps counted once), span from the first
+    start to the last end. span - busy is the GPU idle between kernels (launch gaps inside CUDA graphs, waits on the
+    host between graphs); a call's wall time - span is host work before the first kernel and after the last."""
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if a > end:
+            busy, end = busy + (b - a), b
+        elif b > end:
+            busy, end = busy + (b - end), b
+    return busy, (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else 0.0
+
+
+def gpu_activity(fn: Callable[[], Any]) -> dict[str, float] | None:
+    """``{"gpu_busy_s", "gpu_span_s"}`` of one call of ``fn`` (see :func:`busy_and_span`), from the profiler's
+    device activity (replayed CUDA graphs included); None on the CPU or when nothing was recorded."""
     if not torch.cuda.is_available():
         return None
     from torch.autograd import DeviceType
@@ -125,15 +138,12 @@ def gpu_busy_s(fn: Callable[[], Any]) -> float | None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:  # the union of the intervals, in microseconds
-        if a > end:
-            busy, end = busy + (b - a), b
-        elif b > end:
-            busy, end = busy + (b - end), b
-    return busy * 1e-6 if spans else None
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    if not spans:
+        return None
+    busy, span = busy_and_span(spans)  # microseconds
+    return {"gpu_busy_s": busy * 1e-6, "gpu_span_s": span * 1e-6}
 
 
 def sd_multistep(sd: Any, prompt: str, height: int, width: int, seed: int = 0, steps: int = 25,

@@ -86,3 +86,17 @@ def test_cold_start_section_and_the_aoti_target():
     assert "| default | torch | 2.0 | 3.0 | 1.5 | 6.5 | 30.0 |" in text
     assert "| compile_warm | failed: RuntimeError: boom |" in text
     assert "aoti target (first image <= 20 s): 23.0 s, NOT met" in text
+
+
+def test_gpu_busy_and_span_split_the_idle_time():
+    """Busy is the union of the kernels' intervals, span their extent: span - busy is the GPU idle between kernels,
+    which the report shows beside the wall time."""
+    from benchmarks.subjects import busy_and_span
+
+    assert busy_and_span([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == (4, 6)  # overlaps once, the gap 3-5 idle
+    assert busy_and_span([(10, 11)]) == (1, 1) and busy_and_span([]) == (0.0, 0.0)
+    doc = _doc(True, ours=0.020, eager=0.045, diffusers=0.050, sd=0.45)
+    case = next(iter(doc["subjects"]["sd15"]["cases"].values()))
+    case.update(gpu_busy_s=0.0119, gpu_span_s=0.0131)
+    row = next(line for line in render_markdown([doc], None).splitlines() if "| 11.9 | 13.1 |" in line)
+    assert row.startswith("| ")
