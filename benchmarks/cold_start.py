@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out) if args.out else work / "cold_start.json"
     doc = {"cold_start": True, "date": now(), "machine": machine_info(), "subject": args.subject, "command": " ".join(
-        ["python -m benchmarks.cold_start", *(argv if argv is not None else sys.argv[1:])]), "cases": {}}
+        ["python -m benchmarks.cold_start", *(argv if argv is not None else sys.argv[1:])]), "rounds": args.rounds,
+        "cases": {}}
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     base_env.pop("TORCHINDUCTOR_CACHE_DIR", None)

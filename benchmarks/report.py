@@ -294,9 +294,12 @@ def render_train_data(doc: dict) -> list[str]:
     return lines + [""]
 
 
-def _rounds(command: str) -> int:
-    """The ``--rounds`` of a cold-start command line (its default, 10, when not given)."""
-    words = command.split()
+def _rounds(doc: dict) -> int:
+    """The steady calls a cold-start run made per case: recorded in the results; files written before it was are
+    read from the ``--rounds`` of their command line (10, its default, when not given)."""
+    if "rounds" in doc:
+        return int(doc["rounds"])
+    words = doc.get("command", "").split()
     return int(words[words.index("--rounds") + 1]) if "--rounds" in words[:-1] else 10
 
 
@@ -307,7 +310,7 @@ def render_cold_start(doc: dict) -> list[str]:
     lines = [f"### Cold start — {where}, {doc['date']}", "",
              f"`{doc.get('command', 'python -m benchmarks.cold_start')}` (subject `{doc['subject']}`): each case a new "
              "process, timed from before `import runtime` to the first image, then the median of "
-             f"{_rounds(doc.get('command', ''))} more calls with "
+             f"{_rounds(doc)} more calls with "
              "distinct prompts in that process.", "",
              "| case | backend | import s | load s | first call s | to first image s | then ms per image |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -86,6 +86,9 @@ def test_cold_start_section_and_the_aoti_target():
     assert "| default | torch | 2.0 | 3.0 | 1.5 | 6.5 | 30.0 |" in text
     assert "| compile_warm | failed: RuntimeError: boom |" in text
     assert "aoti target (first image <= 20 s): 23.0 s, NOT met" in text
+    assert "the median of 10 more calls" in text  # no rounds recorded, none on the command line: the default
+    assert "the median of 7 more calls" in render_markdown([{**doc, "rounds": 7}], None)
+    assert "the median of 5 more calls" in render_markdown([{**doc, "command": "python -m x --rounds 5"}], None)
 
 
 def test_gpu_busy_and_span_split_the_idle_time():
