@@ -208,9 +208,10 @@ def test_distill_loss_decreases(sd_pairs, tmp_path):
 
 
 def test_training_resume_reproduces_uninterrupted_run(sd_pairs, tmp_path):
-    _, full = _train(sd_pairs, tmp_path / "full", "reflow", 6, ema=0.9)
+    first, full = _train(sd_pairs, tmp_path / "full", "reflow", 6, ema=0.9)
     _train(sd_pairs, tmp_path / "split", "reflow", 3, ema=0.9)  # "interrupted" after step 3 (state saved)
-    _, split = _train(sd_pairs, tmp_path / "split", "reflow", 6, ema=0.9)  # resumes from step 3
+    resumed, split = _train(sd_pairs, tmp_path / "split", "reflow", 6, ema=0.9)  # resumes from step 3
+    assert (first.resumed_from, resumed.resumed_from) == (0, 3)
     from safetensors.torch import load_file
 
     a = load_file(full / "unet" / "diffusion_pytorch_model.safetensors")

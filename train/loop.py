@@ -212,6 +212,7 @@ class Trainer:
         bar = progress(cfg.max_steps, self.stage, enabled=r.dist.main, unit="step")
         bar.update(step)
         t0, done0 = time.perf_counter(), step
+        self.resumed_from = step  # the saved state's step this run continued from (0: a fresh start)
         self.losses: list[float] = []
         try:
             while step < cfg.max_steps:

@@ -47,7 +47,6 @@ from runtime.files import atomic_write_bytes, atomic_write_json
 from ..common import TrainError, progress
 from ..data import ATTRIBUTES, Label, all_labels, longest_caption_tokens, make_dataset
 from ..loop import Trainer, TrainConfig, epsilon_loss, l2_loss, reflow_loss
-from ..checkpoint import states
 from ..pairs import generate, shard_ok, write_pairs
 from ..pairset import read_manifest
 from .shapes_eval import (CLASSIFIER, DISCUSSION, control_steps, load_classifier, record_time, seed_keys,
@@ -216,8 +215,6 @@ def train_stage(out: Path, name: str, pairs: Path, init: Path, steps: int, b: Bu
                       text_embeddings="encode",  # each prompt in its own text-encoder call (a cache gives the same)
                       seed=seed,
                       extra={"default_steps": 1 if loss == "l2" else b.ode_steps, "recipe": "shapes"})
-    saved = states(run / "state")
-    resumed_from = int(saved[-1].name.split("-")[-1]) if saved else 0
     t0 = time.perf_counter()
     if loss == "epsilon":
         trainer = Trainer(cfg, epsilon_loss(SD_SCHEDULER_CONFIG), name, diffusion_scheduler=SD_SCHEDULER_CONFIG)
@@ -226,7 +223,7 @@ def train_stage(out: Path, name: str, pairs: Path, init: Path, steps: int, b: Bu
     model = trainer.run()
     _mark(run, {"final_loss": statistics.mean(trainer.losses[-20:]) if trainer.losses else None,
                 "steps_per_s": trainer.steps_per_s, "steps": steps, "seed": seed, "pairs": pairs_identity(pairs),
-                "wall_s": time.perf_counter() - t0, "resumed_from": resumed_from})
+                "wall_s": time.perf_counter() - t0, "resumed_from": trainer.resumed_from})
     return model
 
 
