@@ -54,8 +54,8 @@ def all_labels() -> list[Label]:
 
 def all_captions() -> list[str]:
     """Every caption the recipe trains on: each label's full caption and each of its partial captions."""
-    keeps = [dict(zip(ATTRIBUTES, k)) for k in itertools.product((False, True), repeat=len(ATTRIBUTES))]
-    return sorted({lb.partial_caption(k) for lb in all_labels() for k in keeps} | {lb.caption for lb in all_labels()})
+    return sorted({lb.partial_caption(k) for lb in all_labels() for k in PARTIAL_KEEPS}
+                  | {lb.caption for lb in all_labels()})
 
 
 #: the ways a training caption leaves attributes out (``Label.partial_caption``'s ``keep``), every one but the full
@@ -106,10 +106,14 @@ def draw_shape(label: Label, rng: np.random.Generator) -> np.ndarray:
     return img.astype(np.uint8)
 
 
+def balanced_order(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` indices into ``k`` items drawn in balanced rounds: each round a permutation of all ``k``."""
+    return np.concatenate([rng.permutation(k) for _ in range(-(-n // k))])[:n]
+
+
 def make_dataset(n: int, seed: int) -> tuple[np.ndarray, list[Label]]:
     """``n`` images (uint8 NHWC) with balanced labels, deterministic in ``seed``."""
     rng = np.random.default_rng(seed)
     labels_all = all_labels()
-    order = np.concatenate([rng.permutation(len(labels_all)) for _ in range(-(-n // len(labels_all)))])[:n]
-    labels = [labels_all[i] for i in order]
+    labels = [labels_all[i] for i in balanced_order(n, len(labels_all), rng)]
     return np.stack([draw_shape(lb, rng) for lb in labels]), labels

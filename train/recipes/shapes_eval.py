@@ -31,7 +31,7 @@ from runtime import flow
 from runtime.files import atomic_write_bytes, atomic_write_json, atomic_write_with
 from runtime.inputs import parse_device
 
-from ..data import ATTRIBUTES, PARTIAL_KEEPS, RGB, all_labels, draw_shape, make_dataset, matching_label
+from ..data import ATTRIBUTES, PARTIAL_KEEPS, RGB, all_labels, balanced_order, draw_shape, make_dataset, matching_label
 from ..metrics import path_straightness
 from ..teacher import Teacher, load_teacher
 
@@ -180,7 +180,7 @@ def partial_set(n: int, seed: int = 7) -> EvalSet:
     samples, so ``a shape`` (every attribute free) has as many as the 4 ``a {colour} shape`` captions together."""
     rng = np.random.default_rng(seed)
     everyone = all_labels()
-    order = np.concatenate([rng.permutation(len(everyone)) for _ in range(-(-n // len(everyone)))])[:n]
+    order = balanced_order(n, len(everyone), rng)
     captions, targets = [], {a: np.full(n, -1) for a in ATTRIBUTES}
     for i, j in enumerate(order):
         label, keep = everyone[j], PARTIAL_KEEPS[i % len(PARTIAL_KEEPS)]
