@@ -434,7 +434,7 @@ def test_recipe_stages_compute_in_fp32_with_the_budget_seed_on_any_device(tmp_pa
 
     class FakeTrainer:
         def __init__(self, cfg, loss, name, **kw):
-            seen["cfg"], self.losses, self.steps_per_s = cfg, [], 0.0
+            seen["cfg"], self.losses, self.steps_per_s, self.resumed_from = cfg, [], 0.0, 0
 
         def run(self):
             return tmp_path / "model"
@@ -475,7 +475,7 @@ def test_recipe_sets_every_training_setting_itself(tmp_path, monkeypatch):
 
     class FakeTrainer:
         def __init__(self, cfg, loss, name, **kw):
-            self.losses, self.steps_per_s = [], 0.0
+            self.losses, self.steps_per_s, self.resumed_from = [], 0.0, 0
 
         def run(self):
             return tmp_path / "model"
