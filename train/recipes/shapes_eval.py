@@ -766,9 +766,10 @@ def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier,
     real = real_scored.feats
     real_correct = {a: real_scored.pred[a] == np.array([lb.index()[a] for lb in real_labels]) for a in ATTRIBUTES}
     floor = frechet(real, score(clf, make_dataset(b.eval_n, seed=21)[0]).feats)
-    p_real = score(clf, matching_real(part, seed=30))
+    matched = matching_real(part, seed=30)
+    p_real = score(clf, matched)
     p_refs = {"real-2": score(clf, matching_real(part, seed=31)),
-              "real-vae": score(clf, vae_round_trip(models["teacher"], matching_real(part, seed=30)))}
+              "real-vae": score(clf, vae_round_trip(models["teacher"], matched))}
     every = rows_for(b)
     specs = [r for r in every if r.model in models]
     guidance = {"teacher": b.teacher_guidance, "rf2": b.guidance}
@@ -811,6 +812,8 @@ def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier,
                               "reference": "teacher-multi"})
     fid = {k: frechet(real, v.feats) for k, v in rows.items()}
     p_fid = {k: frechet(p_real.feats, v.feats) for k, v in everything.items()}
+    tv_teacher = {k: coverage_tv(v, part.targets, everything["teacher-multi"]) for k, v in everything.items()}
+    tv_data = {k: coverage_tv(v, part.targets, None) for k, v in everything.items()}
     pb = boot["partial"]
     if sampled:  # the rows sampled in this call (2 per row: full and partial captions), scored, bootstrapped
         record_time(out, "report", time.perf_counter() - t0, sampled, 2 * len(every), "row")
@@ -838,13 +841,10 @@ def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier,
             "fid": p_fid, "fid_ci": {k: centred_interval(p_fid[k], v) for k, v in pb["fid"].items()},
             "acc": {k: fixed_accuracy(v, part.targets) for k, v in everything.items()},
             "acc_ci": {k: interval(v) for k, v in pb["acc"].items()},
-            "tv_teacher": {k: coverage_tv(v, part.targets, everything["teacher-multi"]) for k, v in everything.items()},
-            "tv_teacher_ci": {k: centred_interval(coverage_tv(everything[k], part.targets,
-                                                              everything["teacher-multi"])["mean"], v)
-                              for k, v in pb["tv_teacher"].items()},
-            "tv_data": {k: coverage_tv(v, part.targets, None) for k, v in everything.items()},
-            "tv_data_ci": {k: centred_interval(coverage_tv(everything[k], part.targets, None)["mean"], v)
-                           for k, v in pb["tv_data"].items()},
+            "tv_teacher": tv_teacher,
+            "tv_teacher_ci": {k: centred_interval(tv_teacher[k]["mean"], v) for k, v in pb["tv_teacher"].items()},
+            "tv_data": tv_data,
+            "tv_data_ci": {k: centred_interval(tv_data[k]["mean"], v) for k, v in pb["tv_data"].items()},
             "unclean": {k: float(1 - v.clean.mean()) for k, v in everything.items()},
             "unclean_ci": {k: interval(v) for k, v in pb["unclean"].items()},
             "unclean_by_free": {k: unclean_by_free(v, part.targets) for k, v in everything.items()},
