@@ -440,7 +440,7 @@ def test_recipe_stages_compute_in_fp32_with_the_budget_seed_on_any_device(tmp_pa
             return tmp_path / "model"
 
     monkeypatch.setattr(shapes, "Trainer", FakeTrainer)
-    monkeypatch.setattr(shapes, "generate", lambda *a, **kw: seen.update(generate=kw))
+    monkeypatch.setattr(shapes, "generate", lambda *a, **kw: seen.update(generate=kw) or {"new_pairs": 0})
     monkeypatch.setattr(shapes, "pairs_identity", lambda pairs: {"num_pairs": 16})
     b = shapes.budget(True, ["seed=3"])
     shapes.train_stage(tmp_path, "rf2", tmp_path / "pairs", tmp_path / "init", 2, b, "reflow")

@@ -126,8 +126,9 @@ def test_corrupted_shard_is_regenerated(sd_style_ckpt, prompts_file, sd_pairs, t
     with pytest.raises(TrainError, match="does not match its checksum"):
         PairSet(out).pairs(torch.arange(20))  # shards are read, and checked, when a batch needs them
     with one_thread():
-        generate(str(sd_style_ckpt), str(prompts_file), out, num_pairs=20, batch_size=4, shard_size=8, steps=6)
+        doc = generate(str(sd_style_ckpt), str(prompts_file), out, num_pairs=20, batch_size=4, shard_size=8, steps=6)
     assert "(8 new" in capsys.readouterr().out  # only that shard (8 pairs) was made again
+    assert doc["new_pairs"] == 8 and "new_pairs" not in json.loads((out / "manifest.json").read_text())
     _same_shards(sd_pairs, out)
 
 

@@ -61,7 +61,8 @@ def generate(teacher_ckpt: str, prompts_file: str, out: str | Path, num_pairs: i
              seed: int = 0, steps: int | None = None, guidance: float | None = None, height: int | None = None,
              width: int | None = None, shard_size: int = 1000, storage: str = "fp32", device: str | None = None,
              dtype: str | None = None) -> dict[str, Any]:
-    """Generate (or finish) a pairs folder; returns its manifest. See the module docstring."""
+    """Generate (or finish) a pairs folder; returns its manifest, with ``new_pairs``: how many pairs this call made
+    on this rank (0 when the folder was complete). See the module docstring."""
     if num_pairs < 1 or batch_size < 1 or shard_size < 1:
         raise TrainError("--num-pairs, --batch-size and --shard-size must be >= 1")
     if storage not in ("fp32", "fp16"):
@@ -128,7 +129,7 @@ def generate(teacher_ckpt: str, prompts_file: str, out: str | Path, num_pairs: i
         atomic_write_json(manifest, doc)
         print(f"{num_pairs} pairs in {out} ({total} new, {rate:.1f} pairs/s on rank 0)", flush=True)
     d.barrier()
-    return doc
+    return {**doc, "new_pairs": total}
 
 
 def write_pairs(folder: str | Path, x0: torch.Tensor, x1: torch.Tensor, prompt_index: torch.Tensor,

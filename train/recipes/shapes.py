@@ -47,10 +47,10 @@ from runtime.files import atomic_write_bytes, atomic_write_json
 from ..common import TrainError, progress
 from ..data import ATTRIBUTES, Label, all_labels, longest_caption_tokens, make_dataset
 from ..loop import Trainer, TrainConfig, epsilon_loss, l2_loss, reflow_loss
-from ..pairs import generate, shard_ok, write_pairs
+from ..pairs import generate, write_pairs
 from ..pairset import read_manifest
-from .shapes_eval import (CLASSIFIER, DISCUSSION, control_steps, load_classifier, record_time, seed_keys,
-                          stage_classifier, stage_report, to_tensor)
+from .shapes_eval import (CLASSIFIER, DISCUSSION, control_steps, load_classifier, record_time,
+                          stage_classifier, stage_report, student_runs, to_tensor)
 
 __all__ = ["CLASSIFIER", "SPEC", "Budget", "load_classifier", "run"]
 
@@ -231,13 +231,11 @@ def stage_pairs(out: Path, name: str, teacher: Path, guidance: float, b: Budget)
     """Pairs through ``train.pairs``, the path that serves SD 1.5 (DPM-Solver for a diffusion teacher, Euler for a
     flow)."""
     folder = out / name
-    shards = -(-b.pairs // 1000)
-    have = sum(min(1000, b.pairs - k * 1000) for k in range(shards) if shard_ok(folder, k))
     t0 = time.perf_counter()
-    generate(str(teacher), str(out / "prompts.txt"), folder, num_pairs=b.pairs, batch_size=b.batch, seed=3,
-             steps=b.ode_steps, guidance=guidance, shard_size=1000, dtype="fp32")
-    if have < b.pairs:
-        record_time(out, name, time.perf_counter() - t0, b.pairs - have, b.pairs, "pair")
+    made = generate(str(teacher), str(out / "prompts.txt"), folder, num_pairs=b.pairs, batch_size=b.batch, seed=3,
+                    steps=b.ode_steps, guidance=guidance, shard_size=1000, dtype="fp32")["new_pairs"]
+    if made:
+        record_time(out, name, time.perf_counter() - t0, made, b.pairs, "pair")
     return folder
 
 
@@ -278,10 +276,10 @@ def finished_models(out: Path, b: Budget) -> dict[str, Path]:
     for name, pairs, steps in (("teacher", data, b.teacher_steps), ("rf2", teacher_pairs, b.rf2_steps)):
         if done(name, pairs, steps, b.seed):
             models[name] = out / name / "model"
-    for k, (name, control) in enumerate(zip(seed_keys(b, "student"), seed_keys(b, "student_teacher"))):
-        if done(name, rf2_pairs, b.distill_steps, b.seed + k):
+    for seed, name, control in student_runs(b):
+        if done(name, rf2_pairs, b.distill_steps, seed):
             models[name] = out / name / "model"
-        if done(control, teacher_pairs, control_steps(b), b.seed + k):
+        if done(control, teacher_pairs, control_steps(b), seed):
             models[control] = out / control / "model"
     return models
 
@@ -364,10 +362,10 @@ def _run(out: str | Path, smoke: bool, ship: bool, publish: bool, b: Budget | No
     rf2 = train_stage(out, "rf2", pairs_teacher, teacher, b.rf2_steps, b, "reflow")
     pairs_rf2 = stage_pairs(out, "pairs_rf2", rf2, b.guidance, b)
     models = {"teacher": teacher, "rf2": rf2, "before": baseline}
-    for k, (name, control) in enumerate(zip(seed_keys(b, "student"), seed_keys(b, "student_teacher"))):
-        models[name] = train_stage(out, name, pairs_rf2, rf2, b.distill_steps, b, "l2", dropout=0.0, seed=b.seed + k)
+    for seed, name, control in student_runs(b):
+        models[name] = train_stage(out, name, pairs_rf2, rf2, b.distill_steps, b, "l2", dropout=0.0, seed=seed)
         models[control] = train_stage(out, control, pairs_teacher, teacher, control_steps(b), b, "l2", dropout=0.0,
-                                      seed=b.seed + k)
+                                      seed=seed)
     return _report(out, b, models, smoke, ship, publish, t0)
 
 

@@ -372,6 +372,12 @@ def seed_keys(b: Budget, base: str) -> list[str]:
     return [base] + [f"{base}-s{k}" for k in range(1, b.student_seeds)]
 
 
+def student_runs(b: Budget) -> list[tuple[int, str, str]]:
+    """Each training seed of the students with its two rows (and run folders): ``(seed, InstaFlow student,
+    control)``, the budget's seed first."""
+    return [(b.seed + k, s, c) for k, (s, c) in enumerate(zip(seed_keys(b, "student"), seed_keys(b, "student_teacher")))]
+
+
 def control_steps(b: Budget) -> int:
     """The control's distillation steps: ``control_steps``, or 0 for as many as the student's."""
     return b.control_steps or b.distill_steps
@@ -383,10 +389,10 @@ def rows_for(b: Budget) -> list[Row]:
             Row("teacher-1", "Diffusion teacher, 1-step", "teacher", 1, w_t),
             Row("rf2-multi", f"2-RF, Euler {n}-step", "rf2", n, w),
             Row("rf2-1", "2-RF, 1-step", "rf2", 1, w)]
-    for k, (control, student) in enumerate(zip(seed_keys(b, "student_teacher"), seed_keys(b, "student"))):
-        seed = f", seed {b.seed + k}" if b.student_seeds > 1 else ""
-        rows += [Row(control, f"Teacher + distill (control), 1-step{seed}", control, 1, 0.0),
-                 Row(student, f"2-RF + distill (InstaFlow), 1-step{seed}", student, 1, 0.0)]
+    for seed, student, control in student_runs(b):
+        which = f", seed {seed}" if b.student_seeds > 1 else ""
+        rows += [Row(control, f"Teacher + distill (control), 1-step{which}", control, 1, 0.0),
+                 Row(student, f"2-RF + distill (InstaFlow), 1-step{which}", student, 1, 0.0)]
     return rows + [Row("before", "Bundled `tiny` before this run, 1-step", "before", 1, 0.0)]
 
 
@@ -626,16 +632,18 @@ def seeded_quantities(doc: dict[str, Any], boot: dict[str, Any]) -> dict[str, di
 PENDING = "pending"
 
 
-def claims(doc: dict[str, Any], boot: dict[str, Any], bundled: str) -> list[dict[str, Any]]:
+def claims(doc: dict[str, Any], boot: dict[str, Any], bundled: str,
+           quantities: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The paper's claims, each with its measured value(s), 95% interval(s) (one per training seed of the
     students) and verdict (:func:`verdict`). Claims 3a-3d test claim 3 on the partial captions, where one noise has
     several right images: the paper's argument (a curved teacher's coupling, distilled directly, averages modes).
     A claim whose rows have not all finished training is pending: with no seed yet it says what it waits for, with
-    some it is judged on those (``so_far``) and says which seeds are missing."""
+    some it is judged on those (``so_far``) and says which seeds are missing. ``quantities``: what
+    :func:`seeded_quantities` returned for ``doc`` and ``boot`` (computed here when not given)."""
     fid, fid_b, s_b = doc["fid"], boot["fid"], boot["s"]
     s = {k: v["value"] for k, v in doc["straightness"].items()}
     students, _ = seed_rows(doc)
-    q = seeded_quantities(doc, boot)
+    q = seeded_quantities(doc, boot) if quantities is None else quantities
     first = doc["budget"].get("seed", 0)
     names = [f"seed {first + k}" for k in range(len(students))]
 
@@ -745,8 +753,7 @@ def budget_overrides(b: Budget, smoke: bool = False) -> dict[str, Any]:
 
 def trained_stages(b: Budget) -> list[str]:
     """The recipe's trained stages (run folders), upstream first."""
-    return ["teacher", "rf2"] + [k for pair in zip(seed_keys(b, "student"), seed_keys(b, "student_teacher"))
-                                 for k in pair]
+    return ["teacher", "rf2"] + [k for _, student, control in student_runs(b) for k in (student, control)]
 
 
 #: the stages whose work ``timings.json`` records (the trained ones record theirs in DONE)
@@ -855,8 +862,8 @@ def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier,
         "times": stage_times(out, trained_stages(b), UNTRAINED),
     }
     doc["ship"] = ship_decision(doc, boot)
-    doc["claims"] = claims(doc, boot, doc["ship"]["key"] or "before")
     doc["spread"] = seeded_quantities(doc, boot)
+    doc["claims"] = claims(doc, boot, doc["ship"]["key"] or "before", doc["spread"])
     atomic_write_json(report / "results.json", doc)
     (report / "SHAPES.md").write_text(render_report(doc))
     return report, doc
