@@ -82,12 +82,12 @@ def aoti_dir(name: str, work: Path) -> Path:
     return work / f"aoti-{name}"
 
 
-def export_aoti_packages(name: str, work: Path, max_batch: int = 8) -> Path:
-    """AOTInductor packages of the subject (``python -m export.aoti``), reused when already made."""
+def export_aoti_packages(name: str, work: Path, max_batch: int = 8, autotune: bool = False) -> Path:
+    """AOTInductor packages of the subject (``python -m export.aoti [--autotune]``), reused when already made."""
     from export.aoti import export_aoti
 
     folder = aoti_dir(name, work)
-    export_aoti(str(subject_checkpoint(name, work)), folder, max_batch=max_batch)
+    export_aoti(str(subject_checkpoint(name, work)), folder, max_batch=max_batch, autotune=autotune)
     return folder
 
 
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results JSON [WORK/cold_start.json]")
     p.add_argument("--cases", default="default,compile_cold,compile_warm,aoti")
     p.add_argument("--aoti", action="store_true", help="compile the AOTInductor packages when missing")
+    p.add_argument("--aoti-autotune", action="store_true", help="compile them with --autotune")
     p.add_argument("--prepare-only", action="store_true", help="write the checkpoint (and packages), time nothing")
     p.add_argument("--rounds", type=int, default=10, help="steady calls after the first image [10]")
     p.add_argument("--timeout", type=float, default=600, help="seconds per process [600]")
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     ckpt = subject_checkpoint(args.subject, work)
     if args.aoti and not (aoti_dir(args.subject, work) / "manifest.json").is_file():
-        export_aoti_packages(args.subject, work)
+        export_aoti_packages(args.subject, work, autotune=args.aoti_autotune)
     if args.prepare_only:
         return 0
     out = Path(args.out) if args.out else work / "cold_start.json"

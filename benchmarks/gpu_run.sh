@@ -8,6 +8,8 @@
 #   BENCH_SUBJECT=tiny BENCH_COMPILE=0 bash benchmarks/gpu_run.sh   rehearses every phase on the CPU (bundled model)
 #   BENCH_COMPILE=0                                leaves out the torch.compile cases (each compiles for a minute+)
 #   BENCH_DEADLINE=560                             seconds for the whole run
+#   BENCH_AOTI_AUTOTUNE=1                          the AOTInductor packages compiled with --autotune (Inductor's
+#                                                  max-autotune: minutes more; for a lease of its own)
 # Measured on an H200 (2026-11-30, 16 cores): the three compile processes took 86-100 s side by side; the SD-1.5
 # AOTInductor export did not finish in 260 s beside them (text encoder alone 87 s). A 15-minute lease cannot hold
 # both: measure the compiled cases in one lease and the aoti ones (BENCH_COMPILE=0, the export given the cores) in
@@ -63,7 +65,9 @@ inductor=$(python3 -c "import torch; from runtime.cache import compile_cache_dir
 print(d(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))")
 phase1=$(budget 250)  # phases 2-4 need about 250 s; without the compiled cases about 170 s
 [ "${BENCH_COMPILE:-1}" = 0 ] && phase1=$(budget 170)
-timeout "$phase1" python3 -m benchmarks.cold_start --subject "$subject" --work "$work" --prepare-only --aoti \
+aoti_flags=--aoti
+[ "${BENCH_AOTI_AUTOTUNE:-0}" = 1 ] && aoti_flags="--aoti --aoti-autotune"
+timeout "$phase1" python3 -m benchmarks.cold_start --subject "$subject" --work "$work" --prepare-only $aoti_flags \
   > "$out/aoti_export.log" 2>&1 &
 pids=($!)
 for case in "${compile_cases[@]}"; do

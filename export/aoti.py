@@ -1,7 +1,7 @@
 """Compile text encoder, UNet, VAE decoder and the fused one-step graph ahead of time with AOTInductor, once per
 machine, so that a process loads them in seconds instead of compiling for minutes.
 
-    python -m export.aoti --ckpt CKPT -o DIR [--device cuda|cpu] [--fp32] [--max-batch 8]
+    python -m export.aoti --ckpt CKPT -o DIR [--device cuda|cpu] [--fp32] [--max-batch 8] [--autotune]
                           [--height H --width W | --static] [--vae taesd] [--lora FILE[:SCALE]] [--force]
 
 Each graph (the modules of :mod:`export.graphs`, the tensors of :mod:`runtime.specs`) goes through
@@ -43,16 +43,28 @@ from .exporter import Exporter, check_free_space
 from .graphs import module_for
 
 
+#: ``--autotune`` on CUDA: Inductor benchmarks its kernel choices while compiling (GEMM/convolution templates
+#: against cuBLAS/cuDNN, the launch configurations of its own kernels) - the settings diffusers documents for
+#: compiling convolutional UNets and Hugging Face's ahead-of-time (ZeroGPU) recipe uses, without their
+#: ``triton.cudagraphs`` (the backend captures its own graphs). Minutes more of compilation, once per machine.
+AUTOTUNE_CUDA: dict[str, Any] = {"max_autotune": True, "coordinate_descent_tuning": True,
+                                 "coordinate_descent_check_all_directions": True, "conv_1x1_as_mm": True,
+                                 "epilogue_fusion": False}
+#: ``--autotune`` on the CPU: Inductor's C++ GEMM templates, benchmarked against oneDNN per linear layer
+AUTOTUNE_CPU: dict[str, Any] = {"max_autotune": True}
+
+
 class AOTIExporter(Exporter):
-    """AOTInductor packages, compiled for one device and verified against PyTorch."""
+    """AOTInductor packages, compiled for one device and verified against PyTorch. ``autotune``: Inductor's
+    slow autotuning (:data:`AUTOTUNE_CUDA`, :data:`AUTOTUNE_CPU`)."""
 
     kind = "aoti"
     command = "python -m export.aoti"
 
     def __init__(self, settings: ExportSettings, device: torch.device, max_batch: int = 8,
-                 hw: tuple[int, int] | None = None) -> None:
+                 hw: tuple[int, int] | None = None, autotune: bool = False) -> None:
         super().__init__(settings)
-        self.device, self.max_batch, self.hw = device, max_batch, hw
+        self.device, self.max_batch, self.hw, self.autotune = device, max_batch, hw, autotune
 
     def check_settings(self) -> None:
         super().check_settings()
@@ -118,10 +130,11 @@ class AOTIExporter(Exporter):
     def inductor_configs(self) -> dict[str, Any]:
         """Inductor settings of every package (part of the reuse key: packages made otherwise are made again)."""
         if self.device.type == "cuda":  # the C++ wrapper only launches kernels (replayed from CUDA graphs): compile
-            return {"aot_inductor.compile_wrapper_opt_level": "O0"}  # it fast
+            return {"aot_inductor.compile_wrapper_opt_level": "O0",  # it fast
+                    **(AUTOTUNE_CUDA if self.autotune else {})}
         # CPU: weights as constants, so convolutions and linears run on weights prepacked for oneDNN at compile time
         # (without it the small SD-shaped subject ran 1.28x slower than eager; with it 0.96x, benchmarks/RESULTS.md)
-        return {"freezing": True}
+        return {"freezing": True, **(AUTOTUNE_CPU if self.autotune else {})}
 
     # --------------------------------------------------------------------------------------------- the graph
     def make(self, spec: ComponentSpec, components: Components, out: Path, key: dict[str, Any]) -> GraphEntry:
@@ -183,14 +196,15 @@ def verify_aoti(folder: Path, manifest: Manifest, components: Components, batche
 def export_aoti(ckpt: str, out: str | Path, device: str | torch.device | None = None, fp16: bool | None = None,
                 max_batch: int = 8, height: int | None = None, width: int | None = None, static: bool = False,
                 force: bool = False, verify: bool = True, only: Sequence[str] | None = None, vae: str | None = None,
-                lora: Any = None) -> Manifest:
+                lora: Any = None, autotune: bool = False) -> Manifest:
     """Compile (or reuse) the packages of ``ckpt`` into ``out`` for ``device`` (default: CUDA when available),
     verify them and return the manifest; ``fp16`` defaults to True on CUDA. ``height``/``width`` in pixels set the
-    size the dynamic range is centred on (default: the checkpoint's)."""
+    size the dynamic range is centred on (default: the checkpoint's). ``autotune``: Inductor's slow autotuning
+    (minutes more per package; packages compiled without it are compiled again)."""
     dev = parse_device(device)
     half = dev.type == "cuda" if fp16 is None else fp16
     settings = ExportSettings(fp16=half, dynamic_hw=not static, fused=True)
-    exporter = AOTIExporter(settings, dev, max_batch, None)
+    exporter = AOTIExporter(settings, dev, max_batch, None, autotune=autotune)
     if height is not None or width is not None:
         exporter.hw = _pixels_to_latent(ckpt, height, width, vae)
     return exporter.run(ckpt, out, force=force, verify=verify, only=only, vae=vae, lora=lora)
@@ -218,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=None, help="pixels [the checkpoint's default]")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--static", action="store_true", help="the checkpoint's default size only")
+    p.add_argument("--autotune", action="store_true",
+                   help="Inductor's max-autotune (benchmarks kernel choices while compiling): minutes more, once")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="compile only these graphs (text_encoder, unet, vae_decoder, onestep)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch (not recommended)")
@@ -229,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(lambda: export_aoti(args.ckpt, args.output, device=args.device, fp16=False if args.fp32 else None,
                                        max_batch=args.max_batch, height=args.height, width=args.width,
                                        static=args.static, force=args.force, verify=not args.no_verify,
-                                       only=args.only, vae=args.vae, lora=args.lora))
+                                       only=args.only, vae=args.vae, lora=args.lora, autotune=args.autotune))
 
 
 if __name__ == "__main__":

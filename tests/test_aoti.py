@@ -184,6 +184,41 @@ def test_cpu_packages_are_frozen_and_other_settings_compile_again(micro, monkeyp
     assert seen and seen[0]["freezing"] is False and seen[0]["aot_inductor.metadata"]["instaflow_graph"]
 
 
+def test_autotune_compiles_again_with_inductors_tuning(micro, monkeypatch, tmp_path):
+    """``--autotune`` adds Inductor's slow autotuning to every package's settings (names Inductor knows, on both
+    devices): the packages compiled without it are compiled again, with it."""
+    import shutil
+
+    import torch._inductor
+    import torch._inductor.config as inductor_config
+
+    import export.aoti as aoti
+    from runtime.manifest import ExportSettings
+
+    known = inductor_config.get_config_copy()
+    assert set(aoti.AUTOTUNE_CUDA) | set(aoti.AUTOTUNE_CPU) <= set(known)  # a misspelt setting would fail on the GPU
+    settings = ExportSettings(fp16=True, dynamic_hw=True, fused=True)
+    cuda = aoti.AOTIExporter(settings, torch.device("cuda"), autotune=True).inductor_configs()
+    assert cuda["max_autotune"] and cuda["conv_1x1_as_mm"] and cuda["epilogue_fusion"] is False
+    assert "max_autotune" not in aoti.AOTIExporter(settings, torch.device("cuda")).inductor_configs()
+    seen = []
+
+    def compile_nothing(program, package_path=None, inductor_configs=None, **kw):
+        seen.append(inductor_configs)
+        raise RuntimeError("not compiled in this test")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_nothing)
+    ckpt, folder, _ = micro
+    shutil.copytree(folder, tmp_path / "pkg")
+    with pytest.raises(ExportError, match="not compiled in this test"):  # the untuned packages are not reused
+        export_aoti(str(ckpt), tmp_path / "pkg", device="cpu", max_batch=3, autotune=True)
+    assert seen[0]["freezing"] is True and seen[0]["max_autotune"] is True
+    got = {}
+    monkeypatch.setattr(aoti, "export_aoti", lambda *a, **kw: got.update(kw))
+    assert main(["--ckpt", str(ckpt), "-o", str(tmp_path / "x"), "--device", "cpu", "--autotune"]) == 0
+    assert got["autotune"] is True
+
+
 @pytest.mark.parametrize("args, message", [
     (["--device", "cuda"], "CUDA is not available on this machine"),
     (["--device", "cpu", "--max-batch", "0"], "--max-batch must be >= 1"),
