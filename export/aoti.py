@@ -33,6 +33,7 @@ from runtime.backends.aoti_backend import Package
 from runtime.cache import device_target
 from runtime.cli import run_cli
 from runtime.errors import BackendUnavailableError, ExportError
+from runtime.inductor import autotune_settings
 from runtime.inputs import parse_device
 from runtime.manifest import ExportSettings, GraphEntry, Manifest, Source, Target, Verification
 from runtime.models import Components
@@ -43,20 +44,9 @@ from .exporter import Exporter, check_free_space
 from .graphs import module_for
 
 
-#: ``--autotune`` on CUDA: Inductor benchmarks its kernel choices while compiling (GEMM/convolution templates
-#: against cuBLAS/cuDNN, the launch configurations of its own kernels) - the settings diffusers documents for
-#: compiling convolutional UNets and Hugging Face's ahead-of-time (ZeroGPU) recipe uses, without their
-#: ``triton.cudagraphs`` (the backend captures its own graphs). Minutes more of compilation, once per machine.
-AUTOTUNE_CUDA: dict[str, Any] = {"max_autotune": True, "coordinate_descent_tuning": True,
-                                 "coordinate_descent_check_all_directions": True, "conv_1x1_as_mm": True,
-                                 "epilogue_fusion": False}
-#: ``--autotune`` on the CPU: Inductor's C++ GEMM templates, benchmarked against oneDNN per linear layer
-AUTOTUNE_CPU: dict[str, Any] = {"max_autotune": True}
-
-
 class AOTIExporter(Exporter):
     """AOTInductor packages, compiled for one device and verified against PyTorch. ``autotune``: Inductor's
-    slow autotuning (:data:`AUTOTUNE_CUDA`, :data:`AUTOTUNE_CPU`)."""
+    slow autotuning (:func:`runtime.inductor.autotune_settings`)."""
 
     kind = "aoti"
     command = "python -m export.aoti"
@@ -131,10 +121,10 @@ class AOTIExporter(Exporter):
         """Inductor settings of every package (part of the reuse key: packages made otherwise are made again)."""
         if self.device.type == "cuda":  # the C++ wrapper only launches kernels (replayed from CUDA graphs): compile
             return {"aot_inductor.compile_wrapper_opt_level": "O0",  # it fast
-                    **(AUTOTUNE_CUDA if self.autotune else {})}
+                    **(autotune_settings(self.device) if self.autotune else {})}
         # CPU: weights as constants, so convolutions and linears run on weights prepacked for oneDNN at compile time
         # (without it the small SD-shaped subject ran 1.28x slower than eager; with it 0.96x, benchmarks/RESULTS.md)
-        return {"freezing": True, **(AUTOTUNE_CPU if self.autotune else {})}
+        return {"freezing": True, **(autotune_settings(self.device) if self.autotune else {})}
 
     # --------------------------------------------------------------------------------------------- the graph
     def make(self, spec: ComponentSpec, components: Components, out: Path, key: dict[str, Any]) -> GraphEntry:

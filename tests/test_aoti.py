@@ -195,8 +195,10 @@ def test_autotune_compiles_again_with_inductors_tuning(micro, monkeypatch, tmp_p
     import export.aoti as aoti
     from runtime.manifest import ExportSettings
 
+    from runtime.inductor import AUTOTUNE_CPU, AUTOTUNE_CUDA
+
     known = inductor_config.get_config_copy()
-    assert set(aoti.AUTOTUNE_CUDA) | set(aoti.AUTOTUNE_CPU) <= set(known)  # a misspelt setting would fail on the GPU
+    assert set(AUTOTUNE_CUDA) | set(AUTOTUNE_CPU) <= set(known)  # a misspelt setting would fail on the GPU
     settings = ExportSettings(fp16=True, dynamic_hw=True, fused=True)
     cuda = aoti.AOTIExporter(settings, torch.device("cuda"), autotune=True).inductor_configs()
     assert cuda["max_autotune"] and cuda["conv_1x1_as_mm"] and cuda["epilogue_fusion"] is False

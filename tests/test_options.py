@@ -122,3 +122,22 @@ def test_pipelines_sharing_fused_modules_keep_their_weights(parts):
     after = {n: p for n, p in comps.unet.named_parameters() if "to_qkv" in n or "to_kv" in n}
     assert all(after[n] is p for n, p in fused.items())  # the same tensors, not copies
     assert torch.equal(first(PROMPTS, seed=1, output_type="pt").images, before)
+
+
+def test_autotune_reaches_torch_compile_and_needs_it(parts, monkeypatch):
+    """``autotune=True`` hands Inductor's autotuning settings (runtime.inductor, shared with export.aoti) to both
+    compiled modules; without ``compile=True`` it is refused in one line, and ``auto`` passes it on to torch."""
+    from runtime import InvalidInputError
+    from runtime.inductor import autotune_settings
+
+    ckpt, _, _ = parts
+    with pytest.raises(InvalidInputError, match="^autotune=True tunes what torch.compile compiles: pass compile"):
+        Pipeline.from_pretrained(ckpt, device="cpu", backend="torch", autotune=True)
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    pipe = Pipeline.from_pretrained(ckpt, device="cpu", compile=True, autotune=True)
+    assert pipe.backend.name == "torch" and len(seen) == 2
+    assert all(kw["options"] == autotune_settings(torch.device("cpu")) for kw in seen)
+    seen.clear()
+    Pipeline.from_pretrained(ckpt, device="cpu", backend="torch", compile=True)
+    assert [kw["options"] for kw in seen] == [None, None]

@@ -8,7 +8,8 @@ import torch
 
 from .. import flow
 from ..cache import use_compile_cache
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, InvalidInputError
+from ..inductor import autotune_settings
 from ..models import Components
 from .base import Backend
 from .graphs import GraphCache, capture_torch
@@ -31,6 +32,8 @@ class TorchBackend(Backend):
     * ``compile``: ``torch.compile`` the UNet and VAE decoder (minutes of compilation on first use per shape, once
       per machine: Inductor's caches are kept in the project's cache folder, per torch version and device, see
       :func:`runtime.cache.use_compile_cache`; a later process compiles in seconds).
+    * ``autotune`` (with ``compile``): Inductor's slow autotuning (:mod:`runtime.inductor`): minutes more of
+      compilation per shape, cached the same way.
     * ``cuda_graph``: replay CUDA graphs captured per input shape (see :mod:`runtime.backends.graphs`): one for the
       whole one-step hot path (UNet -> Euler step -> VAE decode -> [0, 1] image) per (batch, height, width) and one
       for the text encoder per batch size; static buffers, warm-up before capture, outputs copied out so calls never
@@ -42,9 +45,12 @@ class TorchBackend(Backend):
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
                  channels_last: bool = False, compile: bool = False, cuda_graph: bool = False,
-                 fuse_qkv: bool = False, fast_group_norm: bool = False, max_graphs: int = 16) -> None:
+                 fuse_qkv: bool = False, fast_group_norm: bool = False, autotune: bool = False,
+                 max_graphs: int = 16) -> None:
         if cuda_graph and device.type != "cuda":
             raise BackendUnavailableError("cuda_graph=True needs a CUDA device")
+        if autotune and not compile:
+            raise InvalidInputError("autotune=True tunes what torch.compile compiles: pass compile=True too")
         self.components = components
         self.device = device
         self.dtype = dtype
@@ -65,8 +71,9 @@ class TorchBackend(Backend):
                 use_split_group_norm(module)
         if compile:  # what compiles once per shape is kept on disk: a later process loads it (runtime.cache)
             self.compile_cache = use_compile_cache(device)
-            self.unet = torch.compile(components.unet, fullgraph=False)
-            self.vae_decode = torch.compile(components.vae.decode, fullgraph=False)
+            options = autotune_settings(device) if autotune else None
+            self.unet = torch.compile(components.unet, fullgraph=False, options=options)
+            self.vae_decode = torch.compile(components.vae.decode, fullgraph=False, options=options)
         if cuda_graph:
             self._one_step_graphs = GraphCache(capture_torch(self._one_step_eager, device), max_graphs)
             self._encode_graphs = GraphCache(capture_torch(self._encode_eager, device), max_graphs)
