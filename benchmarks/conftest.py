@@ -8,6 +8,7 @@ Options (all optional):
   --bench-absolute         also gate absolute medians against the baseline (only on a fixed machine)
   --bench-out DIR          where the run's results JSON goes (default benchmarks/.results)
   --bench-compile          also time the torch.compile cases, ours and diffusers' (minutes of compilation)
+  --bench-autotune         with --bench-compile: also the compiled path with Inductor's autotuning (more minutes)
   --bench-aoti             compile the subject's AOTInductor packages when missing (minutes) and time them
   --bench-work DIR         subject checkpoints and packages (default benchmarks/.work; see benchmarks/cold_start.py)
 """
@@ -42,6 +43,7 @@ RATIOS = {
     "ours/ours_eager": ("ours_1step", "ours_1step_eager"),  # GPU: CUDA graphs vs the same pipeline eager
     "channels_last/ours": ("ours_1step_channels_last", "ours_1step"),  # CPU: channels-last vs default format
     "compiled/ours": ("ours_1step_compiled", "ours_1step"),  # --bench-compile: torch.compile on top
+    "autotuned/compiled": ("ours_1step_compiled_autotune", "ours_1step_compiled"),  # --bench-autotune too
     "compiled/diffusers_1step": ("ours_1step_compiled", "diffusers_1step"),
     "compiled/diffusers_compiled": ("ours_1step_compiled", "diffusers_compiled_1step"),  # both with the recipe
     "compiled/sd_25step_cfg": ("ours_1step_compiled", "sd_25step_cfg"),
@@ -67,6 +69,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-absolute", action="store_true")
     g.addoption("--bench-out", default=os.environ.get("BENCH_OUT", str(HERE / ".results")))
     g.addoption("--bench-compile", action="store_true", default=os.environ.get("BENCH_COMPILE") == "1")
+    g.addoption("--bench-autotune", action="store_true", default=os.environ.get("BENCH_AUTOTUNE") == "1")
     g.addoption("--bench-aoti", action="store_true", default=os.environ.get("BENCH_AOTI") == "1")
     g.addoption("--bench-work", default=os.environ.get("BENCH_WORK", str(HERE / ".work")))
 

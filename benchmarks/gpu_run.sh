@@ -8,8 +8,9 @@
 #   BENCH_SUBJECT=tiny BENCH_COMPILE=0 bash benchmarks/gpu_run.sh   rehearses every phase on the CPU (bundled model)
 #   BENCH_COMPILE=0                                leaves out the torch.compile cases (each compiles for a minute+)
 #   BENCH_DEADLINE=560                             seconds for the whole run
-#   BENCH_AOTI_AUTOTUNE=1                          the AOTInductor packages compiled with --autotune (Inductor's
-#                                                  max-autotune: minutes more; for a lease of its own)
+#   BENCH_AUTOTUNE=1                               Inductor's autotuning (runtime/inductor.py) too: the AOTInductor
+#                                                  packages made with --autotune, and with the compile cases a
+#                                                  compiled case with autotune=True (minutes more: a lease of its own)
 # Measured on an H200 (2026-11-30, 16 cores): the three compile processes took 86-100 s side by side; the SD-1.5
 # AOTInductor export did not finish in 260 s beside them (text encoder alone 87 s). A 15-minute lease cannot hold
 # both: measure the compiled cases in one lease and the aoti ones (BENCH_COMPILE=0, the export given the cores) in
@@ -58,7 +59,9 @@ timeout "$(budget 300)" python3 -m benchmarks.cold_start --subject "$subject" --
 
 phase "1. AOTInductor packages, compile caches and gpu-marked tests, side by side"
 compile_cases=()
-[ "${BENCH_COMPILE:-1}" = 0 ] || compile_cases=("ours_1step_compiled and not taesd" "compiled_taesd" "diffusers_compiled")
+[ "${BENCH_COMPILE:-1}" = 0 ] || compile_cases=("ours_1step_compiled and not taesd and not autotune" "compiled_taesd"
+                                                "diffusers_compiled")
+[ "${BENCH_COMPILE:-1}" != 0 ] && [ "${BENCH_AUTOTUNE:-0}" = 1 ] && compile_cases+=("compiled_autotune")
 # the folder our compiled pipelines keep Inductor's caches in; diffusers' baseline is pointed at it too, because in
 # phase 2 it compiles in the same process after ours, which has set TORCHINDUCTOR_CACHE_DIR to it
 inductor=$(python3 -c "import torch; from runtime.cache import compile_cache_dir as d
@@ -66,7 +69,7 @@ print(d(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))")
 phase1=$(budget 250)  # phases 2-4 need about 250 s; without the compiled cases about 170 s
 [ "${BENCH_COMPILE:-1}" = 0 ] && phase1=$(budget 170)
 aoti_flags=--aoti
-[ "${BENCH_AOTI_AUTOTUNE:-0}" = 1 ] && aoti_flags="--aoti --aoti-autotune"
+[ "${BENCH_AUTOTUNE:-0}" = 1 ] && aoti_flags="--aoti --aoti-autotune"
 timeout "$phase1" python3 -m benchmarks.cold_start --subject "$subject" --work "$work" --prepare-only $aoti_flags \
   > "$out/aoti_export.log" 2>&1 &
 pids=($!)

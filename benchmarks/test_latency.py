@@ -185,6 +185,20 @@ def test_ours_1step_compiled(measure, subject, request):
 COMPILED: dict = {}  # subject -> the compiled pipeline of test_ours_1step_compiled
 
 
+def test_ours_1step_compiled_autotune(measure, subject, request):
+    """--bench-compile --bench-autotune: the fastest path compiled with Inductor's autotuning (``autotune=True``,
+    runtime/inductor.py): whether its minutes of extra compilation buy anything (ratio ``autotuned/compiled``)."""
+    _need(request, "--bench-compile", "torch.compile costs minutes")
+    _need(request, "--bench-autotune", "autotuned compilation costs more minutes")
+    p = subject.pipe
+    tuned = Pipeline(copy.deepcopy(subject.baseline_components), device=p.device, dtype=p.dtype,
+                     name=subject.name, **_fastest_options(subject), autotune=True)
+    a = tuned(PROMPT, seed=0, output_type="pt").images  # compiles (autotuning) and captures here
+    b = p(PROMPT, seed=0, output_type="pt").images
+    assert (a - b).abs().max() < 1e-2
+    measure(subject, "ours_1step_compiled_autotune", lambda: tuned(PROMPT, seed=0), ROUNDS[subject.name][0])
+
+
 def test_ours_batch8_compiled(measure, subject, request):
     """--bench-compile: the fastest path at batch 8 (compiles batch 8's shapes: minutes on a GPU)."""
     _need(request, "--bench-compile", "torch.compile costs minutes")
