@@ -78,15 +78,17 @@ def subject_checkpoint(name: str, work: Path) -> Path:
     return folder
 
 
-def aoti_dir(name: str, work: Path) -> Path:
-    return work / f"aoti-{name}"
+def aoti_dir(name: str, work: Path, autotune: bool = False) -> Path:
+    """The subject's AOTInductor packages: ``aoti-NAME``, or ``aoti-NAME-autotune`` for those compiled with
+    ``--autotune`` (kept apart, so that neither is timed as the other)."""
+    return work / (f"aoti-{name}-autotune" if autotune else f"aoti-{name}")
 
 
 def export_aoti_packages(name: str, work: Path, max_batch: int = 8, autotune: bool = False) -> Path:
     """AOTInductor packages of the subject (``python -m export.aoti [--autotune]``), reused when already made."""
     from export.aoti import export_aoti
 
-    folder = aoti_dir(name, work)
+    folder = aoti_dir(name, work, autotune)
     export_aoti(str(subject_checkpoint(name, work)), folder, max_batch=max_batch, autotune=autotune)
     return folder
 
@@ -110,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results JSON [WORK/cold_start.json]")
     p.add_argument("--cases", default="default,compile_cold,compile_warm,aoti")
     p.add_argument("--aoti", action="store_true", help="compile the AOTInductor packages when missing")
-    p.add_argument("--aoti-autotune", action="store_true", help="compile them with --autotune")
+    p.add_argument("--aoti-autotune", action="store_true",
+                   help="compile the packages with --autotune (into aoti-SUBJECT-autotune; the cold-start case "
+                        "aoti_autotune times them)")
     p.add_argument("--prepare-only", action="store_true", help="write the checkpoint (and packages), time nothing")
     p.add_argument("--rounds", type=int, default=10, help="steady calls after the first image [10]")
     p.add_argument("--timeout", type=float, default=600, help="seconds per process [600]")
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = subject_checkpoint(args.subject, work)
-    if args.aoti and not (aoti_dir(args.subject, work) / "manifest.json").is_file():
+    if args.aoti and not (aoti_dir(args.subject, work, args.aoti_autotune) / "manifest.json").is_file():
         export_aoti_packages(args.subject, work, autotune=args.aoti_autotune)
     if args.prepare_only:
         return 0
@@ -139,13 +143,17 @@ def main(argv: list[str] | None = None) -> int:
              "compile_cold": ({"compile": True}, {"INSTAFLOW_CACHE": compiled}),
              "compile_warm": ({"compile": True}, {"INSTAFLOW_CACHE": compiled}),
              "aoti": ({"backend": "aoti", "export_dir": str(aoti_dir(args.subject, work))},
-                      {"INSTAFLOW_CACHE": str(cache / "plain")})}
+                      {"INSTAFLOW_CACHE": str(cache / "plain")}),
+             "aoti_autotune": ({"backend": "aoti", "export_dir": str(aoti_dir(args.subject, work, True))},
+                               {"INSTAFLOW_CACHE": str(cache / "plain")})}
     for case in [c for c in args.cases.split(",") if c]:
         if case not in plans:
             print(f"error: unknown case {case!r}; choose from {', '.join(plans)}", file=sys.stderr)
             return 2
-        if case == "aoti" and not (aoti_dir(args.subject, work) / "manifest.json").is_file():
-            doc["cases"][case] = {"error": "no AOTInductor packages (pass --aoti to compile them)"}
+        tuned = case == "aoti_autotune"
+        if case.startswith("aoti") and not (aoti_dir(args.subject, work, tuned) / "manifest.json").is_file():
+            doc["cases"][case] = {"error": "no AOTInductor packages (pass --aoti" + (" --aoti-autotune" if tuned
+                                                                                     else "") + " to compile them)"}
             continue
         options, env = plans[case]
         result = run_case(ckpt, options, {**base_env, **env}, args.rounds, args.timeout)

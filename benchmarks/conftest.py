@@ -8,7 +8,8 @@ Options (all optional):
   --bench-absolute         also gate absolute medians against the baseline (only on a fixed machine)
   --bench-out DIR          where the run's results JSON goes (default benchmarks/.results)
   --bench-compile          also time the torch.compile cases, ours and diffusers' (minutes of compilation)
-  --bench-autotune         with --bench-compile: also the compiled path with Inductor's autotuning (more minutes)
+  --bench-autotune         the compiled path with Inductor's autotuning too (with --bench-compile), and the aoti
+                           packages compiled with --autotune (with --bench-aoti, or when cold_start made them)
   --bench-aoti             compile the subject's AOTInductor packages when missing (minutes) and time them
   --bench-work DIR         subject checkpoints and packages (default benchmarks/.work; see benchmarks/cold_start.py)
 """
@@ -51,6 +52,8 @@ RATIOS = {
     "aoti/diffusers_compiled": ("ours_1step_aoti", "diffusers_compiled_1step"),
     "ours/diffusers_compiled": ("ours_1step", "diffusers_compiled_1step"),  # the default vs diffusers' recipe
     "aoti/ours (batch 8)": ("ours_batch8_aoti", "ours_batch8"),
+    "aoti autotuned/aoti": ("ours_1step_aoti_autotune", "ours_1step_aoti"),  # both sets of packages in one run
+    "aoti autotuned/ours": ("ours_1step_aoti_autotune", "ours_1step"),
     "ours/diffusers_batch8": ("ours_batch8", "diffusers_batch8"),
     "taesd/ours": ("ours_1step_taesd", "ours_1step"),  # the pipeline with TAESD's decoder vs the subject's VAE
     "taesd/sd_vae (decode)": ("decode_taesd", "decode_sd_vae"),  # the decoders alone, SD's real architectures

@@ -39,9 +39,10 @@ GPU_CASE_TARGETS = {
     "ours_1step_compiled_taesd": (0.0065, "fastest path (compiled), tiny decoder"),
 }
 CASE_ORDER = ["stage_encode", "stage_unet", "stage_decode", "raw_chain", "ours_1step", "ours_1step_eager",
-              "ours_1step_channels_last", "ours_1step_compiled", "ours_1step_compiled_taesd", "ours_1step_aoti",
-              "ours_1step_onnxruntime", "ours_2rf_4step_cfg", "ours_batch8", "ours_batch8_compiled",
-              "ours_batch8_aoti", "diffusers_1step", "diffusers_compiled_1step", "diffusers_batch8", "sd_25step_cfg"]
+              "ours_1step_channels_last", "ours_1step_compiled", "ours_1step_compiled_autotune",
+              "ours_1step_compiled_taesd", "ours_1step_aoti", "ours_1step_aoti_autotune", "ours_1step_onnxruntime",
+              "ours_2rf_4step_cfg", "ours_batch8", "ours_batch8_compiled", "ours_batch8_aoti", "diffusers_1step",
+              "diffusers_compiled_1step", "diffusers_batch8", "sd_25step_cfg"]
 BATCH8 = {"ours_batch8": "ours, default", "ours_batch8_compiled": "ours, compiled", "ours_batch8_aoti": "ours, aoti",
           "diffusers_batch8": "diffusers' single step"}
 BATCH8_TARGET = 100.0  # images/s on a GPU

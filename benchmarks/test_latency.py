@@ -168,17 +168,28 @@ def _need(request, flag: str, why: str) -> None:
         pytest.skip(f"{why}; pass {flag}")
 
 
-def test_ours_1step_compiled(measure, subject, request):
-    """--bench-compile: the fastest path, torch.compile on top of the defaults (inside the CUDA graphs), on a copy of
-    the weights as loaded (the subject's own modules are already fused and captured)."""
-    _need(request, "--bench-compile", "torch.compile costs minutes")
+def _time_one_step(measure, subject, case: str, pipe: Pipeline) -> None:
+    """One prompt -> image on ``pipe`` (its first call compiles and captures whatever it compiles), checked against
+    the subject's default pipeline, then timed as ``case``."""
+    a = pipe(PROMPT, seed=0, output_type="pt").images
+    b = subject.pipe(PROMPT, seed=0, output_type="pt").images
+    assert (a - b).abs().max() < 1e-2  # the same images as the default path
+    measure(subject, case, lambda: pipe(PROMPT, seed=0), ROUNDS[subject.name][0])
+
+
+def _compiled(subject, **extra) -> Pipeline:
+    """The fastest path on a copy of the weights as loaded (the subject's own modules are already fused and
+    captured)."""
     p = subject.pipe
-    compiled = Pipeline(copy.deepcopy(subject.baseline_components), device=p.device, dtype=p.dtype,
-                        name=subject.name, **_fastest_options(subject))
-    a = compiled(PROMPT, seed=0, output_type="pt").images  # compiles (and captures) here
-    b = p(PROMPT, seed=0, output_type="pt").images
-    assert (a - b).abs().max() < 1e-2
-    measure(subject, "ours_1step_compiled", lambda: compiled(PROMPT, seed=0), ROUNDS[subject.name][0])
+    return Pipeline(copy.deepcopy(subject.baseline_components), device=p.device, dtype=p.dtype, name=subject.name,
+                    **_fastest_options(subject), **extra)
+
+
+def test_ours_1step_compiled(measure, subject, request):
+    """--bench-compile: the fastest path, torch.compile on top of the defaults (inside the CUDA graphs)."""
+    _need(request, "--bench-compile", "torch.compile costs minutes")
+    compiled = _compiled(subject)
+    _time_one_step(measure, subject, "ours_1step_compiled", compiled)
     COMPILED[subject.name] = compiled
 
 
@@ -189,14 +200,8 @@ def test_ours_1step_compiled_autotune(measure, subject, request):
     """--bench-compile --bench-autotune: the fastest path compiled with Inductor's autotuning (``autotune=True``,
     runtime/inductor.py): whether its minutes of extra compilation buy anything (ratio ``autotuned/compiled``)."""
     _need(request, "--bench-compile", "torch.compile costs minutes")
-    _need(request, "--bench-autotune", "autotuned compilation costs more minutes")
-    p = subject.pipe
-    tuned = Pipeline(copy.deepcopy(subject.baseline_components), device=p.device, dtype=p.dtype,
-                     name=subject.name, **_fastest_options(subject), autotune=True)
-    a = tuned(PROMPT, seed=0, output_type="pt").images  # compiles (autotuning) and captures here
-    b = p(PROMPT, seed=0, output_type="pt").images
-    assert (a - b).abs().max() < 1e-2
-    measure(subject, "ours_1step_compiled_autotune", lambda: tuned(PROMPT, seed=0), ROUNDS[subject.name][0])
+    _need(request, "--bench-autotune", "autotuned compilation costs more")
+    _time_one_step(measure, subject, "ours_1step_compiled_autotune", _compiled(subject, autotune=True))
 
 
 def test_ours_batch8_compiled(measure, subject, request):
@@ -243,22 +248,37 @@ def test_diffusers_compiled_1step(measure, subject, sd, request):
 def aoti_pipe(subject, request):
     """Our pipeline on the AOTInductor backend over the subject's packages (benchmarks/cold_start.py makes them in
     --bench-work; with --bench-aoti they are compiled here when missing: minutes)."""
+    return _aoti_pipeline(subject, request, autotune=False)
+
+
+@pytest.fixture(scope="module")
+def aoti_autotune_pipe(subject, request):
+    """The same over packages compiled with ``--autotune`` (``cold_start --aoti --aoti-autotune`` makes them; with
+    --bench-aoti --bench-autotune they are compiled here when missing: many minutes)."""
+    return _aoti_pipeline(subject, request, autotune=True)
+
+
+def _aoti_pipeline(subject, request, autotune: bool) -> Pipeline:
     from .cold_start import aoti_dir, export_aoti_packages, subject_checkpoint
 
     work = Path(request.config.getoption("--bench-work"))
-    folder = aoti_dir(subject.name, work)
+    folder = aoti_dir(subject.name, work, autotune)
     if not (folder / "manifest.json").is_file():
         _need(request, "--bench-aoti", f"no AOTInductor packages in {folder}")
-        export_aoti_packages(subject.name, work)
+        if autotune:
+            _need(request, "--bench-autotune", f"no autotuned AOTInductor packages in {folder}")
+        export_aoti_packages(subject.name, work, autotune=autotune)
     return Pipeline.from_pretrained(subject_checkpoint(subject.name, work), backend="aoti", export_dir=folder,
                                     device=subject.pipe.device, **OURS)
 
 
 def test_ours_1step_aoti(measure, subject, aoti_pipe):
-    a = aoti_pipe(PROMPT, seed=0, output_type="pt").images
-    b = subject.pipe(PROMPT, seed=0, output_type="pt").images
-    assert (a - b).abs().max() < 1e-2  # the same images as the torch backend
-    measure(subject, "ours_1step_aoti", lambda: aoti_pipe(PROMPT, seed=0), ROUNDS[subject.name][0])
+    _time_one_step(measure, subject, "ours_1step_aoti", aoti_pipe)
+
+
+def test_ours_1step_aoti_autotune(measure, subject, aoti_autotune_pipe):
+    """The packages compiled with ``--autotune`` (ratio ``aoti autotuned/aoti`` when both are in one run)."""
+    _time_one_step(measure, subject, "ours_1step_aoti_autotune", aoti_autotune_pipe)
 
 
 def test_ours_batch8_aoti(measure, subject, aoti_pipe):

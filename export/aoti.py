@@ -119,12 +119,12 @@ class AOTIExporter(Exporter):
 
     def inductor_configs(self) -> dict[str, Any]:
         """Inductor settings of every package (part of the reuse key: packages made otherwise are made again)."""
+        tuning = autotune_settings(self.device) if self.autotune else {}
         if self.device.type == "cuda":  # the C++ wrapper only launches kernels (replayed from CUDA graphs): compile
-            return {"aot_inductor.compile_wrapper_opt_level": "O0",  # it fast
-                    **(autotune_settings(self.device) if self.autotune else {})}
+            return {"aot_inductor.compile_wrapper_opt_level": "O0", **tuning}  # it fast
         # CPU: weights as constants, so convolutions and linears run on weights prepacked for oneDNN at compile time
         # (without it the small SD-shaped subject ran 1.28x slower than eager; with it 0.96x, benchmarks/RESULTS.md)
-        return {"freezing": True, **(autotune_settings(self.device) if self.autotune else {})}
+        return {"freezing": True, **tuning}
 
     # --------------------------------------------------------------------------------------------- the graph
     def make(self, spec: ComponentSpec, components: Components, out: Path, key: dict[str, Any]) -> GraphEntry:
@@ -190,7 +190,7 @@ def export_aoti(ckpt: str, out: str | Path, device: str | torch.device | None = 
     """Compile (or reuse) the packages of ``ckpt`` into ``out`` for ``device`` (default: CUDA when available),
     verify them and return the manifest; ``fp16`` defaults to True on CUDA. ``height``/``width`` in pixels set the
     size the dynamic range is centred on (default: the checkpoint's). ``autotune``: Inductor's slow autotuning
-    (minutes more per package; packages compiled without it are compiled again)."""
+    (longer compiles; packages compiled without it are compiled again)."""
     dev = parse_device(device)
     half = dev.type == "cuda" if fp16 is None else fp16
     settings = ExportSettings(fp16=half, dynamic_hw=not static, fused=True)
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--static", action="store_true", help="the checkpoint's default size only")
     p.add_argument("--autotune", action="store_true",
-                   help="Inductor's max-autotune (benchmarks kernel choices while compiling): minutes more, once")
+                   help="Inductor's max-autotune (benchmarks kernel choices while compiling): longer, once")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="compile only these graphs (text_encoder, unet, vae_decoder, onestep)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch (not recommended)")

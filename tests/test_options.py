@@ -141,3 +141,14 @@ def test_autotune_reaches_torch_compile_and_needs_it(parts, monkeypatch):
     seen.clear()
     Pipeline.from_pretrained(ckpt, device="cpu", backend="torch", compile=True)
     assert [kw["options"] for kw in seen] == [None, None]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_autotune_settings_are_options_torch_compile_takes(device):
+    """torch.compile checks the names and types of its Inductor options when called (no compilation): both devices'
+    settings pass, and a misspelt one would not."""
+    from runtime.inductor import autotune_settings
+
+    assert torch.compile(torch.nn.Identity(), options=autotune_settings(torch.device(device))) is not None
+    with pytest.raises(RuntimeError):
+        torch.compile(torch.nn.Identity(), options={"max_autotun": True})

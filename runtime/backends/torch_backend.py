@@ -32,8 +32,8 @@ class TorchBackend(Backend):
     * ``compile``: ``torch.compile`` the UNet and VAE decoder (minutes of compilation on first use per shape, once
       per machine: Inductor's caches are kept in the project's cache folder, per torch version and device, see
       :func:`runtime.cache.use_compile_cache`; a later process compiles in seconds).
-    * ``autotune`` (with ``compile``): Inductor's slow autotuning (:mod:`runtime.inductor`): minutes more of
-      compilation per shape, cached the same way.
+    * ``autotune`` (with ``compile``): Inductor's slow autotuning (:mod:`runtime.inductor`; meant for a GPU: on the
+      CPU it has nothing to choose between here): more compilation per shape, cached the same way.
     * ``cuda_graph``: replay CUDA graphs captured per input shape (see :mod:`runtime.backends.graphs`): one for the
       whole one-step hot path (UNet -> Euler step -> VAE decode -> [0, 1] image) per (batch, height, width) and one
       for the text encoder per batch size; static buffers, warm-up before capture, outputs copied out so calls never

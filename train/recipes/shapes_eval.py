@@ -375,7 +375,8 @@ def seed_keys(b: Budget, base: str) -> list[str]:
 def student_runs(b: Budget) -> list[tuple[int, str, str]]:
     """Each training seed of the students with its two rows (and run folders): ``(seed, InstaFlow student,
     control)``, the budget's seed first."""
-    return [(b.seed + k, s, c) for k, (s, c) in enumerate(zip(seed_keys(b, "student"), seed_keys(b, "student_teacher")))]
+    pairs = zip(seed_keys(b, "student"), seed_keys(b, "student_teacher"))
+    return [(b.seed + k, student, control) for k, (student, control) in enumerate(pairs)]
 
 
 def control_steps(b: Budget) -> int:
@@ -862,8 +863,9 @@ def stage_report(out: Path, b: Budget, models: dict[str, Path], clf: Classifier,
         "times": stage_times(out, trained_stages(b), UNTRAINED),
     }
     doc["ship"] = ship_decision(doc, boot)
-    doc["spread"] = seeded_quantities(doc, boot)
-    doc["claims"] = claims(doc, boot, doc["ship"]["key"] or "before", doc["spread"])
+    spread = seeded_quantities(doc, boot)
+    doc["claims"] = claims(doc, boot, doc["ship"]["key"] or "before", spread)
+    doc["spread"] = spread
     atomic_write_json(report / "results.json", doc)
     (report / "SHAPES.md").write_text(render_report(doc))
     return report, doc
