@@ -158,52 +158,15 @@ def test_rerun_reuses_every_package(micro, capsys):
     assert again.components == manifest.components
 
 
-def test_cpu_packages_are_frozen_and_other_settings_compile_again(micro, monkeypatch, tmp_path):
-    """CPU packages are compiled with Inductor's freezing (weights as constants, prepacked for oneDNN: without it
-    the small SD-shaped subject ran 1.28x slower than eager); the settings are part of each package's reuse key, so
-    packages compiled otherwise are compiled again rather than reused."""
+@pytest.fixture
+def refused_compiles(micro, monkeypatch, tmp_path):
+    """(checkpoint, a copy of the micro packages, the Inductor settings of every compile attempted): a compile is
+    refused at once, so a test sees whether the packages were reused or compiled again, and with what."""
     import shutil
 
     import torch._inductor
 
-    from export.aoti import AOTIExporter
-
-    ckpt, folder, manifest = micro
-    assert all(c.key["inductor"] == {"freezing": True} for c in manifest.components.values())
-    seen = []
-
-    def compile_nothing(program, package_path=None, inductor_configs=None, **kw):
-        seen.append(inductor_configs)
-        raise RuntimeError("not compiled in this test")
-
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_nothing)
-    monkeypatch.setattr(AOTIExporter, "inductor_configs", lambda self: {"freezing": False})
-    shutil.copytree(folder, tmp_path / "pkg")
-    with pytest.raises(ExportError, match="not compiled in this test"):
-        export_aoti(str(ckpt), tmp_path / "pkg", device="cpu", max_batch=3)
-    assert seen and seen[0]["freezing"] is False and seen[0]["aot_inductor.metadata"]["instaflow_graph"]
-
-
-def test_autotune_compiles_again_with_inductors_tuning(micro, monkeypatch, tmp_path):
-    """``--autotune`` adds Inductor's slow autotuning to every package's settings (names Inductor knows, on both
-    devices): the packages compiled without it are compiled again, with it."""
-    import shutil
-
-    import torch._inductor
-    import torch._inductor.config as inductor_config
-
-    import export.aoti as aoti
-    from runtime.manifest import ExportSettings
-
-    from runtime.inductor import AUTOTUNE_CPU, AUTOTUNE_CUDA
-
-    known = inductor_config.get_config_copy()
-    assert set(AUTOTUNE_CUDA) | set(AUTOTUNE_CPU) <= set(known)  # a misspelt setting would fail on the GPU
-    settings = ExportSettings(fp16=True, dynamic_hw=True, fused=True)
-    cuda = aoti.AOTIExporter(settings, torch.device("cuda"), autotune=True).inductor_configs()
-    assert cuda["max_autotune"] and cuda["conv_1x1_as_mm"] and cuda["epilogue_fusion"] is False
-    assert "max_autotune" not in aoti.AOTIExporter(settings, torch.device("cuda")).inductor_configs()
-    seen = []
+    seen: list[dict] = []
 
     def compile_nothing(program, package_path=None, inductor_configs=None, **kw):
         seen.append(inductor_configs)
@@ -212,8 +175,37 @@ def test_autotune_compiles_again_with_inductors_tuning(micro, monkeypatch, tmp_p
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_nothing)
     ckpt, folder, _ = micro
     shutil.copytree(folder, tmp_path / "pkg")
+    return ckpt, tmp_path / "pkg", seen
+
+
+def test_cpu_packages_are_frozen_and_other_settings_compile_again(micro, refused_compiles, monkeypatch):
+    """CPU packages are compiled with Inductor's freezing (weights as constants, prepacked for oneDNN: without it
+    the small SD-shaped subject ran 1.28x slower than eager); the settings are part of each package's reuse key, so
+    packages compiled otherwise are compiled again rather than reused."""
+    from export.aoti import AOTIExporter
+
+    assert all(c.key["inductor"] == {"freezing": True} for c in micro[2].components.values())
+    ckpt, folder, seen = refused_compiles
+    monkeypatch.setattr(AOTIExporter, "inductor_configs", lambda self: {"freezing": False})
+    with pytest.raises(ExportError, match="not compiled in this test"):
+        export_aoti(str(ckpt), folder, device="cpu", max_batch=3)
+    assert seen and seen[0]["freezing"] is False and seen[0]["aot_inductor.metadata"]["instaflow_graph"]
+
+
+def test_autotune_compiles_again_with_inductors_tuning(refused_compiles, monkeypatch, tmp_path):
+    """``--autotune`` adds Inductor's slow autotuning (runtime.inductor; that torch.compile takes those settings is
+    tests/test_options.py's) to every package's settings on both devices: the packages compiled without it are
+    compiled again, with it."""
+    import export.aoti as aoti
+    from runtime.manifest import ExportSettings
+
+    settings = ExportSettings(fp16=True, dynamic_hw=True, fused=True)
+    cuda = aoti.AOTIExporter(settings, torch.device("cuda"), autotune=True).inductor_configs()
+    assert cuda["max_autotune"] and cuda["conv_1x1_as_mm"] and cuda["epilogue_fusion"] is False
+    assert "max_autotune" not in aoti.AOTIExporter(settings, torch.device("cuda")).inductor_configs()
+    ckpt, folder, seen = refused_compiles
     with pytest.raises(ExportError, match="not compiled in this test"):  # the untuned packages are not reused
-        export_aoti(str(ckpt), tmp_path / "pkg", device="cpu", max_batch=3, autotune=True)
+        export_aoti(str(ckpt), folder, device="cpu", max_batch=3, autotune=True)
     assert seen[0]["freezing"] is True and seen[0]["max_autotune"] is True
     got = {}
     monkeypatch.setattr(aoti, "export_aoti", lambda *a, **kw: got.update(kw))
