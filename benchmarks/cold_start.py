@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.cli import description
 from runtime.files import atomic_write_json
 
 from .subjects import PROMPT, machine_info, now
@@ -105,7 +106,7 @@ def run_case(ckpt: Path, options: dict, env: dict[str, str], rounds: int, timeou
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.cold_start", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cold_start", description=description(__doc__))
     p.add_argument("--subject", default="sd15" if torch.cuda.is_available() else "tiny",
                    choices=["tiny", "small-sd", "sd15"])
     p.add_argument("--work", default=str(ROOT / "benchmarks" / ".work"), help="checkpoints, packages, caches")

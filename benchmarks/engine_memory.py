@@ -30,6 +30,8 @@ from typing import Any, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from runtime.cli import description
+
 GiB, MiB = 2**30, 2**20
 
 
@@ -157,7 +159,7 @@ def _meta_input(tensor_spec: Any, shape: Sequence[int]) -> torch.Tensor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.engine_memory", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.engine_memory", description=description(__doc__))
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)

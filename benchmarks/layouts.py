@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.cli import description
 from runtime import Pipeline
 from runtime.files import atomic_write_json
 
@@ -42,7 +43,7 @@ def _fmt(cl: bool) -> torch.memory_format:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.layouts", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.layouts", description=description(__doc__))
     p.add_argument("--subject", default="sd15" if torch.cuda.is_available() else "small-sd",
                    choices=["tiny", "small-sd", "sd15"])
     p.add_argument("--rounds", type=int, default=30)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.cli import description
 from runtime.files import atomic_write_text
 
 from .subjects import PROMPT, RawStages, make_subject
@@ -40,7 +41,7 @@ def profile_table(fn, device: torch.device, rounds: int = 5, rows: int = 15) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=description(__doc__))
     p.add_argument("--subject", default="sd15" if torch.cuda.is_available() else "small-sd",
                    choices=["tiny", "small-sd", "sd15"])
     p.add_argument("--rounds", type=int, default=5, help="profiled calls per table [5]")

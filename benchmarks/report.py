@@ -11,6 +11,7 @@ import io
 import json
 from pathlib import Path
 
+from runtime.cli import description
 from runtime.files import atomic_write_bytes, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
@@ -367,7 +368,7 @@ def bar_chart(docs: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=description(__doc__))
     p.add_argument("--results", nargs="*", default=None, help="results JSON files [benchmarks/.results/*.json]")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)

@@ -51,6 +51,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from runtime.cli import description
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a small red circle at the top left", "a large blue square at the center",
            "a small green triangle at the bottom right", "a large yellow circle at the top right"]
@@ -383,7 +385,7 @@ def run_overload(max_batch: int, size: int, flood: int, seconds: float) -> dict[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=description(__doc__))
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=12, help="per client")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8])

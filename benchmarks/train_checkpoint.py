@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import torch
 
+from runtime.cli import description
+
 GB = 1e9
 
 
@@ -115,7 +117,7 @@ def size_of(path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_checkpoint", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_checkpoint", description=description(__doc__))
     p.add_argument("--dir", default="/tmp/instaflow-ckpt-bench")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train-checkpoint.json"))
     p.add_argument("--repeat", type=int, default=2, help="runs of each phase, interleaved (the median is kept)")

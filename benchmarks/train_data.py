@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from runtime.cli import description
+
 
 def make_pairs(folder: Path, n: int, shard: int) -> None:
     from safetensors.torch import save as st_save
@@ -107,7 +109,7 @@ def encode_rate(prompts: int) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_data", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_data", description=description(__doc__))
     p.add_argument("--pairs", type=int, default=2048)
     p.add_argument("--shard", type=int, default=64, help="pairs per shard (the loader reads groups of 8 shards)")
     p.add_argument("--batch", type=int, default=16)

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import torch
 
+from runtime.cli import description
+
 GiB = 2**30
 
 
@@ -141,7 +143,7 @@ def table(unet: Any, batches: Sequence[int], latent: int, text_len: int, text_di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_memory", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_memory", description=description(__doc__))
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--latent", type=int, default=64, help="latent side (64 = 512 px)")
     p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex", "squeeze"])

@@ -31,7 +31,7 @@ import torch
 
 from runtime.backends.aoti_backend import Package
 from runtime.cache import device_target
-from runtime.cli import run_cli
+from runtime.cli import description, run_cli
 from runtime.errors import BackendUnavailableError, ExportError
 from runtime.inductor import autotune_settings
 from runtime.inputs import parse_device
@@ -213,7 +213,7 @@ def _pixels_to_latent(ckpt: str, height: int | None, width: int | None, vae: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.aoti", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m export.aoti", description=description(__doc__))
     p.add_argument("--ckpt", required=True, help="alias, hub id or local diffusers folder")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--device", default=None, help="cuda or cpu [cuda when available]")

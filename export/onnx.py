@@ -26,7 +26,7 @@ from runtime.cli import run_cli
 from runtime.errors import ExportError
 from runtime.manifest import ExportSettings, GraphEntry, Manifest, Verification
 from runtime.models import Components
-from runtime.specs import COMPONENTS, ComponentSpec
+from runtime.specs import ComponentSpec
 
 from .exporter import Exporter, check_free_space
 from .graphs import module_for

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from runtime.cli import run_cli
+from runtime.cli import description, run_cli
 from runtime.errors import ExportError
 from runtime.manifest import Manifest, Verification, read_manifest, write_manifest
 from runtime.models import Components, load_components, resolve_checkpoint
@@ -62,7 +62,7 @@ def verify_export(folder: str | Path, components: Components | None = None, batc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.verify", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m export.verify", description=description(__doc__))
     p.add_argument("folder", help="export folder (with manifest.json)")
     p.add_argument("--ckpt", default=None, help="checkpoint to compare with [the one the manifest names]")
     args = p.parse_args(argv)

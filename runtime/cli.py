@@ -8,6 +8,11 @@ from typing import Callable
 from .errors import InstaFlowError
 
 
+def description(doc: str | None) -> str:
+    """A command's ``--help`` description: the first paragraph of its module docstring, on one line."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 def run_cli(job: Callable[[], object], user_errors: tuple[type[BaseException], ...] = (InstaFlowError,)) -> int:
     """Run ``job``; an error the user caused prints ``error: <one line>`` to stderr and gives exit status 2."""
     from .models import quiet_loading

@@ -22,7 +22,7 @@ from . import flow
 from .backends import Backend, check_name, choose, create
 from .checkpoints import Checkpoint, check_is_flow
 from .embeddings import EmbeddingCache
-from .errors import Cancelled, InvalidInputError, NonFiniteOutputError
+from .errors import Cancelled, NonFiniteOutputError
 from .inputs import (OUTPUT_TYPES, Limits, OutputType, Request, check_guidance, check_noise_source, check_output_type,
                      check_pixels, check_prompts, parse_device, parse_dtype, positive_int)
 from .lora import Fuser

@@ -124,3 +124,25 @@ def test_cli_output_formats_warnings_and_export_dir(tiny_ckpt, tmp_path, capsys)
     assert err.startswith("error: the export in ") and "--allow-unverified" in err and len(err.splitlines()) == 1
     assert main(ort + ["--allow-unverified"]) == 0
     assert "backend=onnxruntime" in capsys.readouterr().out
+
+
+_COMMANDS = ["runtime.serve.__main__", "export.verify", "export.aoti", "train.reflow", "train.distill", "train.pairs",
+             "train.embed", "train.metrics", "train.evaluate", "train.recipes.shapes", "benchmarks.cold_start",
+             "benchmarks.layouts", "benchmarks.report", "benchmarks.profile", "benchmarks.serve_load",
+             "benchmarks.train_data", "benchmarks.train_checkpoint", "benchmarks.train_memory",
+             "benchmarks.engine_memory"]
+
+
+@pytest.mark.parametrize("module", _COMMANDS)
+def test_help_describes_the_command_in_whole_sentences(module, capsys):
+    """``--help`` shows the module docstring's whole first paragraph, not its first line cut mid-sentence."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    assert e.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    first_paragraph = " ".join(mod.__doc__.strip().split("\n\n")[0].split())
+    assert first_paragraph in shown
+    assert first_paragraph.endswith((".", ":", ")")), f"{module}: its docstring's first paragraph is not a sentence"

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from runtime import flow
-from runtime.cli import run_cli
+from runtime.cli import description, run_cli
 
 from .common import TrainError, parse_args
 from .loop import Batch, Loss, Trainer, TrainConfig, add_common_args, config_from_args, l2_loss, \
@@ -88,7 +88,7 @@ def make_lpips_loss(model: torch.nn.Module, checkpointing: bool = False) -> Loss
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m train.distill", description=description(__doc__))
     add_common_args(p, TrainConfig(pairs="", out="", text_dropout=0.0))
     p.add_argument("--loss", default="l2", choices=["l2", "pseudo-huber", "lpips"])
     p.add_argument("--lpips-net", default="vgg", choices=sorted(LPIPS_BACKBONES))

@@ -31,7 +31,7 @@ from safetensors.torch import save as st_save
 
 from runtime import Pipeline
 from runtime.checkpoints import resolve
-from runtime.cli import run_cli
+from runtime.cli import description, run_cli
 from runtime.files import atomic_write_bytes, atomic_write_json
 from runtime.models import Components, load_components
 
@@ -116,7 +116,7 @@ def _side_ok(folder: Path, name: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.embed", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m train.embed", description=description(__doc__))
     p.add_argument("--pairs", required=True, help="pairs folder from `python -m train.pairs`")
     p.add_argument("--ckpt", default=None, help="checkpoint whose text encoder to use [the pairs' teacher]")
     p.add_argument("--storage", default="fp32", choices=["fp32", "fp16"])

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from runtime.cli import run_cli
+from runtime.cli import description, run_cli
 from runtime.files import atomic_write_bytes, atomic_write_json
 
 from .common import TrainError, init_distributed, parse_args, progress
@@ -280,7 +280,7 @@ def evaluate(ckpt: str, captions: str | Path, images: str | Path, out: str | Pat
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=description(__doc__))
     p.add_argument("--ckpt", required=True, help="checkpoint: alias, hub id or folder")
     p.add_argument("--captions", required=True, help="COCO captions_*.json, a JSON list or a CSV (image, caption)")
     p.add_argument("--images", required=True, help="folder of the reference images")

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from runtime import Pipeline, flow
-from runtime.cli import run_cli
+from runtime.cli import description, run_cli
 
 from .common import TrainError, load_prompts
 
@@ -111,7 +111,7 @@ def clip_score_hook(images: torch.Tensor, prompts: Sequence[str],
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.metrics", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m train.metrics", description=description(__doc__))
     p.add_argument("--ckpt", required=True)
     p.add_argument("--prompts", required=True)
     p.add_argument("--num", type=int, default=64)

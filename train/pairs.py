@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from runtime.cli import run_cli
+from runtime.cli import description, run_cli
 from runtime.pipeline import parse_dtype
 
 from runtime.files import atomic_write_bytes, atomic_write_json
@@ -150,7 +150,7 @@ def write_pairs(folder: str | Path, x0: torch.Tensor, x1: torch.Tensor, prompt_i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.pairs", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m train.pairs", description=description(__doc__))
     p.add_argument("--recipe", default=None,
                    help="FILE:TABLE of settings (e.g. train/recipes/instaflow_sd15.toml:pairs-sd); flags override it")
     p.add_argument("--teacher", default=None, help="checkpoint: alias, hub id or folder (diffusion or flow)")

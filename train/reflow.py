@@ -17,14 +17,14 @@ import argparse
 import sys
 from typing import Sequence
 
-from runtime.cli import run_cli
+from runtime.cli import description, run_cli
 
 from .common import parse_args
 from .loop import Trainer, TrainConfig, add_common_args, config_from_args, reflow_loss
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.reflow", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m train.reflow", description=description(__doc__))
     add_common_args(p, TrainConfig(pairs="", out=""))
     return p
 

@@ -19,7 +19,7 @@ import torch
 
 from ..cache import device_target
 from ..checkpoints import Checkpoint
-from ..errors import BackendUnavailableError, ExportError, InvalidInputError
+from ..errors import BackendUnavailableError, ExportError
 from ..manifest import GraphEntry, Manifest, read_manifest
 from ..specs import DTYPES
 from .base import ProfiledBackend

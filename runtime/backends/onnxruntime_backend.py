@@ -106,7 +106,6 @@ def probe_providers(providers: Sequence[Any]) -> None:
     process and provider list."""
     key = tuple(p if isinstance(p, str) else (p[0], tuple(sorted(p[1].items()))) for p in providers)
     if key not in _PROBED:
-        import onnx
         from onnx import TensorProto, helper
 
         graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",

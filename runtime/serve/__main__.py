@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InstaFlowError, InvalidInputError
+from ..cli import description
 from .config import API_KEY_ENV, ServeConfig, hash_key, read_api_key
 from .gate import DRAIN_FLAG, GATE_ENV, LOOPBACK_HOSTS, PROXY_CALLBACK, PROXY_CALLBACK_ENV, GateConfig
 
@@ -35,7 +36,7 @@ _CHILD_ENV = "INSTAFLOW_SERVE_CHILD"
 
 def build_parser() -> argparse.ArgumentParser:
     d, g = ServeConfig(), GateConfig()
-    p = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m runtime.serve", description=description(__doc__))
     a = p.add_argument
     a("--ckpt", default=d.ckpt, help="checkpoint: alias, hub id or folder [tiny]")
     a("--host", default="127.0.0.1", help="address the HTTP proxy listens on [127.0.0.1]")

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.checkpoints import BUNDLED, resolve
-from runtime.cli import run_cli
+from runtime.cli import description, run_cli
 from runtime.models import load_components, save_checkpoint
 from runtime.builders import SD_SCHEDULER_CONFIG, TinySpec, build_tiny_components
 
@@ -389,7 +389,7 @@ def _report(out: Path, b: Budget, models: dict[str, Path], smoke: bool, ship: bo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.recipes.shapes", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m train.recipes.shapes", description=description(__doc__))
     p.add_argument("-o", "--output", default="runs/shapes")
     p.add_argument("--smoke", action="store_true", help="tiny step counts (CI)")
     p.add_argument("--ship", action="store_true",
