@@ -1,7 +1,7 @@
 """Compile text encoder, UNet, VAE decoder and the fused one-step graph ahead of time with AOTInductor, once per
 machine, so that a process loads them in seconds instead of compiling for minutes.
 
-    python -m export.aoti --ckpt CKPT -o DIR [--device cuda|cpu] [--fp32] [--max-batch 8] [--autotune]
+    python -m export.aoti --ckpt CKPT [-o DIR] [--device cuda|cpu] [--fp32] [--max-batch 8] [--autotune]
                           [--height H --width W | --static] [--vae taesd] [--lora FILE[:SCALE]] [--force]
 
 Each graph (the modules of :mod:`export.graphs`, the tensors of :mod:`runtime.specs`) goes through
@@ -40,7 +40,7 @@ from runtime.models import Components
 from runtime.specs import ComponentSpec, ModelDims
 
 from .compare import Runner, compare
-from .exporter import Exporter, check_free_space
+from .exporter import Exporter, check_free_space, latent_size_of
 from .graphs import module_for
 
 
@@ -75,11 +75,11 @@ class AOTIExporter(Exporter):
 
     # ----------------------------------------------------------------------------------------------- shapes
     def latent_hw(self, dims: ModelDims) -> tuple[int, int]:
-        hw = self.hw or dims.latent_size
-        dims.check_latent_size(*hw, what="an exported UNet")
-        if not self.settings.dynamic_hw and hw != dims.latent_size:
-            raise ExportError("--static packages are compiled at the checkpoint's default size; drop --height/--width")
-        return hw
+        """The latent size the packages are compiled around (``hw``, checked; default: the checkpoint's)."""
+        if self.hw is None:
+            return dims.latent_size
+        f = dims.vae_scale_factor
+        return dims.export_size(self.hw[0] * f, self.hw[1] * f, static=not self.settings.dynamic_hw)
 
     def profile(self, spec: ComponentSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         hw = self.latent_hw(spec.dims)
@@ -136,7 +136,8 @@ class AOTIExporter(Exporter):
         if (self.device.type, dtype) != ("cpu", torch.float32):  # the fp32 CPU modules stay the reference
             module = copy.deepcopy(module).to(self.device, dtype)
         batch = min(2, self.profile(spec)[spec.inputs[0].name][2][0])  # not 1: torch.export specialises size 1
-        inputs = {k: v.to(self.device) for k, v in spec.sample_inputs(batch, dtype=dtype).items()}
+        inputs = {k: v.to(self.device) for k, v in spec.sample_inputs(batch, *self.latent_hw(spec.dims),
+                                                                      dtype=dtype).items()}
         file = f"{spec.name}.pt2"
         tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out))
         try:
@@ -183,11 +184,12 @@ def verify_aoti(folder: Path, manifest: Manifest, components: Components, batche
     return compare(folder, manifest, components, lambda entry: package_runner(folder, entry, device), usable)
 
 
-def export_aoti(ckpt: str, out: str | Path, device: str | torch.device | None = None, fp16: bool | None = None,
+def export_aoti(ckpt: str, out: str | Path | None = None, device: str | torch.device | None = None, fp16: bool | None = None,
                 max_batch: int = 8, height: int | None = None, width: int | None = None, static: bool = False,
                 force: bool = False, verify: bool = True, only: Sequence[str] | None = None, vae: str | None = None,
                 lora: Any = None, autotune: bool = False) -> Manifest:
-    """Compile (or reuse) the packages of ``ckpt`` into ``out`` for ``device`` (default: CUDA when available),
+    """Compile (or reuse) the packages of ``ckpt`` into ``out`` (default: the export cache, where ``auto`` finds
+    them) for ``device`` (default: CUDA when available),
     verify them and return the manifest; ``fp16`` defaults to True on CUDA. ``height``/``width`` in pixels set the
     size the dynamic range is centred on (default: the checkpoint's). ``autotune``: Inductor's slow autotuning
     (longer compiles; packages compiled without it are compiled again)."""
@@ -196,26 +198,15 @@ def export_aoti(ckpt: str, out: str | Path, device: str | torch.device | None = 
     settings = ExportSettings(fp16=half, dynamic_hw=not static, fused=True)
     exporter = AOTIExporter(settings, dev, max_batch, None, autotune=autotune)
     if height is not None or width is not None:
-        exporter.hw = _pixels_to_latent(ckpt, height, width, vae)
+        exporter.hw = latent_size_of(ckpt, height, width, static, vae)
     return exporter.run(ckpt, out, force=force, verify=verify, only=only, vae=vae, lora=lora)
-
-
-def _pixels_to_latent(ckpt: str, height: int | None, width: int | None, vae: str | None) -> tuple[int, int]:
-    from runtime.models import load_components, resolve_checkpoint
-
-    dims = ModelDims.of(load_components(resolve_checkpoint(ckpt, vae), weights=False))
-    f = dims.vae_scale_factor
-    h = height or dims.latent_size[0] * f
-    w = width or dims.latent_size[1] * f
-    if h % f or w % f:
-        raise ExportError(f"--height/--width must be multiples of the VAE scale factor {f}")
-    return h // f, w // f
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.aoti", description=description(__doc__))
     p.add_argument("--ckpt", required=True, help="alias, hub id or local diffusers folder")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-o", "--output", default=None,
+                   help="output folder [the export cache, where Pipeline.from_pretrained finds it: $INSTAFLOW_CACHE/aoti/NAME-FINGERPRINT]")
     p.add_argument("--device", default=None, help="cuda or cpu [cuda when available]")
     p.add_argument("--fp32", action="store_true", help="fp32 packages on CUDA (default there: fp16)")
     p.add_argument("--max-batch", type=int, default=8, help="most images per call [8]")

@@ -133,18 +133,32 @@ def max_rel_error(out: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(out.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
 
 
+def built_size(manifest: Manifest) -> tuple[int, int]:
+    """The latent size an export was built around: the optimal size of its graphs' profiles (AOTInductor packages
+    compiled with ``--height``/``--width``), else the checkpoint's default."""
+    specs = specs_by_name(manifest.dims)
+    for name, entry in manifest.components.items():
+        for t in specs[name].inputs:
+            if "h" in t.shape and t.name in entry.profile:
+                opt = entry.profile[t.name][1]
+                return int(opt[2]), int(opt[3])
+    return manifest.dims.latent_size
+
+
 def compare(folder: Path, manifest: Manifest, components: Components, runner: Callable[[GraphEntry], Runner],
             batches: Sequence[int] = (1, 2), seed: int = 1234) -> Verification:
     """Compare each graph of an export with PyTorch; the outcome (never raises for a mismatch).
 
-    Each graph runs at ``batches`` (two batch sizes show the batch axis is dynamic) at the default size, and with
-    dynamic sizes once more at batch 1 and a second, non-square size the UNet takes; ``runner`` makes a graph
-    runnable (onnxruntime for ONNX, the loaded package for AOTInductor)."""
+    Each graph runs at ``batches`` (two batch sizes show the batch axis is dynamic) at the size the export was
+    built around (:func:`built_size`), and with dynamic sizes once more at batch 1 and a second, non-square size
+    inside its range; ``runner`` makes a graph runnable (onnxruntime for ONNX, the loaded package for
+    AOTInductor)."""
     dims = manifest.dims
     specs = specs_by_name(dims)
-    shapes = [(b, *dims.latent_size) for b in batches]
+    hw = built_size(manifest)
+    shapes = [(b, *hw) for b in batches]
     if manifest.settings.dynamic_hw:
-        shapes.append((1, *dims.other_size()))  # another (non-square) size the UNet's downsamplings can take
+        shapes.append((1, *dims.other_size(hw)))  # another (non-square) size the UNet's downsamplings can take
     rows, failures = [], []
     runners: dict[str, Runner] = {}
     for name, entry in manifest.components.items():

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from runtime.cache import default_export_dir
 from runtime.checkpoints import Checkpoint
 from runtime.errors import ExportError
 from runtime.manifest import (MANIFEST, CheckpointRecord, ExportSettings, GraphEntry, Kind, Manifest, Source, Target,
@@ -103,20 +104,21 @@ class Exporter(abc.ABC):
         return load_components(checkpoint, device="cpu", dtype=torch.float32)
 
     # --------------------------------------------------------------------------------------------- the flow
-    def run(self, ckpt: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False,
+    def run(self, ckpt: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, force: bool = False,
             verify: bool = True, only: Sequence[str] | None = None, vae: str | None = None, lora: Any = None
             ) -> Manifest:
         """Export (or reuse) the graphs of ``ckpt`` into ``out`` (all, or those named in ``only``), verify them, and
-        return the manifest written (see the module docstring)."""
+        return the manifest written (see the module docstring). ``out`` defaults to the export cache, where
+        ``Pipeline.from_pretrained`` finds the export (:func:`runtime.cache.default_export_dir` of this kind)."""
         self.check_settings()
         unknown = sorted(set(only or ()) - set(COMPONENTS))
         if unknown:
             raise ExportError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
-        out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise ExportError(f"output path is a file, not a folder: {out}")
         t0 = time.perf_counter()
         checkpoint = resolve_checkpoint(ckpt, vae, lora)
+        out = Path(out) if out is not None else default_export_dir(checkpoint, self.kind)
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"output path is a file, not a folder: {out}")
         ckpt_hash = checkpoint.content_hash()
         log(f"[hash] {checkpoint.name}: {ckpt_hash[:12]} ({time.perf_counter() - t0:.1f} s)")
         check_writable(out)
@@ -225,6 +227,15 @@ class Exporter(abc.ABC):
         journal = Manifest(source=source, settings=self.settings, exporter=self.exporter_info(), created=now(),
                            components=dict(graphs), kind=self.kind, target=self.target())
         write_manifest(out, journal, JOURNAL)
+
+
+def latent_size_of(ckpt: str | os.PathLike[str], height: int | None, width: int | None, static: bool = False,
+                   vae: str | None = None) -> tuple[int, int]:
+    """The latent size an export of ``ckpt`` is built around, from ``--height``/``--width`` in pixels (default: the
+    checkpoint's), checked in one line before any work (:meth:`runtime.specs.ModelDims.export_size`; configs only
+    are read)."""
+    dims = ModelDims.of(load_components(resolve_checkpoint(ckpt, vae), weights=False))
+    return dims.export_size(height, width, static)
 
 
 def _read_journal(out: Path) -> Manifest | None:

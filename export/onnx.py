@@ -100,11 +100,12 @@ class OnnxExporter(Exporter):
                           external_data=(out / (spec.file + ".data")).exists())
 
 
-def export(ckpt: str, out: str | Path, settings: ExportSettings | None = None, force: bool = False,
+def export(ckpt: str, out: str | Path | None = None, settings: ExportSettings | None = None, force: bool = False,
            verify: bool = True, only: Sequence[str] | None = None, vae: str | None = None,
            lora: Any = None) -> Manifest:
-    """Export (or reuse) the graphs of ``ckpt`` into ``out`` (all, or those named in ``only``), verify them, and
-    return the manifest (:meth:`export.exporter.Exporter.run`). A re-run whose graphs are all reused, hash-checked,
+    """Export (or reuse) the graphs of ``ckpt`` into ``out`` (all, or those named in ``only``; default: the export
+    cache, where the onnxruntime backend finds them), verify them, and return the manifest
+    (:meth:`export.exporter.Exporter.run`). A re-run whose graphs are all reused, hash-checked,
     keeps their earlier verification. ``vae``: a tiny decoder (``taesd``, hub id or folder) exported instead of the
     checkpoint's VAE decoder; ``lora``: LoRAs fused into the exported weights (as ``Pipeline.from_pretrained(lora=
     ...)`` takes them)."""
@@ -180,7 +181,8 @@ def _consolidate(path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.onnx", description="Export a checkpoint to ONNX.")
     p.add_argument("--ckpt", required=True, help="alias, hub id or local diffusers folder")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-o", "--output", default=None,
+                   help="output folder [the export cache, where Pipeline.from_pretrained finds it: $INSTAFLOW_CACHE/onnx/NAME-FINGERPRINT]")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (for GPUs)")
     p.add_argument("--vae-fp32", action="store_true", help="with --fp16: keep the VAE decoder fp32")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset [{DEFAULT_OPSET}]")

@@ -23,15 +23,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from runtime.cache import default_export_dir
 from runtime.cli import run_cli
 from runtime.errors import BackendUnavailableError, ExportError
 from runtime.files import atomic_write_bytes
 from runtime.identity import sha256_file, stamp
 from runtime.manifest import ENGINES, EngineEntry, EngineIndex, ExportSettings, read_engines, write_engines
-from runtime.models import load_components
-from runtime.specs import ComponentSpec, ModelDims, specs_by_name
+from runtime.models import load_components, resolve_checkpoint
+from runtime.specs import ComponentSpec, specs_by_name
 
 from .compare import TOLERANCE, Velocity, fp16_tolerance, max_rel_error, reference, uses_unet_velocity
+from .exporter import latent_size_of
 from .graphs import module_for
 from .onnx import export
 from .verify import export_checkpoint
@@ -219,22 +221,22 @@ def _engine_device() -> Any:
     return torch.device("cuda", 0)
 
 
-def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, opt_batch: int | None = None,
+def build(ckpt: str, out: str | Path | None = None, min_batch: int = 1, max_batch: int = 4, opt_batch: int | None = None,
           height: int | None = None, width: int | None = None, static: bool = False, vae_fp32: bool = False,
           force: bool = False, vae: str | None = None, lora: Any = None, refittable: bool = False
           ) -> dict[str, Any]:
     """fp16 ONNX export (cached), then TensorRT engines for every graph, each compared with PyTorch; returns the
-    engines manifest."""
-    out = Path(out)
+    engines manifest. ``out`` defaults to the export cache, where ``Pipeline.from_pretrained`` finds the engines."""
+    out = Path(out) if out is not None else default_export_dir(resolve_checkpoint(ckpt, vae, lora), "trt")
     if not 1 <= min_batch <= max_batch:
         raise ExportError(f"need 1 <= --min-batch <= --max-batch, got {min_batch} and {max_batch}")
+    hw = latent_size_of(ckpt, height, width, static, vae)  # before the ONNX export: a mistake costs no minutes
     settings = ExportSettings(fp16=True, vae_fp32=vae_fp32, dynamic_hw=not static, fused=True)
     manifest = export(ckpt, out, settings, force=force, vae=vae, lora=lora)
     trt = require_tensorrt()
     import torch
 
     dims = manifest.dims
-    hw = _latent_size(dims, height, width, static, ckpt)
     gpu = torch.cuda.get_device_name(0)
     opt_batch = opt_batch or min_batch
     timing_cache = out / f"timing.{_slug(trt.__version__)}.{_slug(gpu)}.cache"
@@ -270,25 +272,11 @@ def build(ckpt: str, out: str | Path, min_batch: int = 1, max_batch: int = 4, op
     return index
 
 
-def _latent_size(dims: ModelDims, height: int | None, width: int | None, static: bool, ckpt: str
-                 ) -> tuple[int, int]:
-    """The engines' optimal latent size from --height/--width (default: the checkpoint's), checked."""
-    f = dims.vae_scale_factor
-    h = height or dims.latent_size[0] * f
-    w = width or dims.latent_size[1] * f
-    if h % f or w % f:
-        raise ExportError(f"--height/--width must be multiples of the VAE scale factor {f}")
-    hw = (h // f, w // f)
-    dims.check_latent_size(*hw, what=f"{ckpt}'s exported UNet")
-    if static and hw != dims.latent_size:
-        raise ExportError("--static engines are built at the checkpoint's default size; drop --height/--width")
-    return hw
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.trt", description="Build TensorRT FP16 engines.")
     p.add_argument("--ckpt", required=True)
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", default=None,
+                   help="output folder [the export cache, where Pipeline.from_pretrained finds it: $INSTAFLOW_CACHE/trt/NAME-FINGERPRINT]")
     p.add_argument("--batch", type=int, default=None, help="build for exactly this batch (min = opt = max)")
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--max-batch", type=int, default=4)

@@ -84,6 +84,23 @@ class ModelDims:
             raise InvalidInputError(f"{what} takes heights and widths that are multiples of {px} px (its UNet "
                                     f"downsamples {m}x), got {h * self.vae_scale_factor}x{w * self.vae_scale_factor}")
 
+    def export_size(self, height: int | None, width: int | None, static: bool = False,
+                    what: str = "an exported UNet") -> tuple[int, int]:
+        """The latent size an export is built around, from ``--height``/``--width`` in pixels (``None``: the
+        checkpoint's default), checked in one line: positive multiples of the VAE scale factor, sides the UNet's
+        downsamplings take (:meth:`check_latent_size`); a ``static`` export only at the default size."""
+        f = self.vae_scale_factor
+        pixels = [self.latent_size[i] * f if v is None else v for i, v in enumerate((height, width))]
+        for label, v in zip(("--height", "--width"), pixels):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % f:
+                raise InvalidInputError(f"{label} must be a positive multiple of the VAE scale factor {f}, got {v}")
+        hw = (pixels[0] // f, pixels[1] // f)
+        self.check_latent_size(*hw, what=what)
+        if static and hw != self.latent_size:
+            raise InvalidInputError("a static export is built at the checkpoint's default size only; drop "
+                                    "--height/--width, or --static")
+        return hw
+
     def size_range(self, hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
         """Latent sizes a dynamic-size engine is built for around ``hw``: half to twice each side, in multiples
         of :attr:`latent_multiple`."""
@@ -92,9 +109,10 @@ class ModelDims:
         hi = tuple(s * 2 for s in hw)
         return (lo[0], lo[1]), (hi[0], hi[1])
 
-    def other_size(self) -> tuple[int, int]:
-        """A second, non-square latent size every dynamic-size graph must take (used to verify the export)."""
-        m, (h, w) = self.latent_multiple, self.latent_size
+    def other_size(self, hw: tuple[int, int] | None = None) -> tuple[int, int]:
+        """A second, non-square latent size every dynamic-size graph built around ``hw`` (default: the default
+        size) must take, inside :meth:`size_range` (used to verify the export)."""
+        m, (h, w) = self.latent_multiple, hw or self.latent_size
         return h + m, max(m, w - m)
 
 

@@ -213,10 +213,43 @@ def test_autotune_compiles_again_with_inductors_tuning(refused_compiles, monkeyp
     assert got["autotune"] is True
 
 
+def test_height_and_width_set_the_size_compiled_and_verified(micro, monkeypatch, tmp_path):
+    """``--height/--width`` centre the packages' dynamic range on that size: ``torch.export`` traces it (a sample
+    at the default size would lie outside the range and fail), and the verification runs it and a second size
+    inside the range, not the checkpoint's default."""
+    import torch._inductor
+
+    from export.compare import built_size
+
+    ckpt, _, manifest = micro
+    programs = []
+
+    def compile_nothing(program, package_path=None, inductor_configs=None, **kw):
+        programs.append(program)
+        raise RuntimeError("not compiled in this test")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_nothing)
+    with pytest.raises(ExportError, match="not compiled in this test"):  # 16x12 px: latents 8x6 (VAE factor 2)
+        export_aoti(str(ckpt), tmp_path / "pkg", device="cpu", max_batch=3, height=16, width=12, only=["unet"])
+    sample = programs[0].example_inputs[0][0]
+    assert tuple(sample.shape[2:]) == (8, 6)
+    ranges = {str(v.lower) + ".." + str(v.upper) for v in programs[0].range_constraints.values()}
+    assert {"2..8", "1..6"} <= ranges  # latent height 4..16 = 2 * [2, 8] (the UNet's multiple 2), width 2 * [1, 6]
+    assert built_size(manifest) == (4, 4)  # the default size, from the profile
+    unet = manifest.components["unet"]
+    moved = dataclasses.replace(unet, profile={**unet.profile, "sample": (
+        (1, 4, 4, 2), (1, 4, 8, 6), (6, 4, 16, 12))})
+    assert built_size(dataclasses.replace(manifest, components={"unet": moved})) == (8, 6)
+    assert manifest.dims.other_size((8, 6)) == (10, 4)  # inside 4..16 x 2..12
+
+
 @pytest.mark.parametrize("args, message", [
     (["--device", "cuda"], "CUDA is not available on this machine"),
     (["--device", "cpu", "--max-batch", "0"], "--max-batch must be >= 1"),
     (["--device", "cpu", "--height", "20"], "multiples of 8 px"),
+    (["--device", "cpu", "--height", "0"], "--height must be a positive multiple of the VAE scale factor"),
+    (["--device", "cpu", "--width", "-8"], "--width must be a positive multiple of the VAE scale factor"),
+    (["--device", "cpu", "--static", "--height", "64"], "drop --height/--width, or --static"),
 ])
 def test_cli_errors(tiny_ckpt, tmp_path, capsys, args, message):
     if torch.cuda.is_available() and "cuda" in args:

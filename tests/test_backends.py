@@ -106,9 +106,10 @@ def test_onnxruntime_loads_no_torch_weights(tiny_ckpt, tiny_onnx):
 def test_auto_picks_onnxruntime_on_cpu_when_an_export_exists(tiny_ckpt, tiny_onnx, tmp_path):
     ckpt = __import__("runtime").resolve(tiny_ckpt)
     assert choose("auto", torch.device("cpu"), ckpt, tiny_onnx, {})[0] == "onnxruntime"
-    assert choose("auto", torch.device("cpu"), ckpt, tmp_path / "none", {}) == ("torch", {"channels_last": True})
+    assert choose("auto", torch.device("cpu"), ckpt, None, {})[0] == "torch"  # nothing in the export cache
     assert Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tiny_onnx).backend.name == "onnxruntime"
-    fallback = Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="auto runs torch: nothing in export_dir .* runs here .*no ONNX export"):
+        fallback = Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path)
     assert fallback.backend.name == "torch" and not fallback.backend.cuda_graph
     assert fallback.components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
@@ -122,6 +123,24 @@ def test_default_export_dir_is_found(tiny_ckpt, tiny_onnx, tmp_path, monkeypatch
     shutil.copytree(tiny_onnx, folder)
     assert Pipeline.from_pretrained(tiny_ckpt, backend="onnxruntime").backend.export_dir == folder
     assert Pipeline.from_pretrained(tiny_ckpt).backend.name == "onnxruntime"  # the default, auto, finds it too
+
+
+def test_export_dir_that_is_not_a_folder_is_one_line(tiny_ckpt, tmp_path):
+    for backend in ("auto", "onnxruntime", "torch"):
+        with pytest.raises(InvalidInputError, match="export_dir '.*typo' is not a folder"):
+            Pipeline.from_pretrained(tiny_ckpt, backend=backend, export_dir=tmp_path / "typo")
+
+
+def test_export_without_output_folder_goes_where_pipelines_look(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """``python -m export.onnx --ckpt CKPT`` (no ``-o``) writes into the export cache, where the default finds it."""
+    from export.onnx import main
+    from runtime.cache import default_export_dir
+
+    monkeypatch.setenv("INSTAFLOW_CACHE", str(tmp_path))
+    assert main(["--ckpt", str(tiny_ckpt), "--fused", "--only", "text_encoder"]) == 0
+    folder = default_export_dir(__import__("runtime").resolve(tiny_ckpt), "onnx")
+    assert read_manifest(folder).components.keys() == {"text_encoder"}
+    assert str(folder) in capsys.readouterr().out
 
 
 def test_backend_errors(tiny_ckpt, odd_ckpt, odd_onnx, tmp_path, tiny_pipe):

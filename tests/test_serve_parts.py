@@ -503,3 +503,16 @@ def test_preflight_checks_the_menu_against_the_checkpoint_before_ray_starts():
     said = exposure_warnings(args, GateConfig())
     assert len(said) == 3 and all(line.startswith("warning: --host 0.0.0.0 without") for line in said)
     assert exposure_warnings(Namespace(host="127.0.0.1", ssl_keyfile=None, api_key=None), GateConfig()) == []
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "aoti", "onnxruntime", "tensorrt"])
+def test_replicas_keep_a_cuda_graph_for_every_menu_shape(backend):
+    """Every backend that captures CUDA graphs is given room for all the menu's shapes on a GPU (none captured under
+    traffic); none on the CPU."""
+    pytest.importorskip("ray")
+    from runtime.serve.app import graph_options
+
+    config = ServeConfig(backend=backend, device="cuda", max_batch=16, sizes="512x512,512x768,768x512,640x640")
+    assert graph_options(config) == {"max_graphs": 2 * 4 * 6 + 2}  # 4 sizes x 6 batch buckets, guided or not
+    assert graph_options(ServeConfig(backend=backend, device="cuda")) == {"max_graphs": 2 * 3 * 5 + 2}  # defaults
+    assert graph_options(ServeConfig(backend=backend, device="cpu")) == {}

@@ -85,10 +85,16 @@ def choose(name: str, device: torch.device, checkpoint: Checkpoint | None,
 
     ``auto`` tries the exported backends of :data:`AUTO_ORDER` that take every option given, in order, and takes
     the first whose export can run here (:meth:`ExportedBackend.open_export`; one that exists but cannot run is
-    passed over with one warning); otherwise torch with :func:`torch_defaults`."""
+    passed over with one warning); otherwise torch with :func:`torch_defaults` (with one warning saying why when
+    the caller named an ``export_dir``, which must be a folder)."""
     check_name(name)
+    if export_dir is not None and not os.path.isdir(export_dir):
+        raise InvalidInputError(f"export_dir {os.fspath(export_dir)!r} is not a folder (a typo? leave it out to use "
+                                "the export cache)")
     if name != "auto":
         return name, options
+    passed_over: list[str] = []  # why nothing was used (said once when the caller named an export_dir)
+    warned = False
     if checkpoint is not None:
         for candidate in AUTO_ORDER.get(device.type, ()):
             cls = backend_class(candidate)
@@ -97,12 +103,17 @@ def choose(name: str, device: torch.device, checkpoint: Checkpoint | None,
             assert issubclass(cls, ExportedBackend)
             try:
                 cls.open_export(checkpoint, cls.folder(checkpoint, export_dir), device, **options)
-            except BackendUnavailableError:
+            except BackendUnavailableError as e:
+                passed_over.append(f"{candidate}: {e}")
                 continue
             except ExportError as e:  # an export that must not run here: say so, and use the next
                 warnings.warn(f"{candidate} not used ({e}); trying the next backend", RuntimeWarning, stacklevel=3)
+                warned = True
                 continue
             return candidate, options
+    if export_dir is not None and passed_over and not warned:
+        warnings.warn(f"auto runs torch: nothing in export_dir {os.fspath(export_dir)!r} runs here "
+                      f"({'; '.join(passed_over)})", RuntimeWarning, stacklevel=3)
     plain = {k: v for k, v in options.items() if k not in _EXPORT_ONLY_OPTIONS}
     return "torch", {**torch_defaults(device), **plain}
 

@@ -142,6 +142,26 @@ class Payload:
         self.cfg, self.on_menu = cfg, on_menu
 
 
+def graph_options(c: ServeConfig) -> dict[str, Any]:
+    """A replica's pipeline options for room for one CUDA graph per (menu size, batch bucket) and per text-encoder
+    batch, so that none is ever evicted (or, with onnxruntime, refused) under traffic: for every backend that
+    captures CUDA graphs (those taking ``max_graphs``), on a GPU."""
+    from ..backends import backend_class, option_names
+
+    if c.backend != "auto" and "max_graphs" not in option_names(backend_class(c.backend)):
+        return {}
+    import torch
+
+    device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not str(device).startswith("cuda"):
+        return {}
+    n_sizes = len(parse_sizes(c.sizes)) if c.sizes else 3
+    n_buckets = c.max_batch.bit_length() + 1
+    # per menu size and bucket: one shape without guidance, one with (a doubled batch); the text encoder sees
+    # 1 to 2 x max_batch texts
+    return {"max_graphs": max(16, 2 * n_sizes * n_buckets, 2 * c.max_batch) + 2}
+
+
 @serve.deployment(max_ongoing_requests=72, max_queued_requests=136, graceful_shutdown_timeout_s=65)
 @serve.ingress(api)
 class ImageService:
@@ -154,7 +174,7 @@ class ImageService:
         self.gate = GateConfig(**(gate or {}))
         quiet_truncation_warnings()
         self.pipe = Pipeline.from_pretrained(c.ckpt, device=c.device, dtype=c.dtype, backend=c.backend,
-                                             treat_as_flow=c.treat_as_flow, **self._graph_options())
+                                             treat_as_flow=c.treat_as_flow, **graph_options(c))
         self.name = public_name(c.ckpt)
         limits = self.pipe.limits
         limits.max_images = max(limits.max_images, c.max_batch)
@@ -186,23 +206,6 @@ class ImageService:
                  self.max_cost, self.max_batch_cost, seconds_per_unit * 1e6)
 
     # ------------------------------------------------------------------------------------------------ start-up
-    def _graph_options(self) -> dict[str, Any]:
-        """Room for one CUDA graph per (menu size, batch bucket) and per text-encoder batch, so that none is ever
-        evicted (or, with onnxruntime, refused) under traffic."""
-        c = self.config
-        if c.backend not in ("auto", "torch", "onnxruntime", "tensorrt"):
-            return {}
-        import torch
-
-        device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if not str(device).startswith("cuda"):
-            return {}
-        n_sizes = len(parse_sizes(c.sizes)) if c.sizes else 3
-        n_buckets = c.max_batch.bit_length() + 1
-        # per menu size and bucket: one shape without guidance, one with (a doubled batch); the text encoder sees
-        # 1 to 2 x max_batch texts
-        return {"max_graphs": max(16, 2 * n_sizes * n_buckets, 2 * c.max_batch) + 2}
-
     def _menu(self) -> list[tuple[int, int]]:
         sizes = menu_for(self.config, self.pipe.components, self.pipe.limits)
         for h, w in sizes:  # and whatever the backend says (exported graphs may take fewer sizes)
