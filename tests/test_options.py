@@ -143,6 +143,31 @@ def test_autotune_reaches_torch_compile_and_needs_it(parts, monkeypatch):
     assert [kw["options"] for kw in seen] == [None, None]
 
 
+@pytest.mark.parametrize("backend, options, message", [
+    ("torch", {"compile": "false"}, "^compile must be True or False, got 'false'"),
+    ("auto", {"fuse_qkv": 1}, "^fuse_qkv must be True or False, got 1"),
+    ("torch", {"channels_last": None}, "^channels_last must be True or False, got None"),
+    ("torch", {"max_graphs": 0}, "^max_graphs must be a positive int, got 0"),
+    ("torch", {"max_graphs": True}, "^max_graphs must be a positive int, got True"),
+    ("onnxruntime", {"threads": "4"}, "^threads must be a positive int, got '4'"),
+])
+def test_option_values_of_the_wrong_kind_are_one_line(parts, backend, options, message):
+    """A flag is True or False (a config file's string "false" would otherwise switch compile on), a count a
+    positive int: refused before anything is built, in one line."""
+    from runtime import InstaFlowError
+
+    ckpt, _, _ = parts
+    with pytest.raises(InstaFlowError, match=message):
+        Pipeline.from_pretrained(ckpt, device="cpu", backend=backend, **options)
+
+
+def test_option_values_that_are_right_pass(parts):
+    ckpt, _, _ = parts
+    pipe = Pipeline.from_pretrained(ckpt, device="cpu", backend="torch", fuse_qkv=True, channels_last=False,
+                                    max_graphs=4)
+    assert pipe.backend.name == "torch"
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_autotune_settings_are_options_torch_compile_takes(device):
     """torch.compile checks the names and types of its Inductor options when called (no compilation): both devices'

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..checkpoints import Checkpoint
-from ..errors import BackendUnavailableError, ExportError, InvalidInputError
+from ..errors import BackendUnavailableError, ExportError, InvalidInputError, InvalidTypeError
 from ..models import Components
 from .base import Backend, ExportedBackend
 
@@ -61,12 +61,24 @@ def option_names(cls: type[Backend]) -> list[str]:
 
 
 def check_options(cls: type[Backend], options: dict[str, Any]) -> None:
-    """Unknown keyword options (a typo, or an option of another backend) -> one line listing the valid ones."""
+    """One line for an unknown keyword option (a typo, or an option of another backend), listing the valid ones,
+    and for a value of the wrong kind where the constructor says which: a flag must be True or False (a config's
+    string ``"false"`` would otherwise switch it on), a count a positive int."""
     valid = option_names(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise InvalidInputError(f"unknown option(s) {', '.join(map(repr, unknown))} for the {cls.name} backend; "
                                 f"it takes {', '.join(valid)}")
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in options.items():
+        kind = str(params[key].annotation).replace(" ", "")
+        if value is None and kind.endswith("|None"):
+            continue
+        if kind.startswith("bool") and not isinstance(value, bool):
+            raise InvalidTypeError(f"{key} must be True or False, got {value!r}")
+        if kind.startswith("int|") or kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{key} must be a positive int, got {value!r}")
 
 
 def torch_defaults(device: torch.device) -> dict[str, Any]:
