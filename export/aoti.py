@@ -61,7 +61,8 @@ class AOTIExporter(Exporter):
         if self.settings.vae_fp32:
             raise ExportError("--vae-fp32 is not available for AOTInductor packages (ONNX and TensorRT only)")
         if self.settings.fp16 and self.device.type != "cuda":
-            raise ExportError("fp16 packages are compiled for CUDA; on the CPU they are fp32 (drop --fp16)")
+            raise ExportError("fp16 packages are compiled for CUDA only; on the CPU they are fp32 (fp16=True was given "
+                              "with device='cpu')")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("--device cuda, but this machine has no CUDA GPU (use --device cpu)")
         if self.max_batch < 1:
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fp32", action="store_true", help="fp32 packages on CUDA (default there: fp16)")
     p.add_argument("--max-batch", type=int, default=8, help="most images per call [8]")
     p.add_argument("--height", type=int, default=None, help="pixels [the checkpoint's default]")
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--width", type=int, default=None, help="pixels [the checkpoint's default]")
     p.add_argument("--static", action="store_true", help="the checkpoint's default size only")
     p.add_argument("--autotune", action="store_true",
                    help="Inductor's max-autotune (benchmarks kernel choices while compiling): longer, once")

@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--height", type=int, default=None, help="pixels [the checkpoint's default]")
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--width", type=int, default=None, help="pixels [the checkpoint's default]")
     p.add_argument("--static", action="store_true", help="static height/width (fastest, one size only)")
     p.add_argument("--vae-fp32", action="store_true", help="keep the VAE decoder in fp32 (fp16 overflow)")
     p.add_argument("--force", action="store_true", help="rebuild engines / replace another checkpoint's export")

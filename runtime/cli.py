@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable
 
@@ -9,8 +10,10 @@ from .errors import InstaFlowError
 
 
 def description(doc: str | None) -> str:
-    """A command's ``--help`` description: the first paragraph of its module docstring, on one line."""
-    return " ".join((doc or "").strip().split("\n\n")[0].split())
+    """A command's ``--help`` description: the first paragraph of its module docstring, on one line, without its
+    reStructuredText markup (``:mod:`x``` and ````x```` read as ``x``)."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
 
 
 def run_cli(job: Callable[[], object], user_errors: tuple[type[BaseException], ...] = (InstaFlowError,)) -> int:

@@ -248,6 +248,14 @@ class Target:
 
 
 # ------------------------------------------------------------------------------------------------- documents
+
+def first_failure(error: str) -> str:
+    """The first of a verification's failures (``"; "``-separated, as :func:`export.compare.compare` writes them),
+    whole, with how many more there are."""
+    parts = [p for p in error.split("; ") if p]
+    more = len(parts) - 1
+    return (parts[0] if parts else "no detail") + (f"; and {more} more" if more > 0 else "")
+
 @dataclass(frozen=True)
 class Manifest:
     """``manifest.json`` of an export folder: ONNX graphs (``kind="onnx"``) or AOTInductor packages (``"aoti"``,
@@ -277,8 +285,8 @@ class Manifest:
                     "export")
         v = self.verification
         if v is not None and not v.passed:
-            return (f"the export in {folder} failed its verification ({v.error[:160]}); re-export it, or verify it "
-                    "again with `python -m export.verify`")
+            return (f"the export in {folder} failed its verification ({first_failure(v.error)}); re-export it, or "
+                    "verify it again with `python -m export.verify`")
         if v is None and not allow_unverified:
             return (f"the export in {folder} was never verified (made with --no-verify, or its verification was "
                     f"interrupted); verify it with `python -m export.verify {folder}`, or run it anyway with "
