@@ -126,6 +126,13 @@ def test_auto_uses_packages_built_here_and_refuses_others(micro, monkeypatch):
     with pytest.raises(ExportError, match="re-export with `python -m export.aoti --ckpt") as info:
         Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=folder)
     assert "\n" not in str(info.value)
+    arch = dataclasses.replace(cache.device_target(cpu), arch="other-isa")  # another machine's instruction set
+    monkeypatch.setattr(aoti_backend, "device_target", lambda device: arch)
+    with pytest.warns(RuntimeWarning, match=r"aoti not used \(the packages in .* were built with torch .* this is "
+                                            r"torch .* on cpu other-isa"):
+        assert choose("auto", cpu, checkpoint, folder, {})[0] == "torch"
+    with pytest.raises(ExportError, match="on cpu other-isa; re-export"):
+        Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=folder)
 
 
 def test_unverified_and_corrupted_packages(micro, tmp_path):

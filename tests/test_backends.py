@@ -114,6 +114,33 @@ def test_auto_picks_onnxruntime_on_cpu_when_an_export_exists(tiny_ckpt, tiny_onn
     assert fallback.components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_auto_order_on_a_gpu(tiny_ckpt, monkeypatch):
+    """On CUDA ``auto`` takes TensorRT engines built for this GPU first, then AOTInductor packages built for this
+    GPU and torch, then torch with CUDA graphs (what can run is each backend's open_export's to say)."""
+    from runtime import backends
+
+    tried, runnable = [], set()
+
+    def opener(name):
+        def open_export(cls, checkpoint, folder, device, **options):
+            tried.append(name)
+            if name not in runnable:
+                raise BackendUnavailableError(f"no {name} export")
+        return classmethod(open_export)
+
+    for name in ("tensorrt", "aoti", "onnxruntime"):
+        monkeypatch.setattr(backends.backend_class(name), "open_export", opener(name))
+    ckpt, cuda = __import__("runtime").resolve(tiny_ckpt), torch.device("cuda")
+    assert choose("auto", cuda, ckpt, None, {}) == ("torch", {"cuda_graph": True, "channels_last": True,
+                                                              "fuse_qkv": True})
+    assert tried == ["tensorrt", "aoti"]
+    runnable.add("aoti")
+    assert choose("auto", cuda, ckpt, None, {})[0] == "aoti"
+    runnable.add("tensorrt")
+    tried.clear()
+    assert choose("auto", cuda, ckpt, None, {})[0] == "tensorrt" and tried == ["tensorrt"]
+
+
 def test_default_export_dir_is_found(tiny_ckpt, tiny_onnx, tmp_path, monkeypatch):
     from runtime.cache import default_export_dir
 

@@ -73,6 +73,26 @@ def test_the_default_on_a_gpu_is_the_fast_path(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("tiny_vae", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
+def test_the_one_step_path_never_waits_on_the_host(tiny_ckpt):
+    """From a new prompt's tokens to the image on the GPU (noise, text-encoder graph, embedding cache, one-step
+    graph) nothing synchronises the host with the GPU: torch's sync debug mode raises at any implicit wait. Only the
+    pinned copy of the uint8 image waits, once, after it (format_images)."""
+    pipe = Pipeline.from_pretrained(tiny_ckpt, device="cuda")  # the default: CUDA graphs
+    h, w = pipe.components.default_size
+    pipe("a warm-up prompt", seed=0)  # captures the graphs of this shape (capturing synchronises)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        noise = pipe.prepare_latents(1, pipe.latent_shape(h, w), seed=1)
+        context = pipe.encode_prompt(["a prompt the embedding cache has not seen"])
+        images = pipe.one_step(context, noise)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert images.is_cuda and images.shape == (1, 3, h, w)
+    ref = pipe("a prompt the embedding cache has not seen", seed=1, output_type="pt").images
+    torch.testing.assert_close(images.float(), ref, atol=0, rtol=0)
+
+
 def test_every_cuda_graph_combination_matches_eager(tiny_ckpt, tmp_path, tiny_vae, lora):
     """CUDA graphs with every combination of the decoder, fused QKV, channels-last and a LoRA (at load, and loaded
     into the running graphs later), against the eager fp16 pipeline with the same decoder and LoRA."""
