@@ -71,8 +71,6 @@ def test_the_default_on_a_gpu_is_the_fast_path(tiny_ckpt, tmp_path):
         pipe("a cat", seed=0)
 
 
-@pytest.mark.parametrize("tiny_vae", [False, True])
-@pytest.mark.parametrize("lora", [False, True])
 def test_the_one_step_path_never_waits_on_the_host(tiny_ckpt):
     """From a new prompt's tokens to the image on the GPU (noise, text-encoder graph, embedding cache, one-step
     graph) nothing synchronises the host with the GPU: torch's sync debug mode raises at any implicit wait. Only the
@@ -93,6 +91,8 @@ def test_the_one_step_path_never_waits_on_the_host(tiny_ckpt):
     torch.testing.assert_close(images.float(), ref, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("tiny_vae", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
 def test_every_cuda_graph_combination_matches_eager(tiny_ckpt, tmp_path, tiny_vae, lora):
     """CUDA graphs with every combination of the decoder, fused QKV, channels-last and a LoRA (at load, and loaded
     into the running graphs later), against the eager fp16 pipeline with the same decoder and LoRA."""
