@@ -94,11 +94,12 @@ def pytest_configure(config):
 
 @pytest.fixture
 def measure(benchmark, request):
-    """``measure(subject, case, fn, rounds, warmup=1)``: time ``fn`` with pytest-benchmark, record
-    the median (and the peak memory of one extra call) in the session store."""
+    """``measure(subject, case, fn, rounds, warmup=1, note=None)``: time ``fn`` with pytest-benchmark, record
+    the median (and the peak memory of one extra call) in the session store; ``note`` says what the case ran where
+    the name does not (printed under the report's table)."""
     quick = request.config.getoption("--bench-quick")
 
-    def run(subject, case: str, fn, rounds: int, warmup: int = 1):
+    def run(subject, case: str, fn, rounds: int, warmup: int = 1, note: str | None = None):
         import torch
 
         device = subject.pipe.device
@@ -120,7 +121,7 @@ def measure(benchmark, request):
         entry = RESULTS.setdefault(subject.name, {"description": subject.description, "cases": {}})
         peak, extra = peak_memory(call, device)
         entry["cases"][case] = {"median_s": stats.median, "min_s": stats.min, "rounds": r,
-                                "peak_mem_bytes": peak, "extra_mem_bytes": extra}
+                                "peak_mem_bytes": peak, "extra_mem_bytes": extra, **({"note": note} if note else {})}
         if device.type == "cuda":  # how much of the wall time the GPU is busy, and idle between its first and last kernel
             entry["cases"][case].update(gpu_activity(fn) or {})
         save_results(request.config)  # as it goes: a run killed by its time limit keeps what it measured

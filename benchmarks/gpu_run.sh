@@ -10,6 +10,10 @@
 #   BENCH_DEADLINE=560                             seconds for the whole run
 #   BENCH_AUTOTUNE=1                               with the compile cases, the compiled path with autotune=True too
 #                                                  (Inductor's autotuning, runtime/inductor.py: a lease of its own)
+#   BENCH_AOTI_FUSED=1                             the AOTInductor export with the fused one-step package too; by
+#                                                  default it is left out (about half the compile: the SD-1.5
+#                                                  export did not fit a lease with it) and the aoti backend replays
+#                                                  the UNet and decoder packages as one CUDA graph
 #   BENCH_AOTI_AUTOTUNE=1                          the AOTInductor packages compiled with --autotune instead of
 #                                                  plain (their own folder and cases: ours_1step_aoti_autotune,
 #                                                  cold start aoti_autotune); with BENCH_COMPILE=0
@@ -73,7 +77,8 @@ print(d(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))")
 phase1=$(budget 250)  # phases 2-4 need about 250 s; without the compiled cases about 170 s
 [ "${BENCH_COMPILE:-1}" = 0 ] && phase1=$(budget 170)
 aoti_flags=--aoti
-[ "${BENCH_AOTI_AUTOTUNE:-0}" = 1 ] && aoti_flags="--aoti --aoti-autotune"
+[ "${BENCH_AOTI_FUSED:-0}" = 1 ] || aoti_flags="$aoti_flags --aoti-unfused"
+[ "${BENCH_AOTI_AUTOTUNE:-0}" = 1 ] && aoti_flags="$aoti_flags --aoti-autotune"
 timeout "$phase1" python3 -m benchmarks.cold_start --subject "$subject" --work "$work" --prepare-only $aoti_flags \
   > "$out/aoti_export.log" 2>&1 &
 pids=($!)

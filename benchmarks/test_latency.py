@@ -168,13 +168,13 @@ def _need(request, flag: str, why: str) -> None:
         pytest.skip(f"{why}; pass {flag}")
 
 
-def _time_one_step(measure, subject, case: str, pipe: Pipeline) -> None:
+def _time_one_step(measure, subject, case: str, pipe: Pipeline, note: str | None = None) -> None:
     """One prompt -> image on ``pipe`` (its first call compiles and captures whatever it compiles), checked against
     the subject's default pipeline, then timed as ``case``."""
     a = pipe(PROMPT, seed=0, output_type="pt").images
     b = subject.pipe(PROMPT, seed=0, output_type="pt").images
     assert (a - b).abs().max() < 1e-2  # the same images as the default path
-    measure(subject, case, lambda: pipe(PROMPT, seed=0), ROUNDS[subject.name][0])
+    measure(subject, case, lambda: pipe(PROMPT, seed=0), ROUNDS[subject.name][0], note=note)
 
 
 def _compiled(subject, **extra) -> Pipeline:
@@ -272,18 +272,33 @@ def _aoti_pipeline(subject, request, autotune: bool) -> Pipeline:
                                     device=subject.pipe.device, **OURS)
 
 
+def aoti_note(pipe: Pipeline) -> str:
+    """How an aoti pipeline runs one step: the fused package, the UNet and decoder packages as one CUDA graph (an
+    export without the fused package, on a GPU), or step by step."""
+    backend = pipe.backend
+    if "onestep" in backend.packages:
+        how = "the fused one-step package" + (", replayed from a CUDA graph" if backend.cuda_graph else "")
+    elif backend.has_one_step:
+        how = "the UNet and decoder packages replayed as one CUDA graph (packages exported without the fused one)"
+    else:
+        how = "the UNet and decoder packages called in turn (no fused package, no CUDA graphs)"
+    return f"one step = {how}; packages in {backend.export_dir.name}/"
+
+
 def test_ours_1step_aoti(measure, subject, aoti_pipe):
-    _time_one_step(measure, subject, "ours_1step_aoti", aoti_pipe)
+    _time_one_step(measure, subject, "ours_1step_aoti", aoti_pipe, note=aoti_note(aoti_pipe))
 
 
 def test_ours_1step_aoti_autotune(measure, subject, aoti_autotune_pipe):
     """The packages compiled with ``--autotune`` (ratio ``aoti autotuned/aoti`` when both are in one run)."""
-    _time_one_step(measure, subject, "ours_1step_aoti_autotune", aoti_autotune_pipe)
+    _time_one_step(measure, subject, "ours_1step_aoti_autotune", aoti_autotune_pipe,
+                   note=aoti_note(aoti_autotune_pipe))
 
 
 def test_ours_batch8_aoti(measure, subject, aoti_pipe):
     assert len(aoti_pipe(PROMPTS8, seed=0).images) == 8
-    measure(subject, "ours_batch8_aoti", lambda: aoti_pipe(PROMPTS8, seed=0), _batch8_rounds(subject))
+    measure(subject, "ours_batch8_aoti", lambda: aoti_pipe(PROMPTS8, seed=0), _batch8_rounds(subject),
+            note=aoti_note(aoti_pipe))
 
 
 def test_ours_2rf_4step_cfg(measure, subject):

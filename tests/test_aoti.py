@@ -70,6 +70,31 @@ def test_backend_matches_torch_at_every_batch_and_size(micro, reference):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=str(kwargs))
 
 
+def test_the_one_step_path_composed_of_unet_and_decoder_packages(micro, reference):
+    """Without the fused package (on a GPU the backend then replays the UNet and decoder packages as one CUDA graph,
+    tests/test_gpu.py) the composed path is the fused package's computation; on the CPU, without graphs, the
+    pipeline runs the packages step by step."""
+    import shutil
+
+    ckpt, folder, manifest = micro
+    pipe = Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=folder)
+    noise = pipe.prepare_latents(2, pipe.latent_shape(*pipe.components.default_size), seed=4)
+    context = pipe.encode_prompt(["a cat", "a dog"])
+    fused = pipe.backend.one_step(context, noise)
+    torch.testing.assert_close(pipe.backend._composed_one_step(context, noise), fused, atol=1e-5, rtol=1e-5)
+    unfused = folder.parent / "unfused"
+    shutil.copytree(folder, unfused)
+    (unfused / "onestep.pt2").unlink()
+    doc = read_manifest(unfused)
+    write_manifest(unfused, dataclasses.replace(doc, components={k: v for k, v in doc.components.items()
+                                                                 if k != "onestep"}))
+    step_by_step = Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=unfused)
+    assert not step_by_step.backend.has_one_step
+    a = step_by_step(["a cat", "a dog"], seed=4, output_type="pt").images
+    torch.testing.assert_close(a, reference(["a cat", "a dog"], seed=4, output_type="pt").images, atol=1e-4,
+                               rtol=1e-4)
+
+
 def test_packages_run_single_threaded(micro, reference, monkeypatch):
     """Packages are loaded with run_single_threaded: the thread-aware run records a CUDA event per call and queries
     it at the next, which fails once a call was captured in a CUDA graph (the GPU run of tests/test_gpu.py); a

@@ -155,6 +155,22 @@ def test_aoti_packages_on_cuda(tmp_path):
             a = pipe(seed=seed, output_type="pt", **kwargs).images
             b = ref(seed=seed, output_type="pt", **kwargs).images
             torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+    # without the fused package: the UNet and decoder packages replayed as one CUDA graph, the same images
+    import dataclasses
+
+    from runtime.manifest import read_manifest, write_manifest
+
+    (tmp_path / "pkg" / "onestep.pt2").unlink()
+    doc = read_manifest(tmp_path / "pkg")
+    write_manifest(tmp_path / "pkg", dataclasses.replace(doc, components={k: v for k, v in doc.components.items()
+                                                                          if k != "onestep"}))
+    composed = Pipeline.from_pretrained(ckpt, device="cuda", export_dir=tmp_path / "pkg")
+    assert composed.backend.name == "aoti" and "onestep" not in composed.backend.packages
+    assert composed.backend.has_one_step
+    for prompts in (["a cat"], ["a cat", "a dog"]):
+        a = composed(prompts, seed=2, output_type="pt").images
+        b = pipe(prompts, seed=2, output_type="pt").images
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
 def test_threads_share_a_cuda_graph_pipeline(tiny_ckpt):

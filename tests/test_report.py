@@ -103,3 +103,25 @@ def test_gpu_busy_and_span_split_the_idle_time():
     case.update(gpu_busy_s=0.0119, gpu_span_s=0.0131)
     row = next(line for line in render_markdown([doc], None).splitlines() if "| 11.9 | 13.1 |" in line)
     assert row.startswith("| ")
+
+
+def test_a_case_note_is_printed_under_the_table():
+    """What a case ran where its name does not say (the aoti cases: the fused package or the UNet and decoder
+    packages as one CUDA graph) is printed under the table."""
+    from benchmarks.test_latency import aoti_note
+
+    doc = _doc(True, ours=0.020, eager=0.045, diffusers=0.050, sd=0.45)
+    cases = doc["subjects"]["sd15"]["cases"]
+    cases["ours_1step_aoti"] = dict(cases["ours_1step"], note="one step = the fused package")
+    text = render_markdown([doc], None)
+    table_end = text.index("| ours_1step_aoti |")
+    assert text.index("`ours_1step_aoti`: one step = the fused package") > table_end
+    assert text.count("one step =") == 1
+
+    class Backend:
+        packages, cuda_graph, has_one_step = {"unet": 1}, True, True
+        export_dir = __import__("pathlib").Path("/w/aoti-sd15")
+
+    assert aoti_note(type("P", (), {"backend": Backend})()) == (
+        "one step = the UNet and decoder packages replayed as one CUDA graph (packages exported without the fused "
+        "one); packages in aoti-sd15/")

@@ -5,8 +5,10 @@ A package is machine code for one torch version and one device (a GPU architectu
 :meth:`AOTIBackend.open_export` refuses, in one line, packages built for another. Each package takes the batch and
 latent sizes of the profile it was compiled for (recorded in the manifest; checked before any work, since a package
 called outside them fails deep inside its C++ wrapper); inputs are passed contiguous and in the exported dtypes (a
-package does not check strides the way eager torch does). On a GPU the text encoder and the fused one-step package
-are replayed from CUDA graphs, one per input shape, as the torch backend's hot path is.
+package does not check strides the way eager torch does). On a GPU the text encoder and the one-step path are
+replayed from CUDA graphs, one per input shape, as the torch backend's hot path is: the fused one-step package when
+the export has one, else the UNet and decoder packages captured together in one graph (the same kernels, launched
+the same way; the fused package's compile, as long as theirs together, is then saved).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import flow
 from ..cache import device_target
 from ..checkpoints import Checkpoint
 from ..errors import BackendUnavailableError, ExportError
@@ -71,9 +74,10 @@ class Package:
 
 
 class AOTIBackend(ProfiledBackend):
-    """Runs the AOTInductor packages of an export: text encoder, UNet, VAE decoder and the fused one-step graph.
+    """Runs the AOTInductor packages of an export: text encoder, UNet, VAE decoder and (optional) the fused one-step
+    graph.
 
-    ``cuda_graph``: replay the text-encoder and one-step packages from CUDA graphs captured per input shape (default
+    ``cuda_graph``: replay the text encoder and the one-step path from CUDA graphs captured per input shape (default
     on a GPU; at most ``max_graphs`` per package, least recently used dropped). ``allow_unverified``: run packages
     whose verification never ran (``--no-verify``).
     """
@@ -121,6 +125,8 @@ class AOTIBackend(ProfiledBackend):
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         self._graphs = {name: GraphCache(capture_torch(self.packages[name], device), max_graphs)
                         for name in ("text_encoder", "onestep") if self.cuda_graph and name in self.packages}
+        if self.cuda_graph and "onestep" not in self.packages:  # the UNet and decoder packages in one graph
+            self._graphs["onestep"] = GraphCache(capture_torch(self._composed_one_step, device), max_graphs)
 
     def _run(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
         package = self.packages[name]
@@ -141,7 +147,19 @@ class AOTIBackend(ProfiledBackend):
 
     @property
     def has_one_step(self) -> bool:
-        return "onestep" in self.packages
+        """The fused package, or (on a GPU) the UNet and decoder packages replayed as one CUDA graph."""
+        return "onestep" in self.packages or "onestep" in self._graphs
 
     def one_step(self, embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self._run("onestep", embeddings, noise)
+        if "onestep" in self.packages:
+            return self._run("onestep", embeddings, noise)
+        self.check_inputs("unet", ["encoder_hidden_states", "sample"], (embeddings, noise))  # before the replay
+        return self._graphs["onestep"](embeddings, noise)
+
+    def _composed_one_step(self, embeddings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The one-step path from the UNet and decoder packages (:func:`runtime.flow.one_step_image`, as the fused
+        package computes it)."""
+        source = self.manifest.source
+        return flow.one_step_image(lambda x, t: self._run("unet", x, t, embeddings).float(),
+                                   lambda z: self._run("vae_decoder", z).float(), noise, source.scaling_factor,
+                                   source.shift_factor)
