@@ -33,6 +33,18 @@ def test_bad_batch_range(tiny_ckpt, tmp_path, capsys):
     assert "--min-batch <= --max-batch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--height", "0"], "--height must be a positive multiple of the VAE scale factor"),
+    (["--width", "-16"], "--width must be a positive multiple of the VAE scale factor"),
+    (["--static", "--height", "64"], "drop --height/--width, or --static"),
+])
+def test_bad_size_is_one_line_before_the_onnx_export(tiny_ckpt, tmp_path, capsys, args, message):
+    assert main(["--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "x"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()  # refused before minutes of export
+
+
 def test_tensorrt_backend_unavailable_is_one_line(tiny_ckpt, tmp_path):
     from runtime import BackendUnavailableError, Pipeline
 
@@ -255,6 +267,21 @@ def test_fake_tensorrt_auto_falls_back_from_unusable_engines(fake_gpu_latest, ti
     (tmp_path / "engines.json").write_text("{not json")
     with pytest.warns(RuntimeWarning, match=r"unreadable .*engines.json: JSONDecodeError"):
         assert choose("auto", cuda, ckpt, tmp_path, {})[0] == "torch"
+
+
+def test_fake_tensorrt_engines_built_without_output_folder_are_found(fake_gpu_latest, tiny_ckpt, tmp_path,
+                                                                    monkeypatch):
+    """``python -m export.trt --ckpt CKPT`` (no ``-o``, the mission's command) builds into the export cache, where
+    ``auto`` finds the engines."""
+    from runtime import resolve
+    from runtime.backends import choose
+    from runtime.cache import default_export_dir
+
+    monkeypatch.setenv("INSTAFLOW_CACHE", str(tmp_path))
+    assert main(["--ckpt", str(tiny_ckpt), "--batch", "1", "--static"]) == 0
+    ckpt = resolve(tiny_ckpt)
+    assert (default_export_dir(ckpt, "trt") / "engines.json").is_file()
+    assert choose("auto", torch.device("cuda"), ckpt, None, {})[0] == "tensorrt"
 
 
 def test_stream_graph_keeps_the_error_that_broke_the_capture(fake_gpu_latest, monkeypatch):
