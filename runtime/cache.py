@@ -50,7 +50,11 @@ def use_compile_cache(device: torch.device) -> Path:
     """Point Inductor's on-disk caches (the FX graph cache, the AOTAutograd cache, compiled kernels) at
     :func:`compile_cache_dir`, so that a second process (or a service replica sharing the folder) loads what the
     first compiled instead of compiling again. A ``TORCHINDUCTOR_CACHE_DIR`` set by the user wins; Inductor's own
-    default (a temporary folder) does not. Returns the folder in use."""
+    default (a temporary folder) does not. Returns the folder in use.
+
+    The setting is the process's (Inductor reads one environment variable): a process that compiles for two
+    devices keeps both in the first one's folder, which stays correct (Inductor's own keys name the device) but
+    leaves the second device's folder empty for the next process."""
     from torch._inductor.runtime.runtime_utils import default_cache_dir
 
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
