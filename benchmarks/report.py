@@ -84,7 +84,11 @@ def render_markdown(docs: list[dict], chart: str | None) -> str:
                 span = _ms(r["gpu_span_s"]) if r.get("gpu_span_s") is not None else ""
                 lines.append(f"| {case} | {_ms(r['median_s'])} | {_ms(r['min_s'])} | {r['rounds']} | "
                              f"{r['peak_mem_bytes'] / 2**20:,.1f} |" + (f" {extra} | {busy} | {span} |" if gpu else ""))
-            lines += [f"\n`{case}`: {cases[case]['note']}" for case in cases if cases[case].get("note")]
+            notes: dict[str, list[str]] = {}  # one line per distinct note, naming its cases
+            for case in cases:
+                if cases[case].get("note"):
+                    notes.setdefault(cases[case]["note"], []).append(f"`{case}`")
+            lines += [f"\n{', '.join(names)}: {note}" for note, names in notes.items()]
             for case, who in BATCH8.items():
                 if case in cases:
                     rate = 8 / cases[case]["median_s"]

@@ -13,7 +13,7 @@ packages are verified against PyTorch in fp32 like ONNX graphs (:mod:`export.com
 size, its fp32 and fp16 tolerances) and listed in ``manifest.json`` with the torch version and device they were
 compiled for;
 ``Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=DIR)`` runs them (``auto`` finds them in the export
-cache, ``~/.cache/instaflow-rt/aoti/``).
+cache, ``~/.cache/instaflow-rt/aoti/NAME-HASH-DEVICE``, where they go without ``-o``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from typing import Any, Sequence
 import torch
 
 from runtime.backends.aoti_backend import Package
-from runtime.cache import device_target
+from runtime.cache import default_export_dir, device_target
+from runtime.checkpoints import Checkpoint
 from runtime.cli import description, run_cli
 from runtime.errors import BackendUnavailableError, ExportError
 from runtime.inductor import autotune_settings
@@ -67,6 +68,10 @@ class AOTIExporter(Exporter):
             raise BackendUnavailableError("--device cuda, but this machine has no CUDA GPU (use --device cpu)")
         if self.max_batch < 1:
             raise ExportError(f"--max-batch must be >= 1, got {self.max_batch}")
+
+    def default_folder(self, checkpoint: Checkpoint) -> Path:
+        """The export cache's folder for this kind of device, where the aoti backend looks."""
+        return default_export_dir(checkpoint, self.kind, self.device.type)
 
     def target(self) -> Target:
         return device_target(self.device)
@@ -185,15 +190,15 @@ def verify_aoti(folder: Path, manifest: Manifest, components: Components, batche
     return compare(folder, manifest, components, lambda entry: package_runner(folder, entry, device), usable)
 
 
-def export_aoti(ckpt: str, out: str | Path | None = None, device: str | torch.device | None = None, fp16: bool | None = None,
-                max_batch: int = 8, height: int | None = None, width: int | None = None, static: bool = False,
-                force: bool = False, verify: bool = True, only: Sequence[str] | None = None, vae: str | None = None,
-                lora: Any = None, autotune: bool = False) -> Manifest:
-    """Compile (or reuse) the packages of ``ckpt`` into ``out`` (default: the export cache, where ``auto`` finds
-    them) for ``device`` (default: CUDA when available),
-    verify them and return the manifest; ``fp16`` defaults to True on CUDA. ``height``/``width`` in pixels set the
-    size the dynamic range is centred on (default: the checkpoint's). ``autotune``: Inductor's slow autotuning
-    (longer compiles; packages compiled without it are compiled again)."""
+def export_aoti(ckpt: str, out: str | Path | None = None, device: str | torch.device | None = None,
+                fp16: bool | None = None, max_batch: int = 8, height: int | None = None, width: int | None = None,
+                static: bool = False, force: bool = False, verify: bool = True, only: Sequence[str] | None = None,
+                vae: str | None = None, lora: Any = None, autotune: bool = False) -> Manifest:
+    """Compile (or reuse) the packages of ``ckpt`` into ``out`` (default: the export cache's folder for the device,
+    where ``auto`` finds them) for ``device`` (default: CUDA when available), verify them and return the manifest;
+    ``fp16`` defaults to True on CUDA. ``height``/``width`` in pixels set the size the dynamic range is centred on
+    (default: the checkpoint's). ``autotune``: Inductor's slow autotuning (longer compiles; packages compiled
+    without it are compiled again)."""
     dev = parse_device(device)
     half = dev.type == "cuda" if fp16 is None else fp16
     settings = ExportSettings(fp16=half, dynamic_hw=not static, fused=True)
@@ -207,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.aoti", description=description(__doc__))
     p.add_argument("--ckpt", required=True, help="alias, hub id or local diffusers folder")
     p.add_argument("-o", "--output", default=None,
-                   help="output folder [the export cache, where Pipeline.from_pretrained finds it: $INSTAFLOW_CACHE/aoti/NAME-FINGERPRINT]")
+                   help="output folder [the export cache, where Pipeline.from_pretrained finds it: "
+                        "$INSTAFLOW_CACHE/aoti/NAME-FINGERPRINT-DEVICE]")
     p.add_argument("--device", default=None, help="cuda or cpu [cuda when available]")
     p.add_argument("--fp32", action="store_true", help="fp32 packages on CUDA (default there: fp16)")
     p.add_argument("--max-batch", type=int, default=8, help="most images per call [8]")

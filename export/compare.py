@@ -20,7 +20,7 @@ import torch
 
 from runtime import flow
 from runtime.backends.onnxruntime_backend import open_session
-from runtime.manifest import GraphEntry, Manifest, Verification
+from runtime.manifest import FAILURE_SEPARATOR, GraphEntry, Manifest, Verification
 from runtime.models import Components
 from runtime.specs import DTYPES, ComponentSpec, specs_by_name
 
@@ -193,7 +193,7 @@ def compare(folder: Path, manifest: Manifest, components: Components, runner: Ca
                                 f"{list(out.shape)} (expected {list(expected)})")
     _print_table(rows)
     if failures:
-        return Verification(False, tuple(rows), "verification failed: " + "; ".join(failures))
+        return Verification(False, tuple(rows), "verification failed: " + FAILURE_SEPARATOR.join(failures))
     return Verification(True, tuple(rows))
 
 

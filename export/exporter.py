@@ -93,6 +93,10 @@ class Exporter(abc.ABC):
     def exporter_info(self) -> dict[str, Any]:
         return {"name": self.kind, **self.versions()}
 
+    def default_folder(self, checkpoint: Checkpoint) -> Path:
+        """Where the export goes without ``-o``: the export cache, where the backend of this kind looks."""
+        return default_export_dir(checkpoint, self.kind)
+
     def target(self) -> Target | None:
         """What the graphs run on, when they are tied to it (AOTInductor); None for portable graphs."""
         return None
@@ -114,11 +118,11 @@ class Exporter(abc.ABC):
         unknown = sorted(set(only or ()) - set(COMPONENTS))
         if unknown:
             raise ExportError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
+        if out is not None and Path(out).exists() and not Path(out).is_dir():  # before a download
+            raise ExportError(f"output path is a file, not a folder: {out}")
         t0 = time.perf_counter()
         checkpoint = resolve_checkpoint(ckpt, vae, lora)
-        out = Path(out) if out is not None else default_export_dir(checkpoint, self.kind)
-        if out.exists() and not out.is_dir():
-            raise ExportError(f"output path is a file, not a folder: {out}")
+        out = Path(out) if out is not None else self.default_folder(checkpoint)
         ckpt_hash = checkpoint.content_hash()
         log(f"[hash] {checkpoint.name}: {ckpt_hash[:12]} ({time.perf_counter() - t0:.1f} s)")
         check_writable(out)

@@ -1,6 +1,6 @@
 """Export text encoder, UNet and VAE decoder (and optionally the fused one-step graph) to ONNX, then verify.
 
-    python -m export.onnx --ckpt CKPT -o DIR [--fp16 [--vae-fp32]] [--opset 17] [--dynamic-hw]
+    python -m export.onnx --ckpt CKPT [-o DIR] [--fp16 [--vae-fp32]] [--opset 17] [--dynamic-hw]
                           [--fused] [--force]
 
 Graphs are exported with PyTorch's TorchScript-based exporter (``dynamo=False``) and explicit ``dynamic_axes``
@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.onnx", description="Export a checkpoint to ONNX.")
     p.add_argument("--ckpt", required=True, help="alias, hub id or local diffusers folder")
     p.add_argument("-o", "--output", default=None,
-                   help="output folder [the export cache, where Pipeline.from_pretrained finds it: $INSTAFLOW_CACHE/onnx/NAME-FINGERPRINT]")
+                   help="output folder [the export cache, where Pipeline.from_pretrained finds it: "
+                        "$INSTAFLOW_CACHE/onnx/NAME-FINGERPRINT]")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (for GPUs)")
     p.add_argument("--vae-fp32", action="store_true", help="with --fp16: keep the VAE decoder fp32")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset [{DEFAULT_OPSET}]")

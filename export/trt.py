@@ -1,6 +1,6 @@
 """Build TensorRT FP16 engines from the ONNX export, per component and for the fused one-step graph.
 
-    python -m export.trt --ckpt instaflow-0.9b -o DIR [--batch 1 | --min-batch 1 --max-batch 4]
+    python -m export.trt --ckpt instaflow-0.9b [-o DIR] [--batch 1 | --min-batch 1 --max-batch 4]
                          [--height 512 --width 512] [--static] [--vae-fp32]
 
 Exports fp16 ONNX first (cached by hash: :mod:`export.onnx`; ``--vae-fp32`` keeps the decoder, and only the decoder,
@@ -221,10 +221,10 @@ def _engine_device() -> Any:
     return torch.device("cuda", 0)
 
 
-def build(ckpt: str, out: str | Path | None = None, min_batch: int = 1, max_batch: int = 4, opt_batch: int | None = None,
-          height: int | None = None, width: int | None = None, static: bool = False, vae_fp32: bool = False,
-          force: bool = False, vae: str | None = None, lora: Any = None, refittable: bool = False
-          ) -> dict[str, Any]:
+def build(ckpt: str, out: str | Path | None = None, min_batch: int = 1, max_batch: int = 4,
+          opt_batch: int | None = None, height: int | None = None, width: int | None = None, static: bool = False,
+          vae_fp32: bool = False, force: bool = False, vae: str | None = None, lora: Any = None,
+          refittable: bool = False) -> dict[str, Any]:
     """fp16 ONNX export (cached), then TensorRT engines for every graph, each compared with PyTorch; returns the
     engines manifest. ``out`` defaults to the export cache, where ``Pipeline.from_pretrained`` finds the engines."""
     out = Path(out) if out is not None else default_export_dir(resolve_checkpoint(ckpt, vae, lora), "trt")
@@ -276,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.trt", description="Build TensorRT FP16 engines.")
     p.add_argument("--ckpt", required=True)
     p.add_argument("-o", "--output", default=None,
-                   help="output folder [the export cache, where Pipeline.from_pretrained finds it: $INSTAFLOW_CACHE/trt/NAME-FINGERPRINT]")
+                   help="output folder [the export cache, where Pipeline.from_pretrained finds it: "
+                        "$INSTAFLOW_CACHE/trt/NAME-FINGERPRINT]")
     p.add_argument("--batch", type=int, default=None, help="build for exactly this batch (min = opt = max)")
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--max-batch", type=int, default=4)

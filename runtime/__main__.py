@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="fuse a LoRA (file, folder or hub id) into the weights; repeat for several")
     p.add_argument("--allow-unverified", action="store_true",
-                   help="run an export made with --no-verify (ONNX graphs or AOTInductor packages) [only verified exports]")
+                   help="run an export made with --no-verify (ONNX graphs or AOTInductor packages) [only verified "
+                        "exports]")
     p.add_argument("--treat-as-flow", action="store_true",
                    help="load a diffusion-type checkpoint as if it were a flow (random test models)")
     p.add_argument("-o", "--output", default="out.png",

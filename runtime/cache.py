@@ -23,10 +23,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("INSTAFLOW_CACHE") or Path.home() / ".cache" / "instaflow-rt")
 
 
-def default_export_dir(ckpt: Checkpoint, kind: str = "onnx") -> Path:
+def default_export_dir(ckpt: Checkpoint, kind: str = "onnx", device: str | None = None) -> Path:
     """Default folder of a checkpoint's exports of one ``kind`` (``onnx``, ``trt``, ``aoti``):
-    ``<cache>/<kind>/<name>-<fingerprint[:12]>``."""
-    return cache_root() / kind / f"{_slug(Path(ckpt.name).name or 'ckpt')}-{ckpt.fingerprint()[:12]}"
+    ``<cache>/<kind>/<name>-<fingerprint[:12]>``, with ``-<device>`` for exports compiled for one kind of device
+    (AOTInductor packages: a machine's CUDA and CPU packages are kept apart)."""
+    suffix = f"-{device}" if device else ""
+    return cache_root() / kind / f"{_slug(Path(ckpt.name).name or 'ckpt')}-{ckpt.fingerprint()[:12]}{suffix}"
 
 
 def device_target(device: torch.device) -> Target:

@@ -249,10 +249,14 @@ class Target:
 
 # ------------------------------------------------------------------------------------------------- documents
 
+#: between the failures of a verification's error (:func:`export.compare.compare`), which may hold "; " themselves
+FAILURE_SEPARATOR = " | "
+
+
 def first_failure(error: str) -> str:
-    """The first of a verification's failures (``"; "``-separated, as :func:`export.compare.compare` writes them),
-    whole, with how many more there are."""
-    parts = [p for p in error.split("; ") if p]
+    """The first of a verification's failures, whole, with how many more there are (an error written before the
+    separator existed is one failure)."""
+    parts = [p for p in error.split(FAILURE_SEPARATOR) if p]
     more = len(parts) - 1
     return (parts[0] if parts else "no detail") + (f"; and {more} more" if more > 0 else "")
 

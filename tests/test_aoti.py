@@ -160,6 +160,23 @@ def test_auto_uses_packages_built_here_and_refuses_others(micro, monkeypatch):
         Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=folder)
 
 
+def test_default_folders_keep_cuda_and_cpu_packages_apart(micro, monkeypatch, tmp_path):
+    """Without -o, packages go to the export cache's folder for their kind of device, where the backend looks: a
+    machine's CUDA and CPU packages of one checkpoint do not replace each other."""
+    from export.aoti import AOTIExporter
+    from runtime.manifest import ExportSettings
+
+    monkeypatch.setenv("INSTAFLOW_CACHE", str(tmp_path))
+    checkpoint = __import__("runtime").resolve(micro[0])
+    folders = {}
+    for device in ("cpu", "cuda"):
+        made = AOTIExporter(ExportSettings(), torch.device(device)).default_folder(checkpoint)
+        assert made == aoti_backend.AOTIBackend.folder(checkpoint, None, torch.device(device))
+        folders[device] = made
+    assert folders["cpu"].name.endswith("-cpu") and folders["cuda"].name.endswith("-cuda")
+    assert folders["cpu"].parent == folders["cuda"].parent == tmp_path / "aoti"
+
+
 def test_unverified_and_corrupted_packages(micro, tmp_path):
     import shutil
 
@@ -178,7 +195,10 @@ def test_unverified_and_corrupted_packages(micro, tmp_path):
     (copy / "unet.pt2").write_bytes(data[: len(data) // 2])
     with pytest.raises(ExportError, match="unet.pt2 does not match its manifest hash"):
         Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=copy)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(BackendUnavailableError, match="no AOTInductor packages of .* compile them with"):
+        Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=tmp_path / "empty")
+    with pytest.raises(InvalidInputError, match="export_dir .* is not a folder"):
         Pipeline.from_pretrained(ckpt, backend="aoti", export_dir=tmp_path / "none")
 
 

@@ -107,6 +107,8 @@ def test_auto_picks_onnxruntime_on_cpu_when_an_export_exists(tiny_ckpt, tiny_onn
     ckpt = __import__("runtime").resolve(tiny_ckpt)
     assert choose("auto", torch.device("cpu"), ckpt, tiny_onnx, {})[0] == "onnxruntime"
     assert choose("auto", torch.device("cpu"), ckpt, None, {})[0] == "torch"  # nothing in the export cache
+    with pytest.warns(RuntimeWarning, match="auto runs torch: .*onnxruntime takes no compile; aoti takes no compile"):
+        assert choose("auto", torch.device("cpu"), ckpt, tiny_onnx, {"compile": True})[0] == "torch"
     assert Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tiny_onnx).backend.name == "onnxruntime"
     with pytest.warns(RuntimeWarning, match="auto runs torch: nothing in export_dir .* runs here .*no ONNX export"):
         fallback = Pipeline.from_pretrained(tiny_ckpt, backend="auto", export_dir=tmp_path)

@@ -401,3 +401,22 @@ def test_fp16_verification_is_held_to_what_fp16_explains(tiny_ckpt, tmp_path):
     tol, err16 = passed.rows[0]["tol"], passed.rows[0]["fp16_err"]
     assert 0 < err16 < 3e-3 and tol < 9e-3 < TOLERANCE["float16"]  # the fp16 error of this UNet: a few ulps
     assert compare(tmp_path, manifest, components, genuine_fp16).passed
+
+
+def test_first_failure_of_a_verification_is_whole():
+    from runtime.manifest import FAILURE_SEPARATOR, first_failure
+
+    one = "verification failed: onestep: the fused graph needs the export's own UNet graph, which is missing; export it"
+    assert first_failure(one) == one  # a failure holding "; " is not cut there
+    three = FAILURE_SEPARATOR.join(["verification failed: unet at B=1 8x8: error 1e-1", "unet at B=2", "vae at B=1"])
+    assert first_failure(three) == "verification failed: unet at B=1 8x8: error 1e-1; and 2 more"
+
+
+def test_an_output_file_is_refused_before_the_checkpoint_is_fetched(tmp_path, capsys):
+    """``-o`` naming a file is one line at once, not after a hub download (offline here: the hub error would win)."""
+    from export.onnx import main
+
+    file = tmp_path / "out.txt"
+    file.write_text("x")
+    assert main(["--ckpt", "someone/not-downloaded", "-o", str(file)]) == 2
+    assert "output path is a file, not a folder" in capsys.readouterr().err

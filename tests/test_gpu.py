@@ -169,8 +169,8 @@ def test_aoti_packages_on_cuda(tmp_path):
     assert composed.backend.has_one_step
     for prompts in (["a cat"], ["a cat", "a dog"]):
         a = composed(prompts, seed=2, output_type="pt").images
-        b = pipe(prompts, seed=2, output_type="pt").images
-        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+        b = pipe(prompts, seed=2, output_type="pt").images  # the fused package: its Euler step in fp16
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
 
 
 def test_threads_share_a_cuda_graph_pipeline(tiny_ckpt):

@@ -146,10 +146,10 @@ def test_autotune_reaches_torch_compile_and_needs_it(parts, monkeypatch):
 @pytest.mark.parametrize("backend, options, message", [
     ("torch", {"compile": "false"}, "^compile must be True or False, got 'false'"),
     ("auto", {"fuse_qkv": 1}, "^fuse_qkv must be True or False, got 1"),
-    ("torch", {"channels_last": None}, "^channels_last must be True or False, got None"),
-    ("torch", {"max_graphs": 0}, "^max_graphs must be a positive int, got 0"),
-    ("torch", {"max_graphs": True}, "^max_graphs must be a positive int, got True"),
-    ("onnxruntime", {"threads": "4"}, "^threads must be a positive int, got '4'"),
+    ("auto", {"cuda_graph": "no"}, "^cuda_graph must be True or False, got 'no'"),
+    ("torch", {"max_graphs": 0}, "^max_graphs must be a positive int, got 0 \\(None for the default\\)"),
+    ("torch", {"max_graphs": True}, "^max_graphs must be an int, got True"),
+    ("onnxruntime", {"threads": "4"}, "^threads must be an int, got '4'"),
 ])
 def test_option_values_of_the_wrong_kind_are_one_line(parts, backend, options, message):
     """A flag is True or False (a config file's string "false" would otherwise switch compile on), a count a
@@ -162,10 +162,16 @@ def test_option_values_of_the_wrong_kind_are_one_line(parts, backend, options, m
 
 
 def test_option_values_that_are_right_pass(parts):
+    """numpy's ints and bools are ints and bools; None is every option's default (as if left out)."""
+    import numpy as np
+
     ckpt, _, _ = parts
-    pipe = Pipeline.from_pretrained(ckpt, device="cpu", backend="torch", fuse_qkv=True, channels_last=False,
-                                    max_graphs=4)
-    assert pipe.backend.name == "torch"
+    pipe = Pipeline.from_pretrained(ckpt, device="cpu", backend="torch", fuse_qkv=np.bool_(True), channels_last=False,
+                                    max_graphs=np.int64(4))
+    assert pipe.backend.name == "torch" and pipe.backend.fuse_qkv
+    default = Pipeline.from_pretrained(ckpt, device="cpu", cuda_graph=None, compile=None, channels_last=None)
+    assert default.backend.name == "torch" and not default.backend.cuda_graph  # auto's CPU defaults
+    assert default.components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

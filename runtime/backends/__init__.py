@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import numbers
 import os
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..checkpoints import Checkpoint
@@ -60,25 +62,30 @@ def option_names(cls: type[Backend]) -> list[str]:
     return [p for p in inspect.signature(cls.__init__).parameters if p not in _FIXED]
 
 
+def given(options: dict[str, Any]) -> dict[str, Any]:
+    """The options a caller set: ``None`` stands for the backend's default, as if the option were left out."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def check_options(cls: type[Backend], options: dict[str, Any]) -> None:
     """One line for an unknown keyword option (a typo, or an option of another backend), listing the valid ones,
     and for a value of the wrong kind where the constructor says which: a flag must be True or False (a config's
-    string ``"false"`` would otherwise switch it on), a count a positive int."""
+    string ``"false"`` would otherwise switch it on), a count a positive int. ``None`` is every option's default."""
     valid = option_names(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise InvalidInputError(f"unknown option(s) {', '.join(map(repr, unknown))} for the {cls.name} backend; "
                                 f"it takes {', '.join(valid)}")
     params = inspect.signature(cls.__init__).parameters
-    for key, value in options.items():
+    for key, value in given(options).items():
         kind = str(params[key].annotation).replace(" ", "")
-        if value is None and kind.endswith("|None"):
-            continue
-        if kind.startswith("bool") and not isinstance(value, bool):
+        if kind in ("bool", "bool|None") and not isinstance(value, (bool, np.bool_)):
             raise InvalidTypeError(f"{key} must be True or False, got {value!r}")
-        if kind.startswith("int|") or kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"{key} must be a positive int, got {value!r}")
+        if kind in ("int", "int|None"):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+                raise InvalidTypeError(f"{key} must be an int, got {value!r}")
+            if value < 1:
+                raise InvalidInputError(f"{key} must be a positive int, got {value!r} (None for the default)")
 
 
 def torch_defaults(device: torch.device) -> dict[str, Any]:
@@ -103,6 +110,7 @@ def choose(name: str, device: torch.device, checkpoint: Checkpoint | None,
     if export_dir is not None and not os.path.isdir(export_dir):
         raise InvalidInputError(f"export_dir {os.fspath(export_dir)!r} is not a folder (a typo? leave it out to use "
                                 "the export cache)")
+    options = given(options)
     if name != "auto":
         return name, options
     passed_over: list[str] = []  # why nothing was used (said once when the caller named an export_dir)
@@ -110,11 +118,14 @@ def choose(name: str, device: torch.device, checkpoint: Checkpoint | None,
     if checkpoint is not None:
         for candidate in AUTO_ORDER.get(device.type, ()):
             cls = backend_class(candidate)
-            if set(options) - set(option_names(cls)):
-                continue  # an option only another backend takes (compile=True, say) narrows the choice
+            others = sorted(set(options) - set(option_names(cls)))
+            if others:  # an option only another backend takes (compile=True, say) narrows the choice
+                passed_over.append(f"{candidate} takes no {', '.join(others)}")
+                continue
             assert issubclass(cls, ExportedBackend)
+            check_options(cls, options)  # the values, before the export is opened with them
             try:
-                cls.open_export(checkpoint, cls.folder(checkpoint, export_dir), device, **options)
+                cls.open_export(checkpoint, cls.folder(checkpoint, export_dir, device), device, **options)
             except BackendUnavailableError as e:
                 passed_over.append(f"{candidate}: {e}")
                 continue

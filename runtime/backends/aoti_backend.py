@@ -7,8 +7,9 @@ latent sizes of the profile it was compiled for (recorded in the manifest; check
 called outside them fails deep inside its C++ wrapper); inputs are passed contiguous and in the exported dtypes (a
 package does not check strides the way eager torch does). On a GPU the text encoder and the one-step path are
 replayed from CUDA graphs, one per input shape, as the torch backend's hot path is: the fused one-step package when
-the export has one, else the UNet and decoder packages captured together in one graph (the same kernels, launched
-the same way; the fused package's compile, as long as theirs together, is then saved).
+the export has one, else the UNet and decoder packages captured together in one graph (one replay for the whole
+step, as the fused package's; the Euler step and the VAE scaling between them in fp32, as the torch backend's graph
+does them, where the fused package keeps its dtype; its compile, as long as theirs together, is then saved).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import flow
-from ..cache import device_target
+from ..cache import default_export_dir, device_target
 from ..checkpoints import Checkpoint
 from ..errors import BackendUnavailableError, ExportError
 from ..manifest import GraphEntry, Manifest, read_manifest
@@ -89,6 +90,12 @@ class AOTIBackend(ProfiledBackend):
     thread_safe = False  # a package's model container and the graphs' static buffers: one call at a time
 
     @classmethod
+    def folder(cls, checkpoint: Checkpoint, export_dir: str | os.PathLike[str] | None, device: torch.device
+               ) -> Path:
+        """``export_dir``, else the export cache's folder for this kind of device (``aoti/NAME-HASH-cuda``)."""
+        return Path(export_dir) if export_dir is not None else default_export_dir(checkpoint, cls.kind, device.type)
+
+    @classmethod
     def open_export(cls, checkpoint: Checkpoint, folder: Path, device: torch.device, allow_unverified: bool = False,
                     **options: Any) -> Manifest:
         manifest = read_manifest(folder) if folder.is_dir() else None
@@ -110,7 +117,7 @@ class AOTIBackend(ProfiledBackend):
     def __init__(self, checkpoint: Checkpoint, export_dir: str | os.PathLike[str] | None, device: torch.device,
                  dtype: torch.dtype, cuda_graph: bool | None = None, max_graphs: int = 16,
                  allow_unverified: bool = False) -> None:
-        folder = self.folder(checkpoint, export_dir)
+        folder = self.folder(checkpoint, export_dir, device)
         manifest = self.open_export(checkpoint, folder, device, allow_unverified=allow_unverified)
         if cuda_graph and device.type != "cuda":
             raise BackendUnavailableError("cuda_graph=True needs a CUDA device")

@@ -92,8 +92,10 @@ class ExportedBackend(Backend):
     command: ClassVar[str]
 
     @classmethod
-    def folder(cls, checkpoint: Checkpoint, export_dir: str | os.PathLike[str] | None) -> Path:
-        """Where this backend looks for ``checkpoint``'s export: ``export_dir``, else the export cache."""
+    def folder(cls, checkpoint: Checkpoint, export_dir: str | os.PathLike[str] | None, device: torch.device
+               ) -> Path:
+        """Where this backend looks for ``checkpoint``'s export for ``device``: ``export_dir``, else the export
+        cache."""
         return Path(export_dir) if export_dir is not None else default_export_dir(checkpoint, cls.kind)
 
     @classmethod

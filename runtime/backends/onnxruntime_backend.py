@@ -300,7 +300,7 @@ class OnnxRuntimeBackend(ExportedBackend):
                  dtype: torch.dtype, providers: str | Sequence[Any] | None = None, threads: int | None = None,
                  cuda_graph: bool = False, max_graphs: int = 16, io_binding: bool | None = None,
                  allow_unverified: bool = False) -> None:
-        folder = self.folder(checkpoint, export_dir)
+        folder = self.folder(checkpoint, export_dir, device)
         manifest = self.open_export(checkpoint, folder, device, allow_unverified=allow_unverified,
                                     providers=providers, cuda_graph=cuda_graph)
         self.export_dir, self.device = folder, device

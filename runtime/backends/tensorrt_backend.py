@@ -220,7 +220,7 @@ class TensorRTBackend(ProfiledBackend):
 
     def __init__(self, checkpoint: Checkpoint, export_dir: str | os.PathLike[str] | None, device: torch.device,
                  dtype: torch.dtype, cuda_graph: bool | None = None, max_graphs: int = 16) -> None:
-        folder = self.folder(checkpoint, export_dir)
+        folder = self.folder(checkpoint, export_dir, device)
         index = self.open_export(checkpoint, folder, device)
         if cuda_graph is None:
             cuda_graph = _have_cuda_python()

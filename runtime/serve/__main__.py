@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import InstaFlowError, InvalidInputError
 from ..cli import description
+from ..errors import InstaFlowError, InvalidInputError
 from .config import API_KEY_ENV, ServeConfig, hash_key, read_api_key
 from .gate import DRAIN_FLAG, GATE_ENV, LOOPBACK_HOSTS, PROXY_CALLBACK, PROXY_CALLBACK_ENV, GateConfig
 
