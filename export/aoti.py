@@ -81,11 +81,9 @@ class AOTIExporter(Exporter):
 
     # ----------------------------------------------------------------------------------------------- shapes
     def latent_hw(self, dims: ModelDims) -> tuple[int, int]:
-        """The latent size the packages are compiled around (``hw``, checked; default: the checkpoint's)."""
-        if self.hw is None:
-            return dims.latent_size
-        f = dims.vae_scale_factor
-        return dims.export_size(self.hw[0] * f, self.hw[1] * f, static=not self.settings.dynamic_hw)
+        """The latent size the packages are compiled around: ``hw`` (checked by :func:`export_aoti` when it was
+        given), else the checkpoint's."""
+        return self.hw or dims.latent_size
 
     def profile(self, spec: ComponentSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         hw = self.latent_hw(spec.dims)
@@ -202,9 +200,8 @@ def export_aoti(ckpt: str, out: str | Path | None = None, device: str | torch.de
     dev = parse_device(device)
     half = dev.type == "cuda" if fp16 is None else fp16
     settings = ExportSettings(fp16=half, dynamic_hw=not static, fused=True)
-    exporter = AOTIExporter(settings, dev, max_batch, None, autotune=autotune)
-    if height is not None or width is not None:
-        exporter.hw = latent_size_of(ckpt, height, width, static, vae)
+    hw = latent_size_of(ckpt, height, width, static, vae) if height is not None or width is not None else None
+    exporter = AOTIExporter(settings, dev, max_batch, hw, autotune=autotune)
     return exporter.run(ckpt, out, force=force, verify=verify, only=only, vae=vae, lora=lora)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import InvalidInputError
+from .inputs import check_pixels
 from .models import Components
 
 Dim = int | str
@@ -90,11 +91,9 @@ class ModelDims:
         checkpoint's default), checked in one line: positive multiples of the VAE scale factor, sides the UNet's
         downsamplings take (:meth:`check_latent_size`); a ``static`` export only at the default size."""
         f = self.vae_scale_factor
-        pixels = [self.latent_size[i] * f if v is None else v for i, v in enumerate((height, width))]
-        for label, v in zip(("--height", "--width"), pixels):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % f:
-                raise InvalidInputError(f"{label} must be a positive multiple of the VAE scale factor {f}, got {v}")
-        hw = (pixels[0] // f, pixels[1] // f)
+        h, w = check_pixels(self.latent_size[0] * f if height is None else height,
+                            self.latent_size[1] * f if width is None else width, f)
+        hw = (h // f, w // f)
         self.check_latent_size(*hw, what=what)
         if static and hw != self.latent_size:
             raise InvalidInputError("a static export is built at the checkpoint's default size only; drop "

@@ -299,8 +299,8 @@ def test_height_and_width_set_the_size_compiled_and_verified(micro, monkeypatch,
     (["--device", "cuda"], "CUDA is not available on this machine"),
     (["--device", "cpu", "--max-batch", "0"], "--max-batch must be >= 1"),
     (["--device", "cpu", "--height", "20"], "multiples of 8 px"),
-    (["--device", "cpu", "--height", "0"], "--height must be a positive multiple of the VAE scale factor"),
-    (["--device", "cpu", "--width", "-8"], "--width must be a positive multiple of the VAE scale factor"),
+    (["--device", "cpu", "--height", "0"], "height must be a positive multiple of the VAE scale factor"),
+    (["--device", "cpu", "--width", "-8"], "width must be a positive multiple of the VAE scale factor"),
     (["--device", "cpu", "--static", "--height", "64"], "drop --height/--width, or --static"),
 ])
 def test_cli_errors(tiny_ckpt, tmp_path, capsys, args, message):

@@ -34,8 +34,8 @@ def test_bad_batch_range(tiny_ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--height", "0"], "--height must be a positive multiple of the VAE scale factor"),
-    (["--width", "-16"], "--width must be a positive multiple of the VAE scale factor"),
+    (["--height", "0"], "height must be a positive multiple of the VAE scale factor"),
+    (["--width", "-16"], "width must be a positive multiple of the VAE scale factor"),
     (["--static", "--height", "64"], "drop --height/--width, or --static"),
 ])
 def test_bad_size_is_one_line_before_the_onnx_export(tiny_ckpt, tmp_path, capsys, args, message):
